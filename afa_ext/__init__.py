@@ -1,0 +1,31 @@
+"""afa_ext: fused kernels for the attention-weighted feature-distance losses of AFA.
+
+``afa_ext.functional`` holds the four losses with backend dispatch, ``afa_ext.reference``
+the pure-PyTorch ground truth, and the modules below wrap them for a trainer.
+"""
+from . import functional, reference
+from .backends import BackendUnavailableError, available_backends
+from .attention import ChannelAttention, SpatialAttention
+from .losses import (
+    AttentiveChannelAlignment,
+    AttentiveSpatialAlignment,
+    DeltaAlignment,
+    FeatureMapAlignment,
+)
+from ._ops import build_info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "reference",
+    "available_backends",
+    "BackendUnavailableError",
+    "build_info",
+    "SpatialAttention",
+    "ChannelAttention",
+    "AttentiveSpatialAlignment",
+    "AttentiveChannelAlignment",
+    "DeltaAlignment",
+    "FeatureMapAlignment",
+]

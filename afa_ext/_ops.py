@@ -1,0 +1,85 @@
+"""The compiled ops of afa_ext._C: loading, fake (meta) kernels and autograd formulas.
+
+The C++ library declares (csrc/ops.cpp), for features t, s of shape (B, C, *spatial)
+with P spatial positions:
+
+- ``afa_ext::channel_sqdist(t, s) -> d``, d[n, j] = sum_p (t - s)^2, shape (B, C)
+- ``afa_ext::spatial_sqdist(t, s) -> e``, e[n, p] = sum_j (t - s)^2, shape (B, P)
+- ``afa_ext::channel_sqdist_backward(g, t, s)``, dt = 2 * g[n, j] * (t - s)
+- ``afa_ext::spatial_sqdist_backward(g, t, s)``, dt = 2 * g[n, p] * (t - s)
+
+d and e are float32 for half features, else the features' dtype. The source gets no
+gradient. The backward re-reads t and s instead of holding anything between passes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the ops)
+
+    _LOAD_ERROR: Optional[str] = None
+except ImportError as error:  # the extension is optional: the reference backend still works
+    _C = None
+    _LOAD_ERROR = f"{type(error).__name__}: {error}"
+
+
+def extension_error() -> Optional[str]:
+    """None when afa_ext._C loaded, else why it did not."""
+    return _LOAD_ERROR
+
+
+def build_info() -> dict:
+    """How afa_ext._C was built (torch version, CUDA archs, OpenMP), {} when not loaded."""
+    return dict(_C.build_info()) if _C is not None else {}
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _positions(features: Tensor):
+    positions = 1
+    for size in features.shape[2:]:
+        positions *= size
+    return positions
+
+
+if _C is not None:
+
+    @torch.library.register_fake("afa_ext::channel_sqdist")
+    def _channel_sqdist_fake(target: Tensor, source: Tensor) -> Tensor:
+        return target.new_empty((target.shape[0], target.shape[1]), dtype=accumulate_dtype(target.dtype))
+
+    @torch.library.register_fake("afa_ext::spatial_sqdist")
+    def _spatial_sqdist_fake(target: Tensor, source: Tensor) -> Tensor:
+        return target.new_empty((target.shape[0], _positions(target)), dtype=accumulate_dtype(target.dtype))
+
+    def _backward_fake(grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
+        return torch.empty_like(target)
+
+    torch.library.register_fake("afa_ext::channel_sqdist_backward")(_backward_fake)
+    torch.library.register_fake("afa_ext::spatial_sqdist_backward")(_backward_fake)
+
+    def _save_features(ctx, inputs, output) -> None:
+        target, source = inputs
+        ctx.save_for_backward(target, source)
+
+    def _channel_sqdist_grad(ctx, grad: Tensor):
+        target, source = ctx.saved_tensors
+        return torch.ops.afa_ext.channel_sqdist_backward(grad, target, source), None
+
+    def _spatial_sqdist_grad(ctx, grad: Tensor):
+        target, source = ctx.saved_tensors
+        return torch.ops.afa_ext.spatial_sqdist_backward(grad, target, source), None
+
+    torch.library.register_autograd(
+        "afa_ext::channel_sqdist", _channel_sqdist_grad, setup_context=_save_features
+    )
+    torch.library.register_autograd(
+        "afa_ext::spatial_sqdist", _spatial_sqdist_grad, setup_context=_save_features
+    )

@@ -1,0 +1,73 @@
+"""Which backends exist in this installation, and which one ``auto`` picks.
+
+A backend that is not built or cannot run here is absent from ``available_backends()``;
+asking for it by name raises an error that says why.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, List, Optional
+
+import torch
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+# Fastest first: what ``auto`` tries for tensors of each device type.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# The device types each backend computes on.
+BACKEND_DEVICES = {"reference": None, "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but is not built or cannot run here."""
+
+
+@functools.lru_cache(maxsize=None)
+def _reasons() -> Dict[str, Optional[str]]:
+    """Backend name -> None when available, else why it is not."""
+    from . import _ops
+
+    reasons: Dict[str, Optional[str]] = {"reference": None}
+    reasons["cpu"] = None if _ops.extension_error() is None else (
+        f"the compiled extension afa_ext._C did not load: {_ops.extension_error()}"
+    )
+    reasons["triton"] = "the Triton kernels are not part of this version of afa_ext"
+    if _ops.extension_error() is not None:
+        reasons["cuda"] = reasons["cpu"]
+    elif not _ops.build_info().get("cuda_archs"):
+        reasons["cuda"] = (
+            "afa_ext._C was built without CUDA kernels (no nvcc or a CPU-only torch at "
+            "build time, or AFA_EXT_CUDA=0)"
+        )
+    elif not torch.cuda.is_available():
+        reasons["cuda"] = "afa_ext._C has CUDA kernels but torch sees no CUDA device"
+    else:
+        reasons["cuda"] = None
+    return reasons
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run in this installation, in a fixed order."""
+    reasons = _reasons()
+    return [name for name in BACKEND_NAMES if reasons[name] is None]
+
+
+def resolve_backend(backend: str, device: torch.device, where: str) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) and tensors on ``device``."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
+        known = ", ".join(("auto",) + BACKEND_NAMES)
+        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {known}")
+    reasons = _reasons()
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if reasons[name] is None:
+                return name
+        return "reference"
+    if reasons[backend] is not None:
+        raise BackendUnavailableError(f"{where}: backend {backend!r} is unavailable: {reasons[backend]}")
+    devices = BACKEND_DEVICES[backend]
+    if devices is not None and device.type not in devices:
+        raise ValueError(
+            f"{where}: backend {backend!r} computes on {' or '.join(devices)} tensors, "
+            f"got tensors on {device}"
+        )
+    return backend

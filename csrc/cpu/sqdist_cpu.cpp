@@ -1,0 +1,387 @@
+// Fused CPU kernels of the channel- and spatial-grouped squared distance (DESIGN.md §2).
+//
+//   forward:  partial[k] = sum over the reduced dims of (t - s)^2, k a kept index
+//   backward: dt = 2 * grad[k] * (t - s)
+//
+// One pass over t and s each way; nothing N-sized is held between the passes. Every
+// partial sum is computed by one thread in an order fixed by the shapes and strides
+// alone, so the results are bitwise-identical from run to run and across thread counts.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/reduction_plan.h"
+#include "../common/sqdist_math.h"
+#include "../sqdist_checks.h"
+
+namespace afa_ext {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements per parallel work item, below which splitting further costs more than it saves.
+constexpr int64_t kGrainElements = 32768;
+// Length of a slice of the inner dim when that dim is kept (its partial sums live in L1).
+constexpr int64_t kTile = 512;
+// Rows summed into one float block before it is added to the running total (accuracy).
+constexpr int64_t kRowsPerBlock = 256;
+// Elements of one row summed in vector registers before a horizontal add (accuracy).
+constexpr int64_t kRowBlock = 4096;
+
+// Loads and stores kStep features at once as kParts vectors of the accumulation type.
+template <typename scalar_t>
+struct AccLanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using AccVec = Vectorized<acc_t>;
+  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
+  static constexpr int kParts = static_cast<int>(kStep / AccVec::size());
+
+  static void load(const scalar_t* p, AccVec* out) {
+    if constexpr (kParts == 1) {
+      out[0] = AccVec::loadu(p);
+    } else {
+      auto halves = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      out[0] = std::get<0>(halves);
+      out[1] = std::get<1>(halves);
+    }
+  }
+
+  static void store(scalar_t* p, const AccVec* in) {
+    if constexpr (kParts == 1) {
+      in[0].store(p);
+    } else {
+      at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p);
+    }
+  }
+
+  static acc_t horizontal_sum(const AccVec& v) {
+    __at_align__ acc_t lanes[AccVec::size()];
+    v.store(lanes);
+    acc_t sum = 0;
+    for (int64_t k = 0; k < AccVec::size(); ++k) sum += lanes[k];
+    return sum;
+  }
+};
+
+// Offsets of one position in every tensor walked.
+struct Offsets {
+  int64_t target = 0, source = 0, grad = 0, partial = 0;
+
+  void add(const PlanDim& dim, int64_t index) {
+    target += index * dim.target;
+    source += index * dim.source;
+    grad += index * dim.grad;
+    partial += index * dim.partial;
+  }
+};
+
+// Offsets of the flat row-major index ``flat`` over ``dims``.
+Offsets offsets_of(const std::vector<PlanDim>& dims, int64_t flat) {
+  Offsets offsets;
+  for (size_t d = dims.size(); d-- > 0;) {
+    offsets.add(dims[d], flat % dims[d].size);
+    flat /= dims[d].size;
+  }
+  return offsets;
+}
+
+// Walks every index of ``dims`` in row-major order, keeping the offsets up to date.
+class RowWalker {
+ public:
+  explicit RowWalker(const std::vector<PlanDim>& dims) : dims_(dims), index_(dims.size(), 0) {}
+
+  const Offsets& offsets() const { return offsets_; }
+
+  void next() {
+    for (size_t d = dims_.size(); d-- > 0;) {
+      offsets_.add(dims_[d], 1);
+      if (++index_[d] < dims_[d].size) return;
+      offsets_.add(dims_[d], -dims_[d].size);
+      index_[d] = 0;
+    }
+  }
+
+ private:
+  const std::vector<PlanDim>& dims_;
+  std::vector<int64_t> index_;
+  Offsets offsets_;
+};
+
+int64_t product_of_sizes(const std::vector<PlanDim>& dims) {
+  int64_t product = 1;
+  for (const auto& dim : dims) product *= dim.size;
+  return product;
+}
+
+// sum_i (t[i] - s[i])^2 over a contiguous row, in blocks of kRowBlock for accuracy.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+acc_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
+  using L = AccLanes<scalar_t>;
+  using AccVec = typename L::AccVec;
+  constexpr int64_t kPair = 2 * L::kStep;
+  const int64_t vector_end = n - n % kPair;
+  acc_t total = 0;
+  int64_t i = 0;
+  while (i < vector_end) {
+    AccVec acc[2 * L::kParts];
+    for (auto& a : acc) a = AccVec(acc_t(0));
+    const int64_t block_end = std::min(vector_end, i + kRowBlock);
+    for (; i < block_end; i += kPair) {
+      AccVec tv[L::kParts], sv[L::kParts];
+      for (int64_t half = 0; half < 2; ++half) {
+        L::load(t + i + half * L::kStep, tv);
+        L::load(s + i + half * L::kStep, sv);
+        for (int p = 0; p < L::kParts; ++p) {
+          const AccVec diff = tv[p] - sv[p];
+          acc[half * L::kParts + p] = at::vec::fmadd(diff, diff, acc[half * L::kParts + p]);
+        }
+      }
+    }
+    AccVec block = acc[0];
+    for (int p = 1; p < 2 * L::kParts; ++p) block = block + acc[p];
+    total += L::horizontal_sum(block);
+  }
+  for (; i < n; ++i) total += squared_difference<acc_t>(t[i], s[i]);
+  return total;
+}
+
+// sums[i] += (t[i] - s[i])^2 over a contiguous row.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void accumulate_contiguous_row(acc_t* sums, const scalar_t* t, const scalar_t* s, int64_t n) {
+  using L = AccLanes<scalar_t>;
+  using AccVec = typename L::AccVec;
+  const int64_t vector_end = n - n % L::kStep;
+  int64_t i = 0;
+  for (; i < vector_end; i += L::kStep) {
+    AccVec tv[L::kParts], sv[L::kParts];
+    L::load(t + i, tv);
+    L::load(s + i, sv);
+    for (int p = 0; p < L::kParts; ++p) {
+      acc_t* slot = sums + i + p * AccVec::size();
+      const AccVec diff = tv[p] - sv[p];
+      at::vec::fmadd(diff, diff, AccVec::loadu(slot)).store(slot);
+    }
+  }
+  for (; i < n; ++i) sums[i] += squared_difference<acc_t>(t[i], s[i]);
+}
+
+// dt[i] = twice_weight * (t[i] - s[i]) over a contiguous row.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void scale_contiguous_row(scalar_t* dt, acc_t twice_weight, const scalar_t* t, const scalar_t* s,
+                          int64_t n) {
+  using L = AccLanes<scalar_t>;
+  using AccVec = typename L::AccVec;
+  const AccVec weight(twice_weight);
+  const int64_t vector_end = n - n % L::kStep;
+  int64_t i = 0;
+  for (; i < vector_end; i += L::kStep) {
+    AccVec tv[L::kParts], sv[L::kParts];
+    L::load(t + i, tv);
+    L::load(s + i, sv);
+    for (int p = 0; p < L::kParts; ++p) tv[p] = weight * (tv[p] - sv[p]);
+    L::store(dt + i, tv);
+  }
+  for (; i < n; ++i) dt[i] = distance_gradient<acc_t>(twice_weight, t[i], s[i]);
+}
+
+// dt[i] = 2 * weights[i] * (t[i] - s[i]) over a contiguous row.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void weight_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t* t, const scalar_t* s,
+                           int64_t n) {
+  using L = AccLanes<scalar_t>;
+  using AccVec = typename L::AccVec;
+  const int64_t vector_end = n - n % L::kStep;
+  int64_t i = 0;
+  for (; i < vector_end; i += L::kStep) {
+    AccVec tv[L::kParts], sv[L::kParts];
+    L::load(t + i, tv);
+    L::load(s + i, sv);
+    for (int p = 0; p < L::kParts; ++p) {
+      const AccVec weight = AccVec::loadu(weights + i + p * AccVec::size());
+      tv[p] = (weight + weight) * (tv[p] - sv[p]);
+    }
+    L::store(dt + i, tv);
+  }
+  for (; i < n; ++i) dt[i] = distance_gradient<acc_t>(weights[i] + weights[i], t[i], s[i]);
+}
+
+// The work items: every index of the kept dims, the inner one cut in tiles when kept.
+struct WorkItems {
+  int64_t tile, tiles, rows, count, grain;
+
+  explicit WorkItems(const ReductionPlan& plan) {
+    tile = plan.inner.kept ? std::min(plan.inner.size, kTile) : plan.inner.size;
+    tiles = (plan.inner.size + tile - 1) / tile;
+    rows = product_of_sizes(plan.reduced);
+    count = product_of_sizes(plan.kept) * tiles;
+    grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, tile * rows));
+  }
+
+  // Offsets of the first element of ``item`` and the length of its slice of the inner dim.
+  Offsets start(const ReductionPlan& plan, int64_t item, int64_t* length) const {
+    Offsets offsets = offsets_of(plan.kept, item / tiles);
+    const int64_t first = (item % tiles) * tile;
+    offsets.add(plan.inner, first);
+    *length = std::min(tile, plan.inner.size - first);
+    return offsets;
+  }
+};
+
+template <typename scalar_t>
+void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const scalar_t* s,
+                           at::opmath_type<scalar_t>* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const WorkItems items(plan);
+  const PlanDim& inner = plan.inner;
+  const bool contiguous = plan.inner_contiguous(false);
+
+  at::parallel_for(0, items.count, items.grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> block(inner.kept ? items.tile : 0), total(block.size());
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t length = 0;
+      const Offsets base = items.start(plan, item, &length);
+      RowWalker rows(plan.reduced);
+      if (!inner.kept) {
+        acc_t sum = 0;
+        for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
+          const scalar_t* tr = t + base.target + rows.offsets().target;
+          const scalar_t* sr = s + base.source + rows.offsets().source;
+          if (contiguous) {
+            sum += contiguous_row_sqdist(tr, sr, length);
+          } else {
+            for (int64_t i = 0; i < length; ++i) {
+              sum += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
+            }
+          }
+        }
+        partial[base.partial] = sum;
+        continue;
+      }
+      std::fill(total.begin(), total.begin() + length, acc_t(0));
+      for (int64_t r = 0; r < items.rows;) {
+        std::fill(block.begin(), block.begin() + length, acc_t(0));
+        const int64_t block_end = std::min(items.rows, r + kRowsPerBlock);
+        for (; r < block_end; ++r, rows.next()) {
+          const scalar_t* tr = t + base.target + rows.offsets().target;
+          const scalar_t* sr = s + base.source + rows.offsets().source;
+          if (contiguous) {
+            accumulate_contiguous_row(block.data(), tr, sr, length);
+          } else {
+            for (int64_t i = 0; i < length; ++i) {
+              block[i] += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
+            }
+          }
+        }
+        for (int64_t i = 0; i < length; ++i) total[i] += block[i];
+      }
+      for (int64_t i = 0; i < length; ++i) partial[base.partial + i * inner.partial] = total[i];
+    }
+  });
+}
+
+template <typename scalar_t>
+void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<scalar_t>* grad,
+                            const scalar_t* t, const scalar_t* s, scalar_t* dt) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const WorkItems items(plan);
+  const PlanDim& inner = plan.inner;
+  const bool contiguous = plan.inner_contiguous(true);
+
+  at::parallel_for(0, items.count, items.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t length = 0;
+      const Offsets base = items.start(plan, item, &length);
+      const acc_t* weights = grad + base.partial;
+      RowWalker rows(plan.reduced);
+      for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
+        const scalar_t* tr = t + base.target + rows.offsets().target;
+        const scalar_t* sr = s + base.source + rows.offsets().source;
+        scalar_t* dr = dt + base.grad + rows.offsets().grad;
+        if (contiguous && inner.kept) {
+          weight_contiguous_row(dr, weights, tr, sr, length);
+        } else if (contiguous) {
+          scale_contiguous_row(dr, weights[0] + weights[0], tr, sr, length);
+        } else {
+          for (int64_t i = 0; i < length; ++i) {
+            const acc_t weight = inner.kept ? weights[i * inner.partial] : weights[0];
+            dr[i * inner.grad] =
+                distance_gradient<acc_t>(weight + weight, tr[i * inner.target], sr[i * inner.source]);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::vector<int64_t> as_vector(at::IntArrayRef values) { return {values.begin(), values.end()}; }
+
+at::Tensor sqdist_forward_cpu(const at::Tensor& target, const at::Tensor& source, Grouping grouping) {
+  const char* op = grouping == Grouping::kChannel ? "channel_sqdist" : "spatial_sqdist";
+  check_feature_pair(op, target, source, at::kCPU);
+  at::Tensor partial = at::empty(partial_sum_shape(target, grouping),
+                                 target.options().dtype(accumulate_type_of(target.scalar_type())));
+  if (target.numel() == 0) return partial.zero_();
+  const ReductionPlan plan =
+      make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),
+                          as_vector(source.strides()), as_vector(target.strides()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "afa_ext_sqdist_cpu", [&] {
+    sqdist_forward_kernel<scalar_t>(plan, target.const_data_ptr<scalar_t>(),
+                                    source.const_data_ptr<scalar_t>(),
+                                    partial.mutable_data_ptr<at::opmath_type<scalar_t>>());
+  });
+  return partial;
+}
+
+at::Tensor sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor& target, const at::Tensor& source,
+                               Grouping grouping) {
+  const char* op = grouping == Grouping::kChannel ? "channel_sqdist_backward" : "spatial_sqdist_backward";
+  check_feature_pair(op, target, source, at::kCPU);
+  const at::Tensor weights = checked_partial_grad(op, grad, target, grouping);
+  at::Tensor dt = at::empty_like(target);
+  if (target.numel() == 0) return dt;
+  const ReductionPlan plan =
+      make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),
+                          as_vector(source.strides()), as_vector(dt.strides()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "afa_ext_sqdist_cpu", [&] {
+    sqdist_backward_kernel<scalar_t>(plan, weights.const_data_ptr<at::opmath_type<scalar_t>>(),
+                                     target.const_data_ptr<scalar_t>(), source.const_data_ptr<scalar_t>(),
+                                     dt.mutable_data_ptr<scalar_t>());
+  });
+  return dt;
+}
+
+at::Tensor channel_sqdist_cpu(const at::Tensor& target, const at::Tensor& source) {
+  return sqdist_forward_cpu(target, source, Grouping::kChannel);
+}
+
+at::Tensor spatial_sqdist_cpu(const at::Tensor& target, const at::Tensor& source) {
+  return sqdist_forward_cpu(target, source, Grouping::kSpatial);
+}
+
+at::Tensor channel_sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor& target,
+                                       const at::Tensor& source) {
+  return sqdist_backward_cpu(grad, target, source, Grouping::kChannel);
+}
+
+at::Tensor spatial_sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor& target,
+                                       const at::Tensor& source) {
+  return sqdist_backward_cpu(grad, target, source, Grouping::kSpatial);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(afa_ext, CPU, m) {
+  m.impl("channel_sqdist", &channel_sqdist_cpu);
+  m.impl("spatial_sqdist", &spatial_sqdist_cpu);
+  m.impl("channel_sqdist_backward", &channel_sqdist_backward_cpu);
+  m.impl("spatial_sqdist_backward", &spatial_sqdist_backward_cpu);
+}
+
+}  // namespace afa_ext

@@ -1,0 +1,52 @@
+// Argument checks and shapes shared by every device's implementation of the ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/reduction_plan.h"
+
+namespace afa_ext {
+
+inline at::ScalarType accumulate_type_of(at::ScalarType type) {
+  return (type == at::kHalf || type == at::kBFloat16) ? at::kFloat : type;
+}
+
+// (B, C) for the channel grouping, (B, P) for the spatial grouping.
+inline std::vector<int64_t> partial_sum_shape(const at::Tensor& features, Grouping grouping) {
+  if (grouping == Grouping::kChannel) return {features.size(0), features.size(1)};
+  int64_t positions = 1;
+  for (int64_t d = 2; d < features.dim(); ++d) positions *= features.size(d);
+  return {features.size(0), positions};
+}
+
+inline void check_feature_pair(const char* op, const at::Tensor& target, const at::Tensor& source,
+                               at::DeviceType device) {
+  TORCH_CHECK(target.dim() >= 3, "afa_ext::", op,
+              ": expected target of shape (B, C, *spatial) with at least 3 dims, got ", target.sizes());
+  TORCH_CHECK(source.sizes() == target.sizes(), "afa_ext::", op,
+              ": expected source to have the shape of target ", target.sizes(), ", got ", source.sizes());
+  const auto type = target.scalar_type();
+  TORCH_CHECK(type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
+              "afa_ext::", op, ": expected float64, float32, bfloat16 or float16 features, got ", type);
+  TORCH_CHECK(source.scalar_type() == type, "afa_ext::", op, ": expected source of dtype ", type,
+              " like target, got ", source.scalar_type());
+  TORCH_CHECK(target.device().type() == device && source.device() == target.device(), "afa_ext::", op,
+              ": expected target and source on one ", c10::DeviceTypeName(device), " device, got ",
+              target.device(), " and ", source.device());
+}
+
+// The upstream gradient of the partial sums, checked and made a contiguous tensor of the
+// accumulation type.
+inline at::Tensor checked_partial_grad(const char* op, const at::Tensor& grad, const at::Tensor& target,
+                                       Grouping grouping) {
+  const auto shape = partial_sum_shape(target, grouping);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef(shape), "afa_ext::", op, ": expected grad of shape ",
+              at::IntArrayRef(shape), ", got ", grad.sizes());
+  TORCH_CHECK(grad.device() == target.device(), "afa_ext::", op, ": expected grad on ", target.device(),
+              ", got ", grad.device());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), "afa_ext::", op,
+              ": expected a floating-point grad, got ", grad.scalar_type());
+  return grad.to(accumulate_type_of(target.scalar_type())).contiguous();
+}
+
+}  // namespace afa_ext

@@ -19,6 +19,7 @@
 
 #include "../common/reduction_plan.h"
 #include "../common/sqdist_math.h"
+#include "huge_page_allocator.h"
 #include "../sqdist_checks.h"
 
 namespace afa_ext {
@@ -28,8 +29,11 @@ using at::vec::Vectorized;
 
 // Elements per parallel work item, below which splitting further costs more than it saves.
 constexpr int64_t kGrainElements = 32768;
-// Length of a slice of the inner dim when that dim is kept (its partial sums live in L1).
-constexpr int64_t kTile = 512;
+// Bounds on the slice of a kept inner dim one work item sums (two float arrays in L1).
+constexpr int64_t kMaxTile = 2048;
+constexpr int64_t kMinTile = 256;
+// Work items per thread the forward aims for when a kept inner dim can be cut finer.
+constexpr int64_t kItemsPerThread = 4;
 // Rows summed into one float block before it is added to the running total (accuracy).
 constexpr int64_t kRowsPerBlock = 256;
 // Elements of one row summed in vector registers before a horizontal add (accuracy).
@@ -82,20 +86,17 @@ struct Offsets {
   }
 };
 
-// Offsets of the flat row-major index ``flat`` over ``dims``.
-Offsets offsets_of(const std::vector<PlanDim>& dims, int64_t flat) {
-  Offsets offsets;
-  for (size_t d = dims.size(); d-- > 0;) {
-    offsets.add(dims[d], flat % dims[d].size);
-    flat /= dims[d].size;
-  }
-  return offsets;
-}
-
-// Walks every index of ``dims`` in row-major order, keeping the offsets up to date.
+// Walks the indices of ``dims`` in row-major order from ``start``, keeping the offsets
+// up to date.
 class RowWalker {
  public:
-  explicit RowWalker(const std::vector<PlanDim>& dims) : dims_(dims), index_(dims.size(), 0) {}
+  RowWalker(const std::vector<PlanDim>& dims, int64_t start) : dims_(dims), index_(dims.size(), 0) {
+    for (size_t d = dims.size(); d-- > 0;) {
+      index_[d] = start % dims[d].size;
+      offsets_.add(dims[d], index_[d]);
+      start /= dims[d].size;
+    }
+  }
 
   const Offsets& offsets() const { return offsets_; }
 
@@ -113,6 +114,8 @@ class RowWalker {
   std::vector<int64_t> index_;
   Offsets offsets_;
 };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t product_of_sizes(const std::vector<PlanDim>& dims) {
   int64_t product = 1;
@@ -212,21 +215,30 @@ void weight_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t* t
   for (; i < n; ++i) dt[i] = distance_gradient<acc_t>(weights[i] + weights[i], t[i], s[i]);
 }
 
-// The work items: every index of the kept dims, the inner one cut in tiles when kept.
-struct WorkItems {
+// The forward's work items: every index of the kept dims, the inner dim cut in tiles
+// when it is kept (each tile's sums stay in L1 while the reduced rows stream past).
+struct ForwardItems {
   int64_t tile, tiles, rows, count, grain;
 
-  explicit WorkItems(const ReductionPlan& plan) {
-    tile = plan.inner.kept ? std::min(plan.inner.size, kTile) : plan.inner.size;
-    tiles = (plan.inner.size + tile - 1) / tile;
+  explicit ForwardItems(const ReductionPlan& plan) {
+    const int64_t outer = product_of_sizes(plan.kept);
+    const int64_t inner = plan.inner.size;
+    tiles = 1;
+    if (plan.inner.kept) {
+      tiles = ceil_div(inner, kMaxTile);
+      const int64_t wanted = kItemsPerThread * at::get_num_threads();
+      if (outer * tiles < wanted) tiles = std::max(tiles, std::min(ceil_div(inner, kMinTile), ceil_div(wanted, outer)));
+    }
+    tile = ceil_div(inner, tiles);
+    tiles = ceil_div(inner, tile);
     rows = product_of_sizes(plan.reduced);
-    count = product_of_sizes(plan.kept) * tiles;
+    count = outer * tiles;
     grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, tile * rows));
   }
 
   // Offsets of the first element of ``item`` and the length of its slice of the inner dim.
   Offsets start(const ReductionPlan& plan, int64_t item, int64_t* length) const {
-    Offsets offsets = offsets_of(plan.kept, item / tiles);
+    Offsets offsets = RowWalker(plan.kept, item / tiles).offsets();
     const int64_t first = (item % tiles) * tile;
     offsets.add(plan.inner, first);
     *length = std::min(tile, plan.inner.size - first);
@@ -238,7 +250,7 @@ template <typename scalar_t>
 void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const scalar_t* s,
                            at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
-  const WorkItems items(plan);
+  const ForwardItems items(plan);
   const PlanDim& inner = plan.inner;
   const bool contiguous = plan.inner_contiguous(false);
 
@@ -247,7 +259,7 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
     for (int64_t item = begin; item < end; ++item) {
       int64_t length = 0;
       const Offsets base = items.start(plan, item, &length);
-      RowWalker rows(plan.reduced);
+      RowWalker rows(plan.reduced, 0);
       if (!inner.kept) {
         acc_t sum = 0;
         for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
@@ -286,34 +298,37 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
   });
 }
 
+// The backward has nothing to reduce: it walks every row of the inner dim in memory order.
 template <typename scalar_t>
 void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<scalar_t>* grad,
                             const scalar_t* t, const scalar_t* s, scalar_t* dt) {
   using acc_t = at::opmath_type<scalar_t>;
-  const WorkItems items(plan);
   const PlanDim& inner = plan.inner;
   const bool contiguous = plan.inner_contiguous(true);
+  std::vector<PlanDim> outer(plan.kept);
+  outer.insert(outer.end(), plan.reduced.begin(), plan.reduced.end());
+  std::stable_sort(outer.begin(), outer.end(),
+                   [](const PlanDim& a, const PlanDim& b) { return a.target > b.target; });
+  const int64_t rows = product_of_sizes(outer);
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / inner.size);
 
-  at::parallel_for(0, items.count, items.grain, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t length = 0;
-      const Offsets base = items.start(plan, item, &length);
-      const acc_t* weights = grad + base.partial;
-      RowWalker rows(plan.reduced);
-      for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
-        const scalar_t* tr = t + base.target + rows.offsets().target;
-        const scalar_t* sr = s + base.source + rows.offsets().source;
-        scalar_t* dr = dt + base.grad + rows.offsets().grad;
-        if (contiguous && inner.kept) {
-          weight_contiguous_row(dr, weights, tr, sr, length);
-        } else if (contiguous) {
-          scale_contiguous_row(dr, weights[0] + weights[0], tr, sr, length);
-        } else {
-          for (int64_t i = 0; i < length; ++i) {
-            const acc_t weight = inner.kept ? weights[i * inner.partial] : weights[0];
-            dr[i * inner.grad] =
-                distance_gradient<acc_t>(weight + weight, tr[i * inner.target], sr[i * inner.source]);
-          }
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    RowWalker walker(outer, begin);
+    for (int64_t row = begin; row < end; ++row, walker.next()) {
+      const Offsets& at = walker.offsets();
+      const acc_t* weights = grad + at.partial;
+      const scalar_t* tr = t + at.target;
+      const scalar_t* sr = s + at.source;
+      scalar_t* dr = dt + at.grad;
+      if (contiguous && inner.kept) {
+        weight_contiguous_row(dr, weights, tr, sr, inner.size);
+      } else if (contiguous) {
+        scale_contiguous_row(dr, weights[0] + weights[0], tr, sr, inner.size);
+      } else {
+        for (int64_t i = 0; i < inner.size; ++i) {
+          const acc_t weight = inner.kept ? weights[i * inner.partial] : weights[0];
+          dr[i * inner.grad] =
+              distance_gradient<acc_t>(weight + weight, tr[i * inner.target], sr[i * inner.source]);
         }
       }
     }
@@ -344,7 +359,7 @@ at::Tensor sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor& target,
   const char* op = grouping == Grouping::kChannel ? "channel_sqdist_backward" : "spatial_sqdist_backward";
   check_feature_pair(op, target, source, at::kCPU);
   const at::Tensor weights = checked_partial_grad(op, grad, target, grouping);
-  at::Tensor dt = at::empty_like(target);
+  at::Tensor dt = empty_like_on_huge_pages(target);
   if (target.numel() == 0) return dt;
   const ReductionPlan plan =
       make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),

@@ -1,0 +1,46 @@
+# Set-up and everyday commands. `make test` and `make demo` do the whole set-up on a
+# fresh machine: a virtual environment in .venv, the pinned dependencies, and the
+# extension built against the torch in that environment.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEPS := torch==2.14.1 torchvision==0.29.1 triton ninja pybind11 pytest pytest-benchmark tqdm matplotlib
+# The CUDA toolkit, when there is one: the CUDA kernels are compiled even without a GPU.
+export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+export MAX_JOBS ?= 2
+
+DEPS_STAMP := $(VENV)/.deps-installed
+BUILD_STAMP := $(VENV)/.extension-built
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: test demo bench build clean
+
+test: $(BUILD_STAMP)
+	$(VPY) -m pytest tests -q
+
+demo: $(BUILD_STAMP)
+	$(VPY) bench/compare_backends.py
+
+bench: $(BUILD_STAMP)
+	$(VPY) bench/report.py
+
+build: $(BUILD_STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): $(VPY) Makefile
+	$(VPY) -m pip install setuptools wheel $(DEPS)
+	touch $@
+
+# --no-build-isolation: build against the torch installed above instead of letting pip
+# fetch a second torch into a build sandbox. Editable, so the tests import the built tree.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(VPY) -m pip install --no-build-isolation --no-deps -e .
+	$(VPY) -c "import afa_ext; print('afa_ext backends:', afa_ext.available_backends(), afa_ext.build_info())"
+	touch $@
+
+clean:
+	rm -rf build *.egg-info afa_ext/_C*.so
+	rm -f $(BUILD_STAMP)

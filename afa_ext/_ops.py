@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._validation import spatial_positions
+
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
 
@@ -42,28 +44,42 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _positions(features: Tensor):
-    positions = 1
-    for size in features.shape[2:]:
-        positions *= size
-    return positions
+
+def _check_fake_inputs(op: str, *tensors: Tensor) -> None:
+    """The shape and device checks of the C++ kernels, for the fake (meta) kernels; a meta
+    tensor mixed with real ones would otherwise dispatch here and return garbage."""
+    target, source = tensors[-2], tensors[-1]
+    devices = {str(t.device) for t in tensors}
+    if len(devices) != 1:
+        raise RuntimeError(f"afa_ext::{op}: expected all tensors on one device, got {sorted(devices)}")
+    if target.dim() < 3 or source.shape != target.shape:
+        raise RuntimeError(
+            f"afa_ext::{op}: expected target and source of one shape (B, C, *spatial), got "
+            f"{tuple(target.shape)} and {tuple(source.shape)}"
+        )
 
 
 if _C is not None:
 
     @torch.library.register_fake("afa_ext::channel_sqdist")
     def _channel_sqdist_fake(target: Tensor, source: Tensor) -> Tensor:
+        _check_fake_inputs("channel_sqdist", target, source)
         return target.new_empty((target.shape[0], target.shape[1]), dtype=accumulate_dtype(target.dtype))
 
     @torch.library.register_fake("afa_ext::spatial_sqdist")
     def _spatial_sqdist_fake(target: Tensor, source: Tensor) -> Tensor:
-        return target.new_empty((target.shape[0], _positions(target)), dtype=accumulate_dtype(target.dtype))
+        _check_fake_inputs("spatial_sqdist", target, source)
+        return target.new_empty((target.shape[0], spatial_positions(target)), dtype=accumulate_dtype(target.dtype))
 
-    def _backward_fake(grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
+    @torch.library.register_fake("afa_ext::channel_sqdist_backward")
+    def _channel_sqdist_backward_fake(grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
+        _check_fake_inputs("channel_sqdist_backward", grad, target, source)
         return torch.empty_like(target)
 
-    torch.library.register_fake("afa_ext::channel_sqdist_backward")(_backward_fake)
-    torch.library.register_fake("afa_ext::spatial_sqdist_backward")(_backward_fake)
+    @torch.library.register_fake("afa_ext::spatial_sqdist_backward")
+    def _spatial_sqdist_backward_fake(grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
+        _check_fake_inputs("spatial_sqdist_backward", grad, target, source)
+        return torch.empty_like(target)
 
     def _save_features(ctx, inputs, output) -> None:
         target, source = inputs

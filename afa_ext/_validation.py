@@ -13,6 +13,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def spatial_positions(features: Tensor):
+    """P, the product of the spatial sizes of features (B, C, *spatial)."""
+    positions = 1
+    for size in features.shape[2:]:
+        positions *= size
+    return positions
+
+
 def check_tensor(value, what: str, where: str) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{where}: expected {what} to be a torch.Tensor, got {type(value).__name__}")

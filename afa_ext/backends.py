@@ -5,7 +5,6 @@ asking for it by name raises an error that says why.
 """
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -21,8 +20,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but is not built or cannot run here."""
 
 
-@functools.lru_cache(maxsize=None)
-def _reasons() -> Dict[str, Optional[str]]:
+def _find_reasons() -> Dict[str, Optional[str]]:
     """Backend name -> None when available, else why it is not."""
     from . import _ops
 
@@ -45,9 +43,13 @@ def _reasons() -> Dict[str, Optional[str]]:
     return reasons
 
 
+# Decided once at import, so that torch.compile traces only a dict lookup.
+_REASONS = _find_reasons()
+
+
 def available_backends() -> List[str]:
     """Names of the backends that can run in this installation, in a fixed order."""
-    reasons = _reasons()
+    reasons = _REASONS
     return [name for name in BACKEND_NAMES if reasons[name] is None]
 
 
@@ -56,7 +58,7 @@ def resolve_backend(backend: str, device: torch.device, where: str) -> str:
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
         known = ", ".join(("auto",) + BACKEND_NAMES)
         raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {known}")
-    reasons = _reasons()
+    reasons = _REASONS
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
             if reasons[name] is None:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import reference
 from ._ops import accumulate_dtype
-from ._validation import check_features, check_weights
+from ._validation import check_features, check_weights, spatial_positions
 from .backends import resolve_backend
 
 __all__ = [
@@ -30,12 +30,6 @@ __all__ = [
     "spatial_attentive_loss",
 ]
 
-
-def _positions(features: Tensor):
-    positions = 1
-    for size in features.shape[2:]:
-        positions *= size
-    return positions
 
 
 def _channel_sqdist(target: Tensor, source: Tensor, backend: str) -> Tensor:
@@ -69,7 +63,7 @@ def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor, *, backe
         return reference.delta_loss(target, source, channel_weights)
     distance = _channel_sqdist(target, source, name)
     weights = channel_weights.to(distance.dtype)
-    return (0.5 * channels / _positions(target)) * torch.sum(weights * distance)
+    return (0.5 * channels / max(spatial_positions(target), 1)) * torch.sum(weights * distance)
 
 
 def channel_attentive_loss(target: Tensor, source: Tensor, attention: Tensor, *, backend: str = "auto") -> Tensor:
@@ -93,7 +87,7 @@ def spatial_attentive_loss(target: Tensor, source: Tensor, attention: Tensor, *,
     """
     where = "spatial_attentive_loss"
     check_features(target, source, where)
-    batch, positions = target.shape[0], _positions(target)
+    batch, positions = target.shape[0], spatial_positions(target)
     shapes = [(batch, positions), (batch, 1) + tuple(target.shape[2:])]
     check_weights(attention, "attention", shapes, target, where)
     name = resolve_backend(backend, target.device, where)

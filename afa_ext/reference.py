@@ -10,6 +10,7 @@ The source features are detached: the source model gets no gradient.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -27,7 +28,7 @@ __all__ = [
 def _flat_difference(target: Tensor, source: Tensor) -> Tensor:
     """D = F_t - F_s viewed as (B, C, P)."""
     diff = target - source.detach()
-    return diff.reshape(diff.shape[0], diff.shape[1], -1)
+    return diff.reshape(diff.shape[0], diff.shape[1], math.prod(diff.shape[2:]))
 
 
 def _batch_scale(batch: int) -> float:
@@ -50,7 +51,7 @@ def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor) -> Tenso
     diff = _flat_difference(target, source)
     channels, positions = diff.shape[1], diff.shape[2]
     distance = torch.norm(diff, 2, 2) ** 2  # (B, C), as the original computes it
-    weighted = channels * torch.mul(channel_weights.to(diff.dtype), distance) / positions
+    weighted = channels * torch.mul(channel_weights.to(diff.dtype), distance) / max(positions, 1)
     return (0.5 * torch.sum(weighted)).to(_loss_dtype(target))
 
 

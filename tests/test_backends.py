@@ -1,0 +1,38 @@
+"""What this installation reports about its backends and build."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import afa_ext
+from afa_ext.backends import resolve_backend
+from loss_cases import HAS_CPU, needs_cpu
+
+
+def test_available_backends_on_this_machine():
+    names = afa_ext.available_backends()
+    assert names[0] == "reference"
+    assert "triton" not in names and "cuda" not in names  # no GPU, no Triton kernels here
+    assert set(names) <= {"reference", "cpu"}
+    assert names == afa_ext.available_backends()
+
+
+def test_auto_picks_cpu_when_built():
+    picked = resolve_backend("auto", torch.device("cpu"), "test")
+    assert picked == ("cpu" if HAS_CPU else "reference")
+    assert resolve_backend("auto", torch.device("meta"), "test") == "reference"
+
+
+@needs_cpu
+def test_build_info_reports_torch_version():
+    info = afa_ext.build_info()
+    assert isinstance(info, dict) and info
+    versions = [str(value) for key, value in info.items() if "torch" in str(key).lower()]
+    assert versions, f"no torch version in build_info() {info}"
+    major_minor = ".".join(torch.__version__.split(".")[:2])
+    assert any(v.startswith(major_minor) for v in versions), f"{versions} vs torch {torch.__version__}"
+
+
+@pytest.mark.skipif(HAS_CPU, reason="afa_ext._C is built")
+def test_build_info_empty_without_extension():
+    assert afa_ext.build_info() == {}

@@ -96,7 +96,7 @@ def make_extension():
         include_dirs=include_dirs + math_library_include_dirs(),
         extra_compile_args={
             "cxx": cxx_flags + [arch_define, "-DAFA_EXT_WITH_CUDA"],
-            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", arch_define, "-DAFA_EXT_WITH_CUDA"],
+            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", "-DAFA_EXT_WITH_CUDA"],
         },
         extra_link_args=link_flags,
     )

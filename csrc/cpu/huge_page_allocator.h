@@ -1,11 +1,13 @@
 // An allocator for the large gradient tensors the CPU backward writes.
 //
-// A fresh 100 MB tensor from the default CPU allocator is mapped in 4 KiB pages on first
-// touch, and on a virtual machine those page faults can cost more than the kernel that
-// writes the tensor. Blocks of 2 MiB and more are therefore aligned to 2 MiB and marked
-// MADV_HUGEPAGE, so Linux backs them with transparent huge pages where it allows (the
-// same thing torch does for every tensor when THP_MEM_ALLOC_ENABLE=1). Memory is
-// returned to the system when the tensor dies: nothing is cached.
+// glibc serves blocks above 32 MiB (its largest mmap threshold) with a fresh mmap every
+// time, so a 100 MB gradient from the default CPU allocator is mapped in 4 KiB pages on
+// first touch, and on a virtual machine those page faults can cost more than the kernel
+// that writes the tensor. Such blocks are therefore aligned to 2 MiB and marked
+// MADV_HUGEPAGE, so Linux backs them with transparent huge pages where it allows (what
+// torch does for every tensor when THP_MEM_ALLOC_ENABLE=1). Smaller blocks, which glibc
+// recycles from its heap, come from the default allocator. Memory is returned to the
+// system when the tensor dies: nothing is cached.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -51,9 +53,13 @@ class HugePageAllocator final : public c10::Allocator {
 };
 
 // An uninitialised CPU tensor like ``like`` (same strides when it is dense, else its
-// suggested memory format) whose storage comes from the HugePageAllocator.
+// suggested memory format), from the HugePageAllocator when it is above 32 MiB.
 inline at::Tensor empty_like_on_huge_pages(const at::Tensor& like) {
+  constexpr size_t kLargestRecycledBlock = size_t(32) << 20;
   static HugePageAllocator allocator;
+  if (static_cast<size_t>(like.numel()) * like.element_size() <= kLargestRecycledBlock) {
+    return at::empty_like(like);
+  }
   const at::Tensor layout = at::empty_like(like, like.options().device(at::kMeta));
   return at::detail::empty_strided_generic(layout.sizes(), layout.strides(), &allocator,
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type());

@@ -131,7 +131,15 @@ class DeltaAlignment(nn.Module):
 
 
 class _AttentiveAlignment(nn.Module):
-    """One attention module per layer, reading the detached source map of that layer."""
+    """One attention module per layer, reading the detached source map of that layer.
+
+    The attention modules (``self.attention``, one per layer) are built from
+    ``feature_shapes`` (one (C, *spatial) tuple per layer, batch left out) when it is
+    given, else by ``materialize(source_features)`` or the first call, on the features'
+    device and for any input resolution. Until then the module has no parameters: build
+    the optimizer, and load a state_dict, only after they exist. Later calls must bring
+    the same number of layers of the same shapes.
+    """
 
     def __init__(self, hidden: Optional[int] = None, backend: str = "auto", feature_shapes=None):
         super().__init__()
@@ -229,12 +237,8 @@ class AttentiveSpatialAlignment(_AttentiveAlignment):
     a = SpatialAttention(source map), (B, P), softmax over P; it enters squared. ``hidden``
     is the attention's hidden width (default round(sqrt(P)) per layer).
 
-    The attention modules (``self.attention``, one per layer) are built from
-    ``feature_shapes`` (one (C, *spatial) tuple per layer, batch left out) when it is
-    given, else by ``materialize(source_features)`` or the first call, on the features'
-    device and for any input resolution. Until then the module has no parameters: build
-    the optimizer, and load a state_dict, only after they exist. Later calls must bring
-    the same number of layers of the same shapes.
+    Its attention modules are built from ``feature_shapes``, by ``materialize`` or at the
+    first call; build the optimizer and load a state_dict only after that.
     """
 
     def _make_attention(self, channels: int, positions: int) -> nn.Module:
@@ -250,12 +254,8 @@ class AttentiveChannelAlignment(_AttentiveAlignment):
     g = ChannelAttention(source map), (B, C), softmax over C. ``hidden`` is the
     attention's hidden width (default round(sqrt(P)) per layer).
 
-    The attention modules (``self.attention``, one per layer) are built from
-    ``feature_shapes`` (one (C, *spatial) tuple per layer, batch left out) when it is
-    given, else by ``materialize(source_features)`` or the first call, on the features'
-    device and for any input resolution. Until then the module has no parameters: build
-    the optimizer, and load a state_dict, only after they exist. Later calls must bring
-    the same number of layers of the same shapes.
+    Its attention modules are built from ``feature_shapes``, by ``materialize`` or at the
+    first call; build the optimizer and load a state_dict only after that.
     """
 
     def _make_attention(self, channels: int, positions: int) -> nn.Module:

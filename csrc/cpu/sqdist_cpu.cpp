@@ -175,31 +175,14 @@ void accumulate_contiguous_row(acc_t* sums, const scalar_t* t, const scalar_t* s
   for (; i < n; ++i) sums[i] += squared_difference<acc_t>(t[i], s[i]);
 }
 
-// dt[i] = twice_weight * (t[i] - s[i]) over a contiguous row.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void scale_contiguous_row(scalar_t* dt, acc_t twice_weight, const scalar_t* t, const scalar_t* s,
-                          int64_t n) {
+// dt[i] = 2 * w_i * (t[i] - s[i]) over a contiguous row, with w_i = weights[i] when the
+// weights run along the row, else weights[0] for the whole row.
+template <bool kWeightPerElement, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void gradient_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t* t, const scalar_t* s,
+                             int64_t n) {
   using L = AccLanes<scalar_t>;
   using AccVec = typename L::AccVec;
-  const AccVec weight(twice_weight);
-  const int64_t vector_end = n - n % L::kStep;
-  int64_t i = 0;
-  for (; i < vector_end; i += L::kStep) {
-    AccVec tv[L::kParts], sv[L::kParts];
-    L::load(t + i, tv);
-    L::load(s + i, sv);
-    for (int p = 0; p < L::kParts; ++p) tv[p] = weight * (tv[p] - sv[p]);
-    L::store(dt + i, tv);
-  }
-  for (; i < n; ++i) dt[i] = distance_gradient<acc_t>(twice_weight, t[i], s[i]);
-}
-
-// dt[i] = 2 * weights[i] * (t[i] - s[i]) over a contiguous row.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void weight_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t* t, const scalar_t* s,
-                           int64_t n) {
-  using L = AccLanes<scalar_t>;
-  using AccVec = typename L::AccVec;
+  const AccVec row_weight(weights[0] + weights[0]);
   const int64_t vector_end = n - n % L::kStep;
   int64_t i = 0;
   for (; i < vector_end; i += L::kStep) {
@@ -207,12 +190,19 @@ void weight_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t* t
     L::load(t + i, tv);
     L::load(s + i, sv);
     for (int p = 0; p < L::kParts; ++p) {
-      const AccVec weight = AccVec::loadu(weights + i + p * AccVec::size());
-      tv[p] = (weight + weight) * (tv[p] - sv[p]);
+      AccVec weight = row_weight;
+      if constexpr (kWeightPerElement) {
+        weight = AccVec::loadu(weights + i + p * AccVec::size());
+        weight = weight + weight;
+      }
+      tv[p] = weight * (tv[p] - sv[p]);
     }
     L::store(dt + i, tv);
   }
-  for (; i < n; ++i) dt[i] = distance_gradient<acc_t>(weights[i] + weights[i], t[i], s[i]);
+  for (; i < n; ++i) {
+    const acc_t weight = kWeightPerElement ? weights[i] : weights[0];
+    dt[i] = distance_gradient<acc_t>(weight + weight, t[i], s[i]);
+  }
 }
 
 // The forward's work items: every index of the kept dims, the inner dim cut in tiles
@@ -321,9 +311,9 @@ void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<sca
       const scalar_t* sr = s + at.source;
       scalar_t* dr = dt + at.grad;
       if (contiguous && inner.kept) {
-        weight_contiguous_row(dr, weights, tr, sr, inner.size);
+        gradient_contiguous_row<true>(dr, weights, tr, sr, inner.size);
       } else if (contiguous) {
-        scale_contiguous_row(dr, weights[0] + weights[0], tr, sr, inner.size);
+        gradient_contiguous_row<false>(dr, weights, tr, sr, inner.size);
       } else {
         for (int64_t i = 0; i < inner.size; ++i) {
           const acc_t weight = inner.kept ? weights[i * inner.partial] : weights[0];

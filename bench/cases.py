@@ -3,6 +3,7 @@
 and error measures. Shared by compare_backends.py, report.py and test_bench_losses.py."""
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.util
 import sys
@@ -51,6 +52,14 @@ def parse_shape(text: str) -> Tuple[int, ...]:
     if len(shape) < 3 or min(shape) < 1:
         raise ValueError(f"expected a shape (B, C, *spatial) of positive sizes, got {text!r}")
     return shape
+
+
+def shape_argument(text: str) -> Tuple[int, ...]:
+    """parse_shape for argparse, which then prints the reason of a bad shape."""
+    try:
+        return parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def shape_text(shape: Sequence[int]) -> str:

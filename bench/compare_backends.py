@@ -28,7 +28,7 @@ HEADERS = ["loss", "backend", "loss value", "rel err loss", "rel err dL/dt", "re
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=cases.parse_shape, default=(16, 256, 28, 28), help="B x C x H x W (default 16x256x28x28)")
+    parser.add_argument("--shape", type=cases.shape_argument, default=(16, 256, 28, 28), help="B x C x H x W (default 16x256x28x28)")
     parser.add_argument("--dtype", choices=sorted(cases.DTYPES), default="float32")
     parser.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--repeats", type=int, default=7, help="timed fwd+bwd runs per backend (median)")

@@ -57,13 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shapes", nargs="+", type=cases.parse_shape, help=f"B x C x H x W ... (default {' '.join(DEFAULT_SHAPES)})")
+    parser.add_argument("--shapes", nargs="+", type=cases.shape_argument, help=f"B x C x H x W ... (default {' '.join(DEFAULT_SHAPES)})")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of shapes, added to --shapes")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(cases.DTYPES), default=["float32"])
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto")
     parser.add_argument("--losses", nargs="+", choices=cases.LOSS_NAMES, default=list(DEFAULT_LOSSES))
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: fit --budget, 5 to 50)")
-    parser.add_argument("--budget", type=float, default=8.0, help="seconds of timed rounds per case when --rounds is not given")
+    parser.add_argument("--budget", type=float, default=12.0, help="seconds of timed rounds per case when --rounds is not given")
     parser.add_argument("--warmup", type=int, default=2, help="untimed fwd+bwd calls per method first (the first compiles)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before anything runs")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile of the reference out")
@@ -270,8 +270,8 @@ def markdown_row(row: dict) -> List[str]:
         row["shape"],
         row["dtype"],
         row["method"],
-        f"{row['median_ms']:.2f}",
-        f"{row['q1_ms']:.1f}-{row['q3_ms']:.1f}",
+        tables.milliseconds(row["median_ms"] / 1e3),
+        f"{tables.milliseconds(row['q1_ms'] / 1e3)}-{tables.milliseconds(row['q3_ms'] / 1e3)}",
         f"{row['x_floor']:.2f}",
         tables.percent(row["bandwidth_fraction"]),
         tables.ratio(row["speedup_vs_eager"]),

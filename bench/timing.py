@@ -212,7 +212,7 @@ def load_average() -> Optional[float]:
 def busy_machine_warning(threads: int) -> Optional[str]:
     """A warning when other processes already keep the CPUs busy (timings would be noise)."""
     load = load_average()
-    if load is None or load < 0.5:
+    if load is None or load < 1.0:
         return None
     return (
         f"the 1-minute load average is {load:.1f} before the benchmark starts, with {threads} torch "

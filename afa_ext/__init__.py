@@ -12,7 +12,7 @@ from .losses import (
     DeltaAlignment,
     FeatureMapAlignment,
 )
-from ._ops import build_info
+from ._ops import build_info, empty_cache
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "build_info",
+    "empty_cache",
     "SpatialAttention",
     "ChannelAttention",
     "AttentiveSpatialAlignment",

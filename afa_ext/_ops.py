@@ -39,6 +39,16 @@ def build_info() -> dict:
     return dict(_C.build_info()) if _C is not None else {}
 
 
+def empty_cache() -> int:
+    """Hands the CPU backward's cached gradient blocks back to the system.
+
+    The cpu backend keeps the storage of dead gradients above 32 MiB (up to 1 GiB in all)
+    to write the next step's gradient into memory that is already mapped. Returns the
+    number of bytes freed (0 when afa_ext._C is not loaded).
+    """
+    return int(_C.empty_cache()) if _C is not None else 0
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, else the dtype itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "cpu/huge_page_allocator.h"
+
 // setup.py passes the CUDA architectures as -DAFA_EXT_CUDA_ARCHS=8.0,9.0 (no quotes, so
 // no shell quoting is needed); absent in a CPU-only build.
 #define AFA_EXT_STRINGIFY(...) #__VA_ARGS__
@@ -49,4 +51,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "afa_ext compiled kernels: loading this module registers the afa_ext ops";
   m.def("build_info", &build_info, "How this extension was built: torch version, CUDA archs, OpenMP");
+  m.def(
+      "empty_cache", [] { return afa_ext::HugePageAllocator::instance().release_cached_blocks(); },
+      "Frees the cached gradient blocks of the CPU backward; returns the bytes freed");
 }

@@ -1,0 +1,39 @@
+"""The CPU backward's cache of large gradient blocks: reuse gives right values, and
+afa_ext.empty_cache() hands the blocks back."""
+import pytest
+import torch
+
+import afa_ext
+
+pytestmark = pytest.mark.skipif("cpu" not in afa_ext.available_backends(), reason="afa_ext._C not built")
+
+# 2 * 64 * 256 * 260 float32 elements: 34 MB, above the 32 MiB where caching starts.
+LARGE_SHAPE = (2, 64, 256, 260)
+
+
+def expected_gradient(grad, target, source):
+    return (2.0 * grad.double()[:, :, None, None] * (target.double() - source.double())).float()
+
+
+def test_reused_gradient_blocks_hold_the_new_values():
+    afa_ext.empty_cache()
+    generator = torch.Generator().manual_seed(3)
+    target = torch.randn(LARGE_SHAPE, generator=generator)
+    source = torch.randn(LARGE_SHAPE, generator=generator)
+    for step in range(3):
+        grad = torch.rand(LARGE_SHAPE[:2], generator=generator) + step
+        dt = torch.ops.afa_ext.channel_sqdist_backward(grad, target, source)
+        torch.testing.assert_close(dt, expected_gradient(grad, target, source), rtol=1e-6, atol=1e-6)
+        del dt  # back into the cache for the next step
+    assert afa_ext.empty_cache() >= target.numel() * target.element_size()
+    assert afa_ext.empty_cache() == 0
+
+
+def test_cached_gradient_survives_as_a_leaf_grad():
+    target = torch.randn(LARGE_SHAPE, requires_grad=True)
+    source = torch.randn(LARGE_SHAPE)
+    afa_ext.functional.feature_map_loss(target, source, backend="cpu").backward()
+    kept = target.grad.clone()
+    afa_ext.empty_cache()  # frees only dead blocks, never the live target.grad
+    torch.testing.assert_close(target.grad, kept, rtol=0, atol=0)
+    torch.testing.assert_close(target.grad, target.detach() - source, rtol=1e-6, atol=1e-6)

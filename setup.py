@@ -6,6 +6,10 @@ whenever nvcc and a CUDA build of torch are installed, whether or not a GPU is p
 Switches (environment variables):
   AFA_EXT_CUDA=auto|0|1    build the CUDA kernels: when possible (default), never, or
                            always (an error if nvcc or a CUDA torch is missing)
+  AFA_EXT_CPU_ISA=auto|default|avx2|avx512
+                           vector instructions of the CPU kernels: AVX2 when the build
+                           machine has it (auto, the default), or the one named; the
+                           package refuses to load the kernels on a CPU that lacks it
   TORCH_CUDA_ARCH_LIST     CUDA architectures, default "8.0;9.0" (A100, H100/H200)
   MAX_JOBS                 parallel compile jobs for ninja
 """
@@ -25,6 +29,20 @@ from torch.utils import cpp_extension
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Compiler flags per CPU instruction set, as torch compiles its own per-ISA kernels, and
+# the /proc/cpuinfo flags each needs.
+CPU_ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+CPU_ISA_NEEDS = {
+    "default": set(),
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+}
+BUILD_CONFIG = ROOT / "afa_ext" / "_build_config.py"
 # Headers that torch's CUDA headers include but a bare CUDA toolkit may lack.
 MATH_LIBRARY_HEADERS = ("cublas_v2.h", "cusparse.h")
 
@@ -51,6 +69,37 @@ def cuda_build_wanted(cuda_sources: list[str]) -> bool:
     if switch == "1" and missing:
         raise SystemExit("AFA_EXT_CUDA=1 but the build lacks: " + "; ".join(missing))
     return not missing
+
+
+def build_machine_cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa() -> str:
+    """The instruction set of the CPU kernels, from AFA_EXT_CPU_ISA and the build machine."""
+    choice = os.environ.get("AFA_EXT_CPU_ISA", "auto").strip().lower()
+    if choice != "auto" and choice not in CPU_ISA_FLAGS:
+        raise SystemExit(f"AFA_EXT_CPU_ISA must be auto, {', '.join(CPU_ISA_FLAGS)}; got {choice!r}")
+    if choice != "auto":
+        return choice
+    # The kernels are memory-bound: AVX2 already keeps up with memory, and AVX-512 would
+    # only narrow the machines a build runs on.
+    return "avx2" if CPU_ISA_NEEDS["avx2"] <= build_machine_cpu_flags() else "default"
+
+
+def write_build_config(isa: str) -> None:
+    """afa_ext/_build_config.py, read before afa_ext._C is loaded (generated, not tracked)."""
+    BUILD_CONFIG.write_text(
+        '"""Written by setup.py: how afa_ext._C was built."""\n\n'
+        f"CPU_ISA = {isa!r}\n"
+    )
 
 
 def math_library_include_dirs() -> list[str]:
@@ -81,7 +130,9 @@ def math_library_include_dirs() -> list[str]:
 def make_extension():
     cpp_sources = ["csrc/ops.cpp"] + relative_sources("cpu/**/*.cpp")
     cuda_sources = relative_sources("cuda/**/*.cu") + relative_sources("cuda/**/*.cpp")
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    isa = cpu_isa()
+    write_build_config(isa)
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"] + CPU_ISA_FLAGS[isa]
     link_flags = ["-fopenmp"]
     include_dirs = [str(CSRC)]
     if not cuda_build_wanted(cuda_sources):

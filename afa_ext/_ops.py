@@ -20,13 +20,32 @@ from torch import Tensor
 
 from ._validation import spatial_positions
 
-try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
+def _unsupported_cpu_isa() -> Optional[str]:
+    """The instruction set afa_ext._C was compiled for when this CPU lacks it (its code
+    would die on an illegal instruction, so it must not even be loaded), else None."""
+    try:
+        from ._build_config import CPU_ISA
+    except ImportError:  # not built: importing _C below says so
+        return None
+    supported = {
+        "avx2": getattr(torch.cpu, "_is_avx2_supported", lambda: True),
+        "avx512": getattr(torch.cpu, "_is_avx512_supported", lambda: True),
+    }
+    return CPU_ISA if not supported.get(CPU_ISA, lambda: True)() else None
 
-    _LOAD_ERROR: Optional[str] = None
-except ImportError as error:  # the extension is optional: the reference backend still works
-    _C = None
-    _LOAD_ERROR = f"{type(error).__name__}: {error}"
+
+_C = None
+_LOAD_ERROR: Optional[str] = None
+if _unsupported_cpu_isa() is not None:
+    _LOAD_ERROR = (
+        f"afa_ext._C was compiled for {_unsupported_cpu_isa()} instructions, which this CPU "
+        "lacks; rebuild it here (AFA_EXT_CPU_ISA=default makes a build for any x86-64 CPU)"
+    )
+else:
+    try:
+        from . import _C  # noqa: F401  (loading it registers the ops)
+    except ImportError as error:  # the extension is optional: the reference backend still works
+        _LOAD_ERROR = f"{type(error).__name__}: {error}"
 
 
 def extension_error() -> Optional[str]:

@@ -36,3 +36,23 @@ def test_build_info_reports_torch_version():
 @pytest.mark.skipif(HAS_CPU, reason="afa_ext._C is built")
 def test_build_info_empty_without_extension():
     assert afa_ext.build_info() == {}
+
+
+@pytest.mark.skipif("cpu" not in afa_ext.available_backends(), reason="afa_ext._C not built")
+def test_build_info_names_the_instruction_set_of_the_build():
+    from afa_ext._build_config import CPU_ISA
+
+    assert afa_ext.build_info()["cpu_vector_isa"] == CPU_ISA
+
+
+@pytest.mark.skipif("cpu" not in afa_ext.available_backends(), reason="afa_ext._C not built")
+def test_a_cpu_without_the_build_instruction_set_is_refused(monkeypatch):
+    from afa_ext import _ops
+    from afa_ext._build_config import CPU_ISA
+
+    if CPU_ISA == "default":
+        pytest.skip("a default build runs on any x86-64 CPU")
+    monkeypatch.setattr(torch.cpu, f"_is_{CPU_ISA}_supported", lambda: False)
+    assert _ops._unsupported_cpu_isa() == CPU_ISA
+    monkeypatch.undo()
+    assert _ops._unsupported_cpu_isa() is None

@@ -32,13 +32,13 @@ __all__ = [
 
 
 
-def _channel_sqdist(target: Tensor, source: Tensor, backend: str) -> Tensor:
-    """d[n, j] = sum_p (t - s)^2 from the compiled kernels of ``backend``."""
+def _channel_sqdist(target: Tensor, source: Tensor) -> Tensor:
+    """d[n, j] = sum_p (t - s)^2 from the compiled op (it dispatches on the device)."""
     return torch.ops.afa_ext.channel_sqdist(target, source.detach())
 
 
-def _spatial_sqdist(target: Tensor, source: Tensor, backend: str) -> Tensor:
-    """e[n, p] = sum_j (t - s)^2 from the compiled kernels of ``backend``."""
+def _spatial_sqdist(target: Tensor, source: Tensor) -> Tensor:
+    """e[n, p] = sum_j (t - s)^2 from the compiled op (it dispatches on the device)."""
     return torch.ops.afa_ext.spatial_sqdist(target, source.detach())
 
 
@@ -49,7 +49,7 @@ def feature_map_loss(target: Tensor, source: Tensor, *, backend: str = "auto") -
     name = resolve_backend(backend, target.device, where)
     if name == "reference":
         return reference.feature_map_loss(target, source)
-    return 0.5 * torch.sum(_channel_sqdist(target, source, name))
+    return 0.5 * torch.sum(_channel_sqdist(target, source))
 
 
 def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor, *, backend: str = "auto") -> Tensor:
@@ -61,7 +61,7 @@ def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor, *, backe
     name = resolve_backend(backend, target.device, where)
     if name == "reference":
         return reference.delta_loss(target, source, channel_weights)
-    distance = _channel_sqdist(target, source, name)
+    distance = _channel_sqdist(target, source)
     weights = channel_weights.to(distance.dtype)
     return (0.5 * channels / max(spatial_positions(target), 1)) * torch.sum(weights * distance)
 
@@ -75,7 +75,7 @@ def channel_attentive_loss(target: Tensor, source: Tensor, attention: Tensor, *,
     name = resolve_backend(backend, target.device, where)
     if name == "reference":
         return reference.channel_attentive_loss(target, source, attention)
-    distance = _channel_sqdist(target, source, name)
+    distance = _channel_sqdist(target, source)
     weights = attention.to(distance.dtype)
     return (0.5 * channels / max(batch, 1)) * torch.sum(weights * distance)
 
@@ -93,6 +93,6 @@ def spatial_attentive_loss(target: Tensor, source: Tensor, attention: Tensor, *,
     name = resolve_backend(backend, target.device, where)
     if name == "reference":
         return reference.spatial_attentive_loss(target, source, attention)
-    distance = _spatial_sqdist(target, source, name)
+    distance = _spatial_sqdist(target, source)
     scaled = attention.reshape(batch, positions).to(distance.dtype) * positions
     return (0.5 / max(batch, 1)) * torch.sum(scaled * scaled * distance)

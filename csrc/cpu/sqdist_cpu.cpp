@@ -38,6 +38,9 @@ constexpr int64_t kItemsPerThread = 4;
 constexpr int64_t kRowsPerBlock = 256;
 // Elements of one row summed in vector registers before a horizontal add (accuracy).
 constexpr int64_t kRowBlock = 4096;
+// The running total across blocks and rows: double, so that long reductions of float
+// partial sums lose nothing more than one rounding per block.
+using total_t = double;
 
 // Loads and stores kStep features at once as kParts vectors of the accumulation type.
 template <typename scalar_t>
@@ -125,12 +128,12 @@ int64_t product_of_sizes(const std::vector<PlanDim>& dims) {
 
 // sum_i (t[i] - s[i])^2 over a contiguous row, in blocks of kRowBlock for accuracy.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-acc_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
+total_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
   using L = AccLanes<scalar_t>;
   using AccVec = typename L::AccVec;
   constexpr int64_t kPair = 2 * L::kStep;
   const int64_t vector_end = n - n % kPair;
-  acc_t total = 0;
+  total_t total = 0;
   int64_t i = 0;
   while (i < vector_end) {
     AccVec acc[2 * L::kParts];
@@ -151,8 +154,9 @@ acc_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
     for (int p = 1; p < 2 * L::kParts; ++p) block = block + acc[p];
     total += L::horizontal_sum(block);
   }
-  for (; i < n; ++i) total += squared_difference<acc_t>(t[i], s[i]);
-  return total;
+  acc_t tail = 0;
+  for (; i < n; ++i) tail += squared_difference<acc_t>(t[i], s[i]);
+  return total + tail;
 }
 
 // sums[i] += (t[i] - s[i])^2 over a contiguous row.
@@ -245,13 +249,14 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
   const bool contiguous = plan.inner_contiguous(false);
 
   at::parallel_for(0, items.count, items.grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> block(inner.kept ? items.tile : 0), total(block.size());
+    std::vector<acc_t> block(inner.kept ? items.tile : 0);
+    std::vector<total_t> total(block.size());
     for (int64_t item = begin; item < end; ++item) {
       int64_t length = 0;
       const Offsets base = items.start(plan, item, &length);
       RowWalker rows(plan.reduced, 0);
       if (!inner.kept) {
-        acc_t sum = 0;
+        total_t sum = 0;
         for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
           const scalar_t* tr = t + base.target + rows.offsets().target;
           const scalar_t* sr = s + base.source + rows.offsets().source;
@@ -263,10 +268,10 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
             }
           }
         }
-        partial[base.partial] = sum;
+        partial[base.partial] = static_cast<acc_t>(sum);
         continue;
       }
-      std::fill(total.begin(), total.begin() + length, acc_t(0));
+      std::fill(total.begin(), total.begin() + length, total_t(0));
       for (int64_t r = 0; r < items.rows;) {
         std::fill(block.begin(), block.begin() + length, acc_t(0));
         const int64_t block_end = std::min(items.rows, r + kRowsPerBlock);
@@ -283,7 +288,9 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
         }
         for (int64_t i = 0; i < length; ++i) total[i] += block[i];
       }
-      for (int64_t i = 0; i < length; ++i) partial[base.partial + i * inner.partial] = total[i];
+      for (int64_t i = 0; i < length; ++i) {
+        partial[base.partial + i * inner.partial] = static_cast<acc_t>(total[i]);
+      }
     }
   });
 }

@@ -53,11 +53,17 @@ def available_backends() -> List[str]:
     return [name for name in BACKEND_NAMES if reasons[name] is None]
 
 
-def resolve_backend(backend: str, device: torch.device, where: str) -> str:
-    """The concrete backend for ``backend`` ("auto" or a name) and tensors on ``device``."""
+def check_backend_name(backend, where: str) -> str:
+    """``backend`` when it is "auto" or a known backend name, else a ValueError."""
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
         known = ", ".join(("auto",) + BACKEND_NAMES)
         raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {known}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device, where: str) -> str:
+    """The concrete backend for ``backend`` ("auto" or a name) and tensors on ``device``."""
+    check_backend_name(backend, where)
     reasons = _REASONS
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import functional
 from .attention import ChannelAttention, SpatialAttention
-from .backends import BACKEND_NAMES
+from .backends import check_backend_name
 
 __all__ = [
     "FeatureMapAlignment",
@@ -29,13 +29,6 @@ __all__ = [
     "AttentiveSpatialAlignment",
     "AttentiveChannelAlignment",
 ]
-
-
-def _check_backend(backend, where: str) -> str:
-    known = ("auto",) + BACKEND_NAMES
-    if backend not in known:
-        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {', '.join(known)}")
-    return backend
 
 
 def _as_layers(features, what: str, where: str) -> List[Tensor]:
@@ -73,7 +66,7 @@ class FeatureMapAlignment(nn.Module):
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
-        self.backend = _check_backend(backend, type(self).__name__)
+        self.backend = check_backend_name(backend, type(self).__name__)
 
     def forward(self, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> Tensor:
         targets, sources = _pair_layers(targets, sources, type(self).__name__)
@@ -98,7 +91,7 @@ class DeltaAlignment(nn.Module):
     def __init__(self, channel_weights: Sequence[Tensor], backend: str = "auto"):
         super().__init__()
         where = type(self).__name__
-        self.backend = _check_backend(backend, where)
+        self.backend = check_backend_name(backend, where)
         if isinstance(channel_weights, Tensor):
             raise TypeError(f"{where}: expected channel_weights to be a list of (C,) tensors, one per layer, got a Tensor")
         weights = list(channel_weights)
@@ -147,7 +140,7 @@ class _AttentiveAlignment(nn.Module):
         if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
             raise ValueError(f"{where}: expected hidden to be None or a positive int, got {hidden!r}")
         self.hidden = hidden
-        self.backend = _check_backend(backend, where)
+        self.backend = check_backend_name(backend, where)
         self.attention = nn.ModuleList()
         self._feature_shapes: Optional[List[Tuple[int, ...]]] = None
         self.register_load_state_dict_pre_hook(_require_materialized)

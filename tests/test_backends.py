@@ -56,3 +56,31 @@ def test_a_cpu_without_the_build_instruction_set_is_refused(monkeypatch):
     assert _ops._unsupported_cpu_isa() == CPU_ISA
     monkeypatch.undo()
     assert _ops._unsupported_cpu_isa() is None
+
+
+def test_import_without_the_extension_keeps_the_reference_backend():
+    """With afa_ext._C unloadable, `import afa_ext` still works: only "reference" is
+    available, the losses run on it, and asking for "cpu" says why it cannot."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["afa_ext._C"] = None  # makes `from . import _C` raise ImportError
+        import torch, afa_ext
+        assert afa_ext.available_backends() == ["reference"], afa_ext.available_backends()
+        t, s = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+        assert torch.isclose(afa_ext.functional.feature_map_loss(t, s), 0.5 * ((t - s) ** 2).sum())
+        try:
+            afa_ext.functional.feature_map_loss(t, s, backend="cpu")
+        except afa_ext.BackendUnavailableError as error:
+            assert "did not load" in str(error), error
+        else:
+            raise AssertionError("backend='cpu' ran without the extension")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

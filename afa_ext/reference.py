@@ -85,13 +85,14 @@ def l2sp_loss(
     """L2-SP: 0.5 * sum over parameters not excluded of ||w - w_source||^2.
 
     ``exclude`` holds name prefixes (for example ``("fc.",)`` for a ResNet head) whose
-    parameters are skipped. Every other trainable parameter must have a tensor of the
-    same shape in ``source_state``.
+    parameters are skipped. Every other parameter must have a tensor of the same shape in
+    ``source_state`` (a frozen one adds a constant); buffers such as batch-norm statistics
+    are not parameters and do not count.
     """
     prefixes = tuple(exclude)
     total = None
     for name, param in model.named_parameters():
-        if not param.requires_grad or (prefixes and name.startswith(prefixes)):
+        if prefixes and name.startswith(prefixes):
             continue
         if name not in source_state:
             raise KeyError(

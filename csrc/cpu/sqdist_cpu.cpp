@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -114,7 +115,7 @@ class RowWalker {
 
  private:
   const std::vector<PlanDim>& dims_;
-  std::vector<int64_t> index_;
+  c10::SmallVector<int64_t, 8> index_;  // on the stack: one walker is made per work item
   Offsets offsets_;
 };
 

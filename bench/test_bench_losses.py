@@ -40,9 +40,8 @@ def test_forward_backward(benchmark, loss_name, backend, size):
     inputs = cached_inputs(loss_name, size)
     loss_fn = cases.loss_function(loss_name, backend)
     shape = SHAPES[size]
-    if hasattr(benchmark, "group"):
-        benchmark.group = f"{loss_name} {cases.shape_text(shape)} {cases.dtype_name(DTYPE)} {DEVICE.type}"
-        benchmark.extra_info.update(numel=cases.numel(shape), floor_bytes=5 * cases.numel(shape) * DTYPE.itemsize)
+    benchmark.group = f"{loss_name} {cases.shape_text(shape)} {cases.dtype_name(DTYPE)} {DEVICE.type}"
+    benchmark.extra_info.update(numel=cases.numel(shape), floor_bytes=5 * cases.numel(shape) * DTYPE.itemsize)
 
     loss = benchmark(cases.forward_backward, loss_fn, inputs)
 

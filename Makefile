@@ -18,6 +18,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
+	$(VPY) -m pytest bench -q --benchmark-disable  # each benchmark case once, checked
 
 demo: $(BUILD_STAMP)
 	$(VPY) bench/compare_backends.py

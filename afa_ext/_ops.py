@@ -73,7 +73,6 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-
 def _check_fake_inputs(op: str, *tensors: Tensor) -> None:
     """The shape and device checks of the C++ kernels, for the fake (meta) kernels; a meta
     tensor mixed with real ones would otherwise dispatch here and return garbage."""
@@ -127,4 +126,39 @@ if _C is not None:
     )
     torch.library.register_autograd(
         "afa_ext::spatial_sqdist", _spatial_sqdist_grad, setup_context=_save_features
+    )
+
+    # Double backward (gradient penalties, meta-learning): dt = 2 w (t - s) is linear in w
+    # and in t, so d/dw = sum over the reduced dims of 2 (t - s) u and d/dt = 2 w u for an
+    # upstream u. It is rare, so plain PyTorch does it. The source stays a constant.
+
+    def _weights_like_features(weights: Tensor, target: Tensor, channel: bool) -> Tensor:
+        """(B, C) weights as (B, C, 1, ...), or (B, P) weights as (B, 1, *spatial)."""
+        if channel:
+            return weights.reshape(tuple(weights.shape) + (1,) * (target.dim() - 2))
+        return weights.reshape((weights.shape[0], 1) + tuple(target.shape[2:]))
+
+    def _sum_to_weights(values: Tensor, channel: bool) -> Tensor:
+        """Features (B, C, *spatial) summed over the spatial dims, or over C."""
+        return values.flatten(2).sum(2) if channel else values.sum(1).flatten(1)
+
+    def _save_backward_inputs(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def _sqdist_backward_grad(channel: bool):
+        def grad_of_backward(ctx, upstream: Tensor):
+            weights, target, source = ctx.saved_tensors
+            upstream = upstream.to(weights.dtype)
+            diff = target.to(weights.dtype) - source.to(weights.dtype)
+            d_weights = _sum_to_weights(2 * diff * upstream, channel)
+            d_target = (2 * _weights_like_features(weights, target, channel) * upstream).to(target.dtype)
+            return d_weights, d_target, None
+
+        return grad_of_backward
+
+    torch.library.register_autograd(
+        "afa_ext::channel_sqdist_backward", _sqdist_backward_grad(True), setup_context=_save_backward_inputs
+    )
+    torch.library.register_autograd(
+        "afa_ext::spatial_sqdist_backward", _sqdist_backward_grad(False), setup_context=_save_backward_inputs
     )

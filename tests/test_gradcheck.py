@@ -1,5 +1,5 @@
-"""torch.autograd.gradcheck in float64 of every loss and backend, w.r.t. the target and
-the weights/attention, and bitwise determinism of loss and gradients."""
+"""torch.autograd.gradcheck and gradgradcheck in float64 of every loss and backend, w.r.t.
+the target and the weights/attention, and bitwise determinism of loss and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +22,21 @@ def test_gradcheck(backend, case, shape, layout):
         assert torch.autograd.gradcheck(lambda t: case.call(t, source, None, backend), (target,))
     else:
         assert torch.autograd.gradcheck(lambda t, w: case.call(t, source, w, backend), (target, weights))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("shape,layout", GRADCHECK_CASES, ids=[layout for _, layout in GRADCHECK_CASES])
+def test_gradgradcheck(backend, case, shape, layout):
+    """Second derivatives (gradient penalties, meta-learning) through the backward op."""
+    generator = torch.Generator().manual_seed(47)
+    target, source = make_features(shape, torch.float64, layout, layout, generator)
+    source = source.detach()
+    weights = make_weights(case.weights, shape, torch.float64, generator)
+    if weights is None:
+        assert torch.autograd.gradgradcheck(lambda t: case.call(t, source, None, backend), (target,))
+    else:
+        assert torch.autograd.gradgradcheck(lambda t, w: case.call(t, source, w, backend), (target, weights))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

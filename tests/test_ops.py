@@ -157,8 +157,8 @@ def test_opcheck_forward(kind, shape, dtype, layout):
 def test_opcheck_backward(kind, shape, dtype, layout):
     generator = torch.Generator().manual_seed(29)
     target, source = make_features(shape, dtype, layout, layout, generator)
-    target, source = target.detach(), source.detach()
-    grad = _grad_for(kind, target, generator)
+    target, source = target.detach().requires_grad_(True), source.detach()
+    grad = _grad_for(kind, target, generator).requires_grad_(True)  # the op has a double backward
     torch.library.opcheck(_op(kind, backward=True), (grad, target, source))
 
 

@@ -6,7 +6,10 @@ scaled copies of it) exactly as the authors' code does; the formulas are those o
 DESIGN.md section 1, with B the batch size, C the channels and P the number of spatial
 positions of one feature map.
 
-The source features are detached: the source model gets no gradient.
+The source features are detached: the source model gets no gradient. For float16 and
+bfloat16 features D is formed in the features' dtype and then squared and summed in
+float32 (the sums of squares of a real feature map overflow float16), so the loss is a
+float32 scalar, as DESIGN.md section 4 asks of every backend.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ __all__ = [
 
 
 def _flat_difference(target: Tensor, source: Tensor) -> Tensor:
-    """D = F_t - F_s viewed as (B, C, P)."""
-    diff = target - source.detach()
+    """D = F_t - F_s viewed as (B, C, P), in float32 for half features: the sums of
+    squares of a feature map overflow float16, and DESIGN.md accumulates in float32."""
+    diff = (target - source.detach()).to(_loss_dtype(target))
     return diff.reshape(diff.shape[0], diff.shape[1], math.prod(diff.shape[2:]))
 
 
@@ -43,7 +47,7 @@ def _loss_dtype(features: Tensor) -> torch.dtype:
 def feature_map_loss(target: Tensor, source: Tensor) -> Tensor:
     """Plain feature-map L2: 0.5 * sum_{n,j,p} D[n,j,p]^2 (no division by B)."""
     diff = _flat_difference(target, source)
-    return (0.5 * torch.sum(diff ** 2)).to(_loss_dtype(target))
+    return 0.5 * torch.sum(diff ** 2)
 
 
 def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor) -> Tensor:
@@ -52,7 +56,7 @@ def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor) -> Tenso
     channels, positions = diff.shape[1], diff.shape[2]
     distance = torch.norm(diff, 2, 2) ** 2  # (B, C), as the original computes it
     weighted = channels * torch.mul(channel_weights.to(diff.dtype), distance) / max(positions, 1)
-    return (0.5 * torch.sum(weighted)).to(_loss_dtype(target))
+    return 0.5 * torch.sum(weighted)
 
 
 def channel_attentive_loss(target: Tensor, source: Tensor, attention: Tensor) -> Tensor:
@@ -61,7 +65,7 @@ def channel_attentive_loss(target: Tensor, source: Tensor, attention: Tensor) ->
     batch, channels = diff.shape[0], diff.shape[1]
     distance = torch.sum(diff ** 2, dim=2)  # (B, C)
     weighted = channels * torch.mul(attention.to(diff.dtype), distance)
-    return (_batch_scale(batch) * torch.sum(weighted)).to(_loss_dtype(target))
+    return _batch_scale(batch) * torch.sum(weighted)
 
 
 def spatial_attentive_loss(target: Tensor, source: Tensor, attention: Tensor) -> Tensor:
@@ -74,7 +78,7 @@ def spatial_attentive_loss(target: Tensor, source: Tensor, attention: Tensor) ->
     batch, positions = diff.shape[0], diff.shape[2]
     scaled_attention = attention.reshape(batch, 1, positions).to(diff.dtype) * positions
     attended = diff * scaled_attention  # a second full-size copy of D, as in the original
-    return (_batch_scale(batch) * torch.sum(attended ** 2)).to(_loss_dtype(target))
+    return _batch_scale(batch) * torch.sum(attended ** 2)
 
 
 def l2sp_loss(

@@ -73,10 +73,14 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _check_fake_inputs(op: str, *tensors: Tensor) -> None:
-    """The shape and device checks of the C++ kernels, for the fake (meta) kernels; a meta
-    tensor mixed with real ones would otherwise dispatch here and return garbage."""
-    target, source = tensors[-2], tensors[-1]
+FEATURE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_fake_inputs(op: str, target: Tensor, source: Tensor, grad: Optional[Tensor] = None,
+                       grad_shape: Optional[tuple] = None) -> None:
+    """The checks of the C++ kernels (csrc/sqdist_checks.h), for the fake (meta) kernels:
+    under torch.compile, or with a meta tensor mixed with real ones, these run instead."""
+    tensors = (target, source) if grad is None else (grad, target, source)
     devices = {str(t.device) for t in tensors}
     if len(devices) != 1:
         raise RuntimeError(f"afa_ext::{op}: expected all tensors on one device, got {sorted(devices)}")
@@ -85,6 +89,24 @@ def _check_fake_inputs(op: str, *tensors: Tensor) -> None:
             f"afa_ext::{op}: expected target and source of one shape (B, C, *spatial), got "
             f"{tuple(target.shape)} and {tuple(source.shape)}"
         )
+    if target.dtype not in FEATURE_DTYPES or source.dtype != target.dtype:
+        raise RuntimeError(
+            f"afa_ext::{op}: expected float64, float32, bfloat16 or float16 features of one dtype, "
+            f"got {target.dtype} and {source.dtype}"
+        )
+    if grad is not None and (tuple(grad.shape) != grad_shape or not grad.is_floating_point()):
+        raise RuntimeError(
+            f"afa_ext::{op}: expected a floating-point grad of shape {grad_shape}, got "
+            f"{grad.dtype} of shape {tuple(grad.shape)}"
+        )
+
+
+def _channel_shape(target: Tensor) -> tuple:
+    return (target.shape[0], target.shape[1])
+
+
+def _spatial_shape(target: Tensor) -> tuple:
+    return (target.shape[0], spatial_positions(target))
 
 
 if _C is not None:
@@ -92,21 +114,21 @@ if _C is not None:
     @torch.library.register_fake("afa_ext::channel_sqdist")
     def _channel_sqdist_fake(target: Tensor, source: Tensor) -> Tensor:
         _check_fake_inputs("channel_sqdist", target, source)
-        return target.new_empty((target.shape[0], target.shape[1]), dtype=accumulate_dtype(target.dtype))
+        return target.new_empty(_channel_shape(target), dtype=accumulate_dtype(target.dtype))
 
     @torch.library.register_fake("afa_ext::spatial_sqdist")
     def _spatial_sqdist_fake(target: Tensor, source: Tensor) -> Tensor:
         _check_fake_inputs("spatial_sqdist", target, source)
-        return target.new_empty((target.shape[0], spatial_positions(target)), dtype=accumulate_dtype(target.dtype))
+        return target.new_empty(_spatial_shape(target), dtype=accumulate_dtype(target.dtype))
 
     @torch.library.register_fake("afa_ext::channel_sqdist_backward")
     def _channel_sqdist_backward_fake(grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
-        _check_fake_inputs("channel_sqdist_backward", grad, target, source)
+        _check_fake_inputs("channel_sqdist_backward", target, source, grad, _channel_shape(target))
         return torch.empty_like(target)
 
     @torch.library.register_fake("afa_ext::spatial_sqdist_backward")
     def _spatial_sqdist_backward_fake(grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
-        _check_fake_inputs("spatial_sqdist_backward", grad, target, source)
+        _check_fake_inputs("spatial_sqdist_backward", target, source, grad, _spatial_shape(target))
         return torch.empty_like(target)
 
     def _save_features(ctx, inputs, output) -> None:

@@ -42,11 +42,15 @@ def _as_layers(features, what: str, where: str) -> List[Tensor]:
     if not layers:
         raise ValueError(f"{where}: expected at least one layer of {what}, got an empty list")
     for index, layer in enumerate(layers):
-        if not isinstance(layer, Tensor) or layer.dim() < 3:
-            given = f"shape {tuple(layer.shape)}" if isinstance(layer, Tensor) else type(layer).__name__
+        if not isinstance(layer, Tensor):
+            raise TypeError(
+                f"{where}: expected layer {index} of {what} to be a Tensor of shape "
+                f"(B, C, *spatial), got {type(layer).__name__}"
+            )
+        if layer.dim() < 3:
             raise ValueError(
                 f"{where}: expected layer {index} of {what} to be a Tensor of shape "
-                f"(B, C, *spatial), got {given}"
+                f"(B, C, *spatial), got shape {tuple(layer.shape)}"
             )
     return layers
 
@@ -98,9 +102,12 @@ class DeltaAlignment(nn.Module):
         if not weights:
             raise ValueError(f"{where}: expected channel weights for at least one layer, got an empty list")
         for index, weight in enumerate(weights):
-            if not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point():
-                given = f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
-                raise ValueError(f"{where}: expected channel_weights[{index}] to be a float tensor of shape (C,), got {given}")
+            expected = f"{where}: expected channel_weights[{index}] to be a float tensor of shape (C,), got"
+            if not isinstance(weight, Tensor) or not weight.is_floating_point():
+                given = f"a {weight.dtype} tensor" if isinstance(weight, Tensor) else type(weight).__name__
+                raise TypeError(f"{expected} {given}")
+            if weight.dim() != 1:
+                raise ValueError(f"{expected} shape {tuple(weight.shape)}")
             self.register_buffer(f"channel_weights_{index}", weight.detach().clone())
         self.num_layers = len(weights)
 

@@ -297,6 +297,17 @@ def test_bad_layer_lists(make):
         module([], [])
     with pytest.raises(TypeError, match="list of feature maps"):
         module(targets[0], sources[0])
+    with pytest.raises(TypeError, match=r"layer 1 of targets to be a Tensor .* got str"):
+        module([targets[0], "layer", targets[2]], sources)
+    with pytest.raises(ValueError, match=r"layer 0 of sources .* got shape \(3, 6\)"):
+        module(targets, [sources[0][:, :, 0, 0]] + sources[1:])
+
+
+def test_delta_weight_errors():
+    with pytest.raises(TypeError, match=r"channel_weights\[0\] to be a float tensor of shape \(C,\), got a torch.int64"):
+        DeltaAlignment([torch.ones(3, dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"channel_weights\[1\] .* got shape \(2, 3\)"):
+        DeltaAlignment([torch.ones(3), torch.ones(2, 3)])
 
 
 @pytest.mark.parametrize("kind", ATTENTIVE)

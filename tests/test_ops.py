@@ -221,3 +221,19 @@ def test_compile_fullgraph_matches_eager(case, shape, dtype, layout):
     torch.testing.assert_close(loss.detach(), eager[0], rtol=1e-5, atol=0)
     torch.testing.assert_close(t.grad, eager[1])
     torch.testing.assert_close(w.grad, eager[2])
+
+
+# --------------------------------------------------------------------------- fake kernels
+
+
+def test_fake_kernels_refuse_what_the_cpu_kernels_refuse():
+    """On meta tensors (and under torch.compile) the fake kernels run: they must reject a
+    non-float dtype and a grad of the wrong shape as the C++ kernels do."""
+    integers = torch.ones(2, 3, 4, 5, dtype=torch.long, device="meta")
+    features = integers.float()
+    with pytest.raises(RuntimeError, match=r"expected float64, float32, bfloat16 or float16 features.*int64"):
+        torch.ops.afa_ext.spatial_sqdist(integers, integers)
+    with pytest.raises(RuntimeError, match=r"grad of shape \(2, 3\), got torch.float32 of shape \(2, 4\)"):
+        torch.ops.afa_ext.channel_sqdist_backward(torch.ones(2, 4, device="meta"), features, features)
+    with pytest.raises(RuntimeError, match=r"grad of shape \(2, 20\), got torch.float32 of shape \(2, 3\)"):
+        torch.ops.afa_ext.spatial_sqdist_backward(torch.ones(2, 3, device="meta"), features, features)

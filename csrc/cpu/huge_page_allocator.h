@@ -6,9 +6,10 @@
 // writes the tensor. Blocks above 32 MiB are therefore:
 // - aligned to 2 MiB and marked MADV_HUGEPAGE, so Linux backs them with transparent huge
 //   pages where it allows (what torch does for every tensor when THP_MEM_ALLOC_ENABLE=1);
-// - kept for reuse when their tensor dies, up to kCacheLimit bytes in all, so the next
-//   training step writes its gradient into memory that is already mapped (as the CUDA
-//   caching allocator does on the GPU). release_cached_blocks() hands them back.
+// - kept for reuse when their tensor dies, up to kCacheLimit bytes in all (blocks of
+//   sizes no longer asked for are evicted first), so the next training step writes its
+//   gradient into memory that is already mapped (as the CUDA caching allocator does on
+//   the GPU). release_cached_blocks() hands them back.
 // Smaller blocks, which glibc recycles from its heap anyway, come from the default
 // allocator.
 #pragma once
@@ -92,16 +93,31 @@ class HugePageAllocator final : public c10::Allocator {
     return data;
   }
 
+  // Caches the block when it fits under kCacheLimit, first evicting blocks of other sizes
+  // (left over from an earlier input resolution: a training loop reuses the sizes of its
+  // current one).
   void give_back(Block* block) {
+    std::vector<void*> evicted;
+    bool cached = false;
     {
       std::lock_guard<std::mutex> guard(mutex_);
+      for (auto entry = cache_.begin(); entry != cache_.end() && cached_bytes_ + block->bytes > kCacheLimit;) {
+        if (entry->first == block->bytes) {
+          ++entry;
+          continue;
+        }
+        evicted.insert(evicted.end(), entry->second.begin(), entry->second.end());
+        cached_bytes_ -= entry->first * entry->second.size();
+        entry = cache_.erase(entry);
+      }
       if (cached_bytes_ + block->bytes <= kCacheLimit) {
         cache_[block->bytes].push_back(block->data);
         cached_bytes_ += block->bytes;
-        return;
+        cached = true;
       }
     }
-    std::free(block->data);
+    for (void* data : evicted) std::free(data);
+    if (!cached) std::free(block->data);
   }
 
   static void release(void* context) {

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import cases  # noqa: E402
+import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
+import afa_ext  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
 
@@ -136,8 +137,10 @@ def loss_differences(steps, reference_method: str) -> Dict[str, float]:
 
 def peak_memory(step, inputs: cases.LossInputs, device: torch.device) -> Optional[int]:
     """Peak memory of one fwd+bwd above the inputs alone: the previous call's gradients are
-    freed first, so the new gradients count (an optimizer's zero_grad(set_to_none=True))."""
+    freed first (an optimizer's zero_grad(set_to_none=True)), and the cpu backend's cache
+    of gradient blocks is emptied, so the new gradients count."""
     cases.clear_grads(inputs)
+    afa_ext.empty_cache()
     return timing.peak_memory_growth(step, device)
 
 

@@ -160,23 +160,33 @@ total_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
   return total + tail;
 }
 
+// Calls body(i, tv, sv) for every full vector step of a contiguous row, with t[i...] and
+// s[i...] loaded as accumulation vectors; returns where the scalar tail starts.
+template <typename scalar_t, typename Body>
+int64_t for_each_vector_step(const scalar_t* t, const scalar_t* s, int64_t n, const Body& body) {
+  using L = AccLanes<scalar_t>;
+  const int64_t vector_end = n - n % L::kStep;
+  for (int64_t i = 0; i < vector_end; i += L::kStep) {
+    typename L::AccVec tv[L::kParts], sv[L::kParts];
+    L::load(t + i, tv);
+    L::load(s + i, sv);
+    body(i, tv, sv);
+  }
+  return vector_end;
+}
+
 // sums[i] += (t[i] - s[i])^2 over a contiguous row.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void accumulate_contiguous_row(acc_t* sums, const scalar_t* t, const scalar_t* s, int64_t n) {
   using L = AccLanes<scalar_t>;
   using AccVec = typename L::AccVec;
-  const int64_t vector_end = n - n % L::kStep;
-  int64_t i = 0;
-  for (; i < vector_end; i += L::kStep) {
-    AccVec tv[L::kParts], sv[L::kParts];
-    L::load(t + i, tv);
-    L::load(s + i, sv);
+  int64_t i = for_each_vector_step(t, s, n, [&](int64_t at, AccVec* tv, AccVec* sv) {
     for (int p = 0; p < L::kParts; ++p) {
-      acc_t* slot = sums + i + p * AccVec::size();
+      acc_t* slot = sums + at + p * AccVec::size();
       const AccVec diff = tv[p] - sv[p];
       at::vec::fmadd(diff, diff, AccVec::loadu(slot)).store(slot);
     }
-  }
+  });
   for (; i < n; ++i) sums[i] += squared_difference<acc_t>(t[i], s[i]);
 }
 
@@ -188,22 +198,17 @@ void gradient_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t*
   using L = AccLanes<scalar_t>;
   using AccVec = typename L::AccVec;
   const AccVec row_weight(weights[0] + weights[0]);
-  const int64_t vector_end = n - n % L::kStep;
-  int64_t i = 0;
-  for (; i < vector_end; i += L::kStep) {
-    AccVec tv[L::kParts], sv[L::kParts];
-    L::load(t + i, tv);
-    L::load(s + i, sv);
+  int64_t i = for_each_vector_step(t, s, n, [&](int64_t at, AccVec* tv, AccVec* sv) {
     for (int p = 0; p < L::kParts; ++p) {
       AccVec weight = row_weight;
       if constexpr (kWeightPerElement) {
-        weight = AccVec::loadu(weights + i + p * AccVec::size());
+        weight = AccVec::loadu(weights + at + p * AccVec::size());
         weight = weight + weight;
       }
       tv[p] = weight * (tv[p] - sv[p]);
     }
-    L::store(dt + i, tv);
-  }
+    L::store(dt + at, tv);
+  });
   for (; i < n; ++i) {
     const acc_t weight = kWeightPerElement ? weights[i] : weights[0];
     dt[i] = distance_gradient<acc_t>(weight + weight, t[i], s[i]);

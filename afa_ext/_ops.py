@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._validation import spatial_positions
+from ._validation import FLOAT_DTYPES, spatial_positions
+
 
 def _unsupported_cpu_isa() -> Optional[str]:
     """The instruction set afa_ext._C was compiled for when this CPU lacks it (its code
@@ -36,9 +37,10 @@ def _unsupported_cpu_isa() -> Optional[str]:
 
 _C = None
 _LOAD_ERROR: Optional[str] = None
-if _unsupported_cpu_isa() is not None:
+_MISSING_ISA = _unsupported_cpu_isa()
+if _MISSING_ISA is not None:
     _LOAD_ERROR = (
-        f"afa_ext._C was compiled for {_unsupported_cpu_isa()} instructions, which this CPU "
+        f"afa_ext._C was compiled for {_MISSING_ISA} instructions, which this CPU "
         "lacks; rebuild it here (AFA_EXT_CPU_ISA=default makes a build for any x86-64 CPU)"
     )
 else:
@@ -73,9 +75,6 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-FEATURE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
 def _check_fake_inputs(op: str, target: Tensor, source: Tensor, grad: Optional[Tensor] = None,
                        grad_shape: Optional[tuple] = None) -> None:
     """The checks of the C++ kernels (csrc/sqdist_checks.h), for the fake (meta) kernels:
@@ -89,7 +88,7 @@ def _check_fake_inputs(op: str, target: Tensor, source: Tensor, grad: Optional[T
             f"afa_ext::{op}: expected target and source of one shape (B, C, *spatial), got "
             f"{tuple(target.shape)} and {tuple(source.shape)}"
         )
-    if target.dtype not in FEATURE_DTYPES or source.dtype != target.dtype:
+    if target.dtype not in FLOAT_DTYPES or source.dtype != target.dtype:
         raise RuntimeError(
             f"afa_ext::{op}: expected float64, float32, bfloat16 or float16 features of one dtype, "
             f"got {target.dtype} and {source.dtype}"

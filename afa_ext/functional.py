@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._ops import accumulate_dtype
 from ._validation import check_features, check_weights, spatial_positions
 from .backends import resolve_backend
 
@@ -29,7 +28,6 @@ __all__ = [
     "channel_attentive_loss",
     "spatial_attentive_loss",
 ]
-
 
 
 def _channel_sqdist(target: Tensor, source: Tensor) -> Tensor:

@@ -43,5 +43,5 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info afa_ext/_C*.so
+	rm -rf build *.egg-info afa_ext/_C*.so afa_ext/_build_config.py
 	rm -f $(BUILD_STAMP)

@@ -8,12 +8,17 @@ with P spatial positions:
 - ``afa_ext::channel_sqdist_backward(g, t, s)``, dt = 2 * g[n, j] * (t - s)
 - ``afa_ext::spatial_sqdist_backward(g, t, s)``, dt = 2 * g[n, p] * (t - s)
 
+and ``grouped_<op>`` of each, which take the lists of target and source maps (and
+grads) of all hooked layers of a model, one dtype and device, and return one result per
+layer: one kernel launch per pass on a GPU instead of one per layer.
+
 d and e are float32 for half features, else the features' dtype. The source gets no
 gradient. The backward re-reads t and s instead of holding anything between passes.
 """
 from __future__ import annotations
 
-from typing import Optional
+from types import SimpleNamespace
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -100,6 +105,28 @@ def _check_fake_inputs(op: str, target: Tensor, source: Tensor, grad: Optional[T
         )
 
 
+def _check_fake_layers(op: str, targets, sources, grads=None) -> None:
+    """The list checks of the grouped C++ ops (check_layer_lists), for their fake kernels."""
+    if len(targets) == 0:
+        raise RuntimeError(f"afa_ext::{op}: expected at least one layer, got empty lists")
+    if len(sources) != len(targets):
+        raise RuntimeError(
+            f"afa_ext::{op}: expected one source per target, got {len(targets)} targets and "
+            f"{len(sources)} sources"
+        )
+    if grads is not None and len(grads) != len(targets):
+        raise RuntimeError(
+            f"afa_ext::{op}: expected one grad per target, got {len(targets)} targets and {len(grads)} grads"
+        )
+    first = targets[0]
+    for layer, target in enumerate(targets):
+        if target.dtype != first.dtype or target.device != first.device:
+            raise RuntimeError(
+                f"afa_ext::{op}: expected every layer on one device with one dtype, got layer 0 as "
+                f"{first.dtype} on {first.device} and layer {layer} as {target.dtype} on {target.device}"
+            )
+
+
 def _channel_shape(target: Tensor) -> tuple:
     return (target.shape[0], target.shape[1])
 
@@ -182,4 +209,84 @@ if _C is not None:
     )
     torch.library.register_autograd(
         "afa_ext::spatial_sqdist_backward", _sqdist_backward_grad(False), setup_context=_save_backward_inputs
+    )
+
+    def _grouped_forward_fake(op: str, shape_of):
+        def fake(targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+            _check_fake_layers(op, targets, sources)
+            for target, source in zip(targets, sources):
+                _check_fake_inputs(op, target, source)
+            return [t.new_empty(shape_of(t), dtype=accumulate_dtype(t.dtype)) for t in targets]
+
+        return fake
+
+    def _grouped_backward_fake(op: str, shape_of):
+        def fake(grads: List[Tensor], targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+            _check_fake_layers(op, targets, sources, grads)
+            for grad, target, source in zip(grads, targets, sources):
+                _check_fake_inputs(op, target, source, grad, shape_of(target))
+            return [torch.empty_like(t) for t in targets]
+
+        return fake
+
+    for _grouping, _shape_of in (("channel", _channel_shape), ("spatial", _spatial_shape)):
+        _op = f"grouped_{_grouping}_sqdist"
+        torch.library.register_fake(f"afa_ext::{_op}", _grouped_forward_fake(_op, _shape_of))
+        torch.library.register_fake(
+            f"afa_ext::{_op}_backward", _grouped_backward_fake(f"{_op}_backward", _shape_of)
+        )
+
+    def _save_layer_lists(ctx, inputs, output) -> None:
+        targets, sources = inputs
+        ctx.layers = len(targets)
+        ctx.save_for_backward(*targets, *sources)
+
+    def _grouped_sqdist_grad(backward_op):
+        def grad_of_grouped(ctx, grads: List[Tensor]):
+            saved = ctx.saved_tensors
+            targets, sources = list(saved[: ctx.layers]), list(saved[ctx.layers:])
+            return backward_op(list(grads), targets, sources), [None] * ctx.layers
+
+        return grad_of_grouped
+
+    torch.library.register_autograd(
+        "afa_ext::grouped_channel_sqdist",
+        _grouped_sqdist_grad(torch.ops.afa_ext.grouped_channel_sqdist_backward),
+        setup_context=_save_layer_lists,
+    )
+    torch.library.register_autograd(
+        "afa_ext::grouped_spatial_sqdist",
+        _grouped_sqdist_grad(torch.ops.afa_ext.grouped_spatial_sqdist_backward),
+        setup_context=_save_layer_lists,
+    )
+
+    def _save_grouped_backward_inputs(ctx, inputs, output) -> None:
+        grads, targets, sources = inputs
+        ctx.layers = len(targets)
+        ctx.save_for_backward(*grads, *targets, *sources)
+
+    def _grouped_sqdist_backward_grad(channel: bool):
+        layer_grad = _sqdist_backward_grad(channel)
+
+        def grad_of_grouped_backward(ctx, upstreams: List[Tensor]):
+            saved, layers = ctx.saved_tensors, ctx.layers
+            d_grads, d_targets = [], []
+            for layer, upstream in enumerate(upstreams):
+                one_layer = SimpleNamespace(saved_tensors=saved[layer::layers])
+                d_grad, d_target, _ = layer_grad(one_layer, upstream)
+                d_grads.append(d_grad)
+                d_targets.append(d_target)
+            return d_grads, d_targets, [None] * layers
+
+        return grad_of_grouped_backward
+
+    torch.library.register_autograd(
+        "afa_ext::grouped_channel_sqdist_backward",
+        _grouped_sqdist_backward_grad(True),
+        setup_context=_save_grouped_backward_inputs,
+    )
+    torch.library.register_autograd(
+        "afa_ext::grouped_spatial_sqdist_backward",
+        _grouped_sqdist_backward_grad(False),
+        setup_context=_save_grouped_backward_inputs,
     )

@@ -18,6 +18,12 @@ TORCH_LIBRARY(afa_ext, m) {
   m.def("spatial_sqdist(Tensor target, Tensor source) -> Tensor");
   m.def("channel_sqdist_backward(Tensor grad, Tensor target, Tensor source) -> Tensor");
   m.def("spatial_sqdist_backward(Tensor grad, Tensor target, Tensor source) -> Tensor");
+  // The same for the L hooked layers of a model at once (one dtype and device, any shapes):
+  // one launch per pass on a GPU instead of L small ones.
+  m.def("grouped_channel_sqdist(Tensor[] targets, Tensor[] sources) -> Tensor[]");
+  m.def("grouped_spatial_sqdist(Tensor[] targets, Tensor[] sources) -> Tensor[]");
+  m.def("grouped_channel_sqdist_backward(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]");
+  m.def("grouped_spatial_sqdist_backward(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]");
 }
 
 namespace {

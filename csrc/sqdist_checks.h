@@ -49,4 +49,24 @@ inline at::Tensor checked_partial_grad(const char* op, const at::Tensor& grad, c
   return grad.to(accumulate_type_of(target.scalar_type())).contiguous();
 }
 
+// The lists of a grouped op: as many sources (and grads) as targets, at least one layer,
+// every layer of the first layer's dtype and on its device. Each pair is then checked by
+// check_feature_pair and each grad by checked_partial_grad.
+inline void check_layer_lists(const char* op, at::TensorList targets, at::TensorList sources,
+                              c10::optional<at::TensorList> grads = c10::nullopt) {
+  TORCH_CHECK(!targets.empty(), "afa_ext::", op, ": expected at least one layer, got empty lists");
+  TORCH_CHECK(sources.size() == targets.size(), "afa_ext::", op, ": expected one source per target, got ",
+              targets.size(), " targets and ", sources.size(), " sources");
+  TORCH_CHECK(!grads.has_value() || grads->size() == targets.size(), "afa_ext::", op,
+              ": expected one grad per target, got ", targets.size(), " targets and ",
+              grads.has_value() ? grads->size() : 0, " grads");
+  for (size_t layer = 1; layer < targets.size(); ++layer) {
+    TORCH_CHECK(targets[layer].scalar_type() == targets[0].scalar_type() &&
+                    targets[layer].device() == targets[0].device(),
+                "afa_ext::", op, ": expected every layer on one device with one dtype, got layer 0 as ",
+                targets[0].scalar_type(), " on ", targets[0].device(), " and layer ", layer, " as ",
+                targets[layer].scalar_type(), " on ", targets[layer].device());
+  }
+}
+
 }  // namespace afa_ext

@@ -393,6 +393,47 @@ at::Tensor spatial_sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return sqdist_backward_cpu(grad, target, source, Grouping::kSpatial);
 }
 
+// The grouped ops on the CPU: a CPU has no launch overhead to save, so layer by layer.
+std::vector<at::Tensor> grouped_sqdist_cpu(at::TensorList targets, at::TensorList sources, Grouping grouping) {
+  check_layer_lists(grouping == Grouping::kChannel ? "grouped_channel_sqdist" : "grouped_spatial_sqdist",
+                    targets, sources);
+  std::vector<at::Tensor> partials;
+  for (size_t layer = 0; layer < targets.size(); ++layer) {
+    partials.push_back(sqdist_forward_cpu(targets[layer], sources[layer], grouping));
+  }
+  return partials;
+}
+
+std::vector<at::Tensor> grouped_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
+                                                    at::TensorList sources, Grouping grouping) {
+  check_layer_lists(grouping == Grouping::kChannel ? "grouped_channel_sqdist_backward"
+                                                   : "grouped_spatial_sqdist_backward",
+                    targets, sources, grads);
+  std::vector<at::Tensor> gradients;
+  for (size_t layer = 0; layer < targets.size(); ++layer) {
+    gradients.push_back(sqdist_backward_cpu(grads[layer], targets[layer], sources[layer], grouping));
+  }
+  return gradients;
+}
+
+std::vector<at::Tensor> grouped_channel_sqdist_cpu(at::TensorList targets, at::TensorList sources) {
+  return grouped_sqdist_cpu(targets, sources, Grouping::kChannel);
+}
+
+std::vector<at::Tensor> grouped_spatial_sqdist_cpu(at::TensorList targets, at::TensorList sources) {
+  return grouped_sqdist_cpu(targets, sources, Grouping::kSpatial);
+}
+
+std::vector<at::Tensor> grouped_channel_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
+                                                            at::TensorList sources) {
+  return grouped_sqdist_backward_cpu(grads, targets, sources, Grouping::kChannel);
+}
+
+std::vector<at::Tensor> grouped_spatial_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
+                                                            at::TensorList sources) {
+  return grouped_sqdist_backward_cpu(grads, targets, sources, Grouping::kSpatial);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(afa_ext, CPU, m) {
@@ -400,6 +441,10 @@ TORCH_LIBRARY_IMPL(afa_ext, CPU, m) {
   m.impl("spatial_sqdist", &spatial_sqdist_cpu);
   m.impl("channel_sqdist_backward", &channel_sqdist_backward_cpu);
   m.impl("spatial_sqdist_backward", &spatial_sqdist_backward_cpu);
+  m.impl("grouped_channel_sqdist", &grouped_channel_sqdist_cpu);
+  m.impl("grouped_spatial_sqdist", &grouped_spatial_sqdist_cpu);
+  m.impl("grouped_channel_sqdist_backward", &grouped_channel_sqdist_backward_cpu);
+  m.impl("grouped_spatial_sqdist_backward", &grouped_spatial_sqdist_backward_cpu);
 }
 
 }  // namespace afa_ext

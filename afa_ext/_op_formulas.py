@@ -26,6 +26,18 @@ from ._validation import FLOAT_DTYPES, spatial_positions
 
 GROUPINGS = ("channel", "spatial")
 
+# The schemas of every op library, as csrc/ops.cpp declares them for ``afa_ext``.
+OP_SCHEMAS = {
+    "channel_sqdist": "(Tensor target, Tensor source) -> Tensor",
+    "spatial_sqdist": "(Tensor target, Tensor source) -> Tensor",
+    "channel_sqdist_backward": "(Tensor grad, Tensor target, Tensor source) -> Tensor",
+    "spatial_sqdist_backward": "(Tensor grad, Tensor target, Tensor source) -> Tensor",
+    "grouped_channel_sqdist": "(Tensor[] targets, Tensor[] sources) -> Tensor[]",
+    "grouped_spatial_sqdist": "(Tensor[] targets, Tensor[] sources) -> Tensor[]",
+    "grouped_channel_sqdist_backward": "(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]",
+    "grouped_spatial_sqdist_backward": "(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]",
+}
+
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half types, else the dtype itself."""

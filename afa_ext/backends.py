@@ -5,6 +5,8 @@ asking for it by name raises an error that says why.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -12,8 +14,16 @@ import torch
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 # Fastest first: what ``auto`` tries for tensors of each device type.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Triton's interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors, slowly:
+# it is for testing them without a GPU, so ``auto`` never picks it.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The device types each backend computes on.
-BACKEND_DEVICES = {"reference": None, "cpu": ("cpu",), "triton": ("cuda",), "cuda": ("cuda",)}
+BACKEND_DEVICES = {
+    "reference": None,
+    "cpu": ("cpu",),
+    "triton": ("cpu",) if TRITON_INTERPRETED else ("cuda",),
+    "cuda": ("cuda",),
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -28,7 +38,7 @@ def _find_reasons() -> Dict[str, Optional[str]]:
     reasons["cpu"] = None if _ops.extension_error() is None else (
         f"the compiled extension afa_ext._C did not load: {_ops.extension_error()}"
     )
-    reasons["triton"] = "the Triton kernels are not part of this version of afa_ext"
+    reasons["triton"] = _triton_reason()
     if _ops.extension_error() is not None:
         reasons["cuda"] = reasons["cpu"]
     elif not _ops.build_info().get("cuda_archs"):
@@ -41,6 +51,19 @@ def _find_reasons() -> Dict[str, Optional[str]]:
     else:
         reasons["cuda"] = None
     return reasons
+
+
+def _triton_reason() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if not TRITON_INTERPRETED and not torch.cuda.is_available():
+        return ("torch sees no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU "
+                "tensors through Triton's interpreter, slowly, for testing)")
+    try:
+        from . import triton_ops  # noqa: F401  (registers the afa_ext_triton ops)
+    except Exception as error:  # a broken triton install must not break the other backends
+        return f"the Triton kernels did not load: {type(error).__name__}: {error}"
+    return None
 
 
 # Decided once at import, so that torch.compile traces only a dict lookup.

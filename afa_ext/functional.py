@@ -8,12 +8,18 @@ and D = t - s, the losses are (DESIGN.md section 1, the original code's normalis
 - ``channel_attentive_loss``:  (0.5 / B) * sum_{n,j} C * g[n,j] * sum_p D^2
 - ``spatial_attentive_loss``:  (0.5 / B) * sum_{n,p} (P * a[n,p])^2 * sum_j D^2
 
+Each argument is a tensor, or a list with one entry per hooked layer (layers may differ
+in C and spatial size; they share one device): the loss is then the sum over layers, and
+the compiled backends compute every layer's partial sums in one kernel launch per pass.
+
 The compiled backends reduce t and s to the small partial sums d[n,j] = sum_p D^2 or
 e[n,p] = sum_j D^2 in one fused pass; the weights' maths here is tiny and stays in
 PyTorch, so autograd carries gradients on into the attention modules. The source is
 detached. The loss is float32 for float16/bfloat16 features, else the features' dtype.
 """
 from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,70 +33,133 @@ __all__ = [
     "delta_loss",
     "channel_attentive_loss",
     "spatial_attentive_loss",
+    "sqdist",
 ]
 
 
-def _channel_sqdist(target: Tensor, source: Tensor) -> Tensor:
-    """d[n, j] = sum_p (t - s)^2 from the compiled op (it dispatches on the device)."""
-    return torch.ops.afa_ext.channel_sqdist(target, source.detach())
+def _op_library(backend: str):
+    """The torch.library namespace of a compiled backend's ops."""
+    return torch.ops.afa_ext_triton if backend == "triton" else torch.ops.afa_ext
 
 
-def _spatial_sqdist(target: Tensor, source: Tensor) -> Tensor:
-    """e[n, p] = sum_j (t - s)^2 from the compiled op (it dispatches on the device)."""
-    return torch.ops.afa_ext.spatial_sqdist(target, source.detach())
+def sqdist(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, backend: str) -> List[Tensor]:
+    """The partial sums of every layer from a compiled backend (``backend`` resolved, inputs
+    checked): d[n, j] = sum_p (t - s)^2 for grouping "channel", e[n, p] = sum_j (t - s)^2 for
+    "spatial". Layers of one dtype share one launch; the sources get no gradient."""
+    ops = _op_library(backend)
+    sources = [source.detach() for source in sources]
+    if len(targets) == 1:
+        return [getattr(ops, f"{grouping}_sqdist")(targets[0], sources[0])]
+    by_dtype: Dict[torch.dtype, List[int]] = {}
+    for index, target in enumerate(targets):
+        by_dtype.setdefault(target.dtype, []).append(index)
+    results: List[Tensor] = [targets[0]] * len(targets)
+    for indices in by_dtype.values():
+        partials = getattr(ops, f"grouped_{grouping}_sqdist")([targets[i] for i in indices], [sources[i] for i in indices])
+        for index, partial in zip(indices, partials):
+            results[index] = partial
+    return results
 
 
-def feature_map_loss(target: Tensor, source: Tensor, *, backend: str = "auto") -> Tensor:
+def _as_list(value, what: str, where: str, layers: int) -> List:
+    if layers == 0:
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{where}: expected {what} to be a list with one entry per layer like target, "
+                        f"got {type(value).__name__}")
+    if len(value) != layers:
+        raise ValueError(f"{where}: expected {layers} layers of {what}, as many as of target, got {len(value)}")
+    return list(value)
+
+
+def _layer_lists(where: str, target, source, *weights) -> Tuple[List[Tensor], ...]:
+    """Target, source and each weight argument as equally long lists, one entry per layer
+    (a single tensor is one layer); every layer's features checked and on one device."""
+    layers = len(target) if isinstance(target, (list, tuple)) else 0
+    if isinstance(target, (list, tuple)):
+        if layers == 0:
+            raise ValueError(f"{where}: expected at least one layer, got an empty target list")
+        for entry in target:
+            if not isinstance(entry, Tensor):
+                raise TypeError(f"{where}: expected target to be a torch.Tensor or a list of Tensors, one "
+                                f"per layer; got a {type(target).__name__} of {type(entry).__name__}")
+    lists = [_as_list(target, "target", where, layers), _as_list(source, "source", where, layers)]
+    lists += [_as_list(weight, name, where, layers) for name, weight in weights]
+    prefix = where
+    for index, (t, s) in enumerate(zip(lists[0], lists[1])):
+        prefix = f"{where} (layer {index})" if layers else where
+        check_features(t, s, prefix)
+        if t.device != lists[0][0].device:
+            raise ValueError(f"{prefix}: expected every layer on one device, got layer 0 on "
+                             f"{lists[0][0].device} and this one on {t.device}")
+    return tuple(lists)
+
+
+def _layer_name(where: str, index: int, layers: List[Tensor]) -> str:
+    return f"{where} (layer {index})" if len(layers) > 1 else where
+
+
+def _total(losses) -> Tensor:
+    total = None
+    for loss in losses:
+        total = loss if total is None else total + loss
+    return total
+
+
+def feature_map_loss(target, source, *, backend: str = "auto") -> Tensor:
     """Plain feature-map L2: 0.5 * sum_{n,j,p} (t - s)^2, no division by B."""
     where = "feature_map_loss"
-    check_features(target, source, where)
-    name = resolve_backend(backend, target.device, where)
+    targets, sources = _layer_lists(where, target, source)
+    name = resolve_backend(backend, targets[0].device, where)
     if name == "reference":
-        return reference.feature_map_loss(target, source)
-    return 0.5 * torch.sum(_channel_sqdist(target, source))
+        return _total(reference.feature_map_loss(t, s) for t, s in zip(targets, sources))
+    return _total(0.5 * torch.sum(d) for d in sqdist(targets, sources, "channel", name))
 
 
-def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor, *, backend: str = "auto") -> Tensor:
+def delta_loss(target, source, channel_weights, *, backend: str = "auto") -> Tensor:
     """DELTA: 0.5 * sum_{n,j} C * w_j * sum_p (t - s)^2 / P, with w of shape (C,)."""
     where = "delta_loss"
-    check_features(target, source, where)
-    channels = target.shape[1]
-    check_weights(channel_weights, "channel_weights", [(channels,)], target, where)
-    name = resolve_backend(backend, target.device, where)
+    targets, sources, weights = _layer_lists(where, target, source, ("channel_weights", channel_weights))
+    for index, (t, w) in enumerate(zip(targets, weights)):
+        check_weights(w, "channel_weights", [(t.shape[1],)], t, _layer_name(where, index, targets))
+    name = resolve_backend(backend, targets[0].device, where)
     if name == "reference":
-        return reference.delta_loss(target, source, channel_weights)
-    distance = _channel_sqdist(target, source)
-    weights = channel_weights.to(distance.dtype)
-    return (0.5 * channels / max(spatial_positions(target), 1)) * torch.sum(weights * distance)
+        return _total(reference.delta_loss(t, s, w) for t, s, w in zip(targets, sources, weights))
+    distances = sqdist(targets, sources, "channel", name)
+    return _total((0.5 * t.shape[1] / max(spatial_positions(t), 1)) * torch.sum(w.to(d.dtype) * d)
+                  for t, w, d in zip(targets, weights, distances))
 
 
-def channel_attentive_loss(target: Tensor, source: Tensor, attention: Tensor, *, backend: str = "auto") -> Tensor:
+def channel_attentive_loss(target, source, attention, *, backend: str = "auto") -> Tensor:
     """Attentive channel (ACT): (0.5 / B) * sum_{n,j} C * g[n,j] * sum_p (t - s)^2, g (B, C)."""
     where = "channel_attentive_loss"
-    check_features(target, source, where)
-    batch, channels = target.shape[0], target.shape[1]
-    check_weights(attention, "attention", [(batch, channels)], target, where)
-    name = resolve_backend(backend, target.device, where)
+    targets, sources, attentions = _layer_lists(where, target, source, ("attention", attention))
+    for index, (t, g) in enumerate(zip(targets, attentions)):
+        check_weights(g, "attention", [(t.shape[0], t.shape[1])], t, _layer_name(where, index, targets))
+    name = resolve_backend(backend, targets[0].device, where)
     if name == "reference":
-        return reference.channel_attentive_loss(target, source, attention)
-    distance = _channel_sqdist(target, source)
-    weights = attention.to(distance.dtype)
-    return (0.5 * channels / max(batch, 1)) * torch.sum(weights * distance)
+        return _total(reference.channel_attentive_loss(t, s, g) for t, s, g in zip(targets, sources, attentions))
+    distances = sqdist(targets, sources, "channel", name)
+    return _total((0.5 * t.shape[1] / max(t.shape[0], 1)) * torch.sum(g.to(d.dtype) * d)
+                  for t, g, d in zip(targets, attentions, distances))
 
 
-def spatial_attentive_loss(target: Tensor, source: Tensor, attention: Tensor, *, backend: str = "auto") -> Tensor:
+def spatial_attentive_loss(target, source, attention, *, backend: str = "auto") -> Tensor:
     """Attentive spatial (AST): (0.5 / B) * sum_{n,p} (P * a[n,p])^2 * sum_j (t - s)^2.
 
     ``attention`` is (B, P) or (B, 1, *spatial).
     """
     where = "spatial_attentive_loss"
-    check_features(target, source, where)
-    batch, positions = target.shape[0], spatial_positions(target)
-    shapes = [(batch, positions), (batch, 1) + tuple(target.shape[2:])]
-    check_weights(attention, "attention", shapes, target, where)
-    name = resolve_backend(backend, target.device, where)
+    targets, sources, attentions = _layer_lists(where, target, source, ("attention", attention))
+    for index, (t, a) in enumerate(zip(targets, attentions)):
+        shapes = [(t.shape[0], spatial_positions(t)), (t.shape[0], 1) + tuple(t.shape[2:])]
+        check_weights(a, "attention", shapes, t, _layer_name(where, index, targets))
+    name = resolve_backend(backend, targets[0].device, where)
     if name == "reference":
-        return reference.spatial_attentive_loss(target, source, attention)
-    distance = _spatial_sqdist(target, source)
-    scaled = attention.reshape(batch, positions).to(distance.dtype) * positions
-    return (0.5 / max(batch, 1)) * torch.sum(scaled * scaled * distance)
+        return _total(reference.spatial_attentive_loss(t, s, a) for t, s, a in zip(targets, sources, attentions))
+    losses = []
+    for t, a, e in zip(targets, attentions, sqdist(targets, sources, "spatial", name)):
+        batch, positions = t.shape[0], spatial_positions(t)
+        scaled = a.reshape(batch, positions).to(e.dtype) * positions
+        losses.append((0.5 / max(batch, 1)) * torch.sum(scaled * scaled * e))
+    return _total(losses)

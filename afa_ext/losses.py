@@ -3,7 +3,8 @@
 Each module is called as ``loss(targets, sources)`` with two equally long lists of feature
 maps, one entry per hooked layer, each of shape (B, C_l, *spatial_l); layers may differ in
 channels and spatial size, and a layer may be 1-D (B, C, L). The result is the sum over
-layers of the per-layer loss of ``afa_ext.functional`` (DESIGN.md section 1), with
+layers of the per-layer loss of ``afa_ext.functional`` (DESIGN.md section 1), computed
+by one call with all layers (one kernel launch per pass on a GPU), with
 D = F_t - F_s and P = prod(spatial). The source maps get no gradient.
 
 The attentive modules own one attention module per layer, which reads the (detached)
@@ -74,11 +75,7 @@ class FeatureMapAlignment(nn.Module):
 
     def forward(self, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> Tensor:
         targets, sources = _pair_layers(targets, sources, type(self).__name__)
-        total = None
-        for target, source in zip(targets, sources):
-            loss = functional.feature_map_loss(target, source, backend=self.backend)
-            total = loss if total is None else total + loss
-        return total
+        return functional.feature_map_loss(targets, sources, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -120,11 +117,7 @@ class DeltaAlignment(nn.Module):
         targets, sources = _pair_layers(targets, sources, where)
         if len(targets) != self.num_layers:
             raise ValueError(f"{where}: expected {self.num_layers} layers, as many as channel weights, got {len(targets)}")
-        total = None
-        for target, source, weight in zip(targets, sources, self.layer_weights()):
-            loss = functional.delta_loss(target, source, weight, backend=self.backend)
-            total = loss if total is None else total + loss
-        return total
+        return functional.delta_loss(targets, sources, self.layer_weights(), backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"layers={self.num_layers}, backend={self.backend!r}"
@@ -182,11 +175,8 @@ class _AttentiveAlignment(nn.Module):
     def forward(self, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> Tensor:
         targets, sources = _pair_layers(targets, sources, type(self).__name__)
         self.materialize(sources)
-        total = None
-        for target, source, attention in zip(targets, sources, self.attention):
-            loss = self._layer_loss(target, source, attention(source.detach()))
-            total = loss if total is None else total + loss
-        return total
+        attentions = [attention(source.detach()) for source, attention in zip(sources, self.attention)]
+        return self._loss(targets, sources, attentions)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, backend={self.backend!r}"
@@ -218,7 +208,7 @@ class _AttentiveAlignment(nn.Module):
     def _make_attention(self, channels: int, positions: int) -> nn.Module:
         raise NotImplementedError
 
-    def _layer_loss(self, target: Tensor, source: Tensor, attention: Tensor) -> Tensor:
+    def _loss(self, targets: List[Tensor], sources: List[Tensor], attentions: List[Tensor]) -> Tensor:
         raise NotImplementedError
 
 
@@ -244,8 +234,8 @@ class AttentiveSpatialAlignment(_AttentiveAlignment):
     def _make_attention(self, channels: int, positions: int) -> nn.Module:
         return SpatialAttention(positions, self.hidden)
 
-    def _layer_loss(self, target: Tensor, source: Tensor, attention: Tensor) -> Tensor:
-        return functional.spatial_attentive_loss(target, source, attention, backend=self.backend)
+    def _loss(self, targets: List[Tensor], sources: List[Tensor], attentions: List[Tensor]) -> Tensor:
+        return functional.spatial_attentive_loss(targets, sources, attentions, backend=self.backend)
 
 
 class AttentiveChannelAlignment(_AttentiveAlignment):
@@ -261,5 +251,5 @@ class AttentiveChannelAlignment(_AttentiveAlignment):
     def _make_attention(self, channels: int, positions: int) -> nn.Module:
         return ChannelAttention(channels, positions, self.hidden)
 
-    def _layer_loss(self, target: Tensor, source: Tensor, attention: Tensor) -> Tensor:
-        return functional.channel_attentive_loss(target, source, attention, backend=self.backend)
+    def _loss(self, targets: List[Tensor], sources: List[Tensor], attentions: List[Tensor]) -> Tensor:
+        return functional.channel_attentive_loss(targets, sources, attentions, backend=self.backend)

@@ -1,0 +1,229 @@
+"""Triton kernels of the weighted squared distance, for any number of feature maps at once.
+
+Each launch covers L layers. A layer is an index space of ``rows`` x ``K``: the forward
+reduces along K, d[r] = sum_k (t[r, k] - s[r, k])^2, and the backward writes
+dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]). For the channel grouping the rows are (n, j)
+and K runs over the spatial positions; for the spatial grouping the rows are (n, p) and K
+runs over the channels. The host (triton_launch.py) describes every layer by one row of
+an int64 table: the addresses of its tensors, its sizes, and the strides of up to three
+index levels per axis for each tensor, so any strided layout is read in place. Feature
+addresses are element offsets from ``anchor`` (the first layer's target), the partial
+sums' and weights' are plain addresses.
+
+The rows of a layer are (group, inner) with ``inner`` the innermost row level: a program
+owns BLOCK_R consecutive inner rows of one group and one of the layer's ``splits`` slices
+of K, so that its rows are contiguous whenever the innermost row level is. In the forward
+a layer with splits > 1 writes float32 (float64 for float64) partial sums to a workspace;
+the last program of a row block to finish, counted with an integer atomic, adds the
+splits up in split order and resets its counter: deterministic, one launch, no float
+atomics. The tile is laid out with the memory-contiguous axis last (ROWS_FAST says which)
+so that neighbouring threads read neighbouring addresses; FAST_UNIT says that axis has
+unit stride, and ALIGN that every address and stride the host hands over is a multiple
+of ALIGN elements (16 bytes), so the loads can be vectorised. ``shape_class`` only keys
+the autotuner.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Columns of the layer table (int64, one row per layer); kernels read them as constexprs.
+TARGET, SOURCE, OUTPUT, WEIGHTS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+ROWS, K, SPLITS, K_PER_SPLIT = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
+WORKSPACE, COUNTERS = tl.constexpr(8), tl.constexpr(9)  # element offsets into the shared buffers
+ROW_SIZES = tl.constexpr(10)  # sizes of the middle and inner row levels (the outer one is implied)
+K_SIZES = tl.constexpr(12)  # sizes of the middle and inner K levels
+ROW_STRIDES = tl.constexpr(14)  # (outer, middle, inner) row strides of target, source, output
+K_STRIDES = tl.constexpr(23)  # (outer, middle, inner) strides along K of target, source, output
+FIELDS = tl.constexpr(32)
+
+
+# Alignment hints (tl.multiple_of) must annotate the op that makes a value, in the function
+# that makes it: on a helper's argument they are lost.
+
+@triton.jit
+def _feature_pointer(anchor, layer_row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
+    """A feature tensor's address, as an element offset from ``anchor`` (a real pointer
+    argument, whose 16-byte alignment Triton knows; an integer cast to a pointer has none)."""
+    offset = tl.load(layer_row + FIELD)
+    if ALIGN > 1:
+        offset = tl.multiple_of(offset, ALIGN)
+    return anchor + offset
+
+
+@triton.jit
+def _pointer(layer_row, FIELD: tl.constexpr, DTYPE: tl.constexpr):
+    """A partial-sum or weight tensor's address."""
+    return tl.load(layer_row + FIELD).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _row_offsets(layer_row, group, inner_index, tensor: tl.constexpr, UNIT: tl.constexpr):
+    """Offsets of rows (group, inner_index) in one tensor (0 target, 1 source, 2 output):
+    the group splits into (outer, middle) levels, the inner index has its own stride."""
+    middle = tl.load(layer_row + ROW_SIZES)
+    strides = layer_row + ROW_STRIDES + 3 * tensor
+    base = (group // middle) * tl.load(strides) + (group % middle) * tl.load(strides + 1)
+    if UNIT:
+        offsets = base + inner_index
+    else:
+        offsets = base + inner_index * tl.load(strides + 2)
+    return offsets
+
+
+@triton.jit
+def _k_offsets(layer_row, ks, tensor: tl.constexpr, UNIT: tl.constexpr):
+    """Offsets along K in one tensor, K split into (outer, middle, inner) levels."""
+    if UNIT:
+        offsets = ks
+    else:
+        middle = tl.load(layer_row + K_SIZES)
+        inner = tl.load(layer_row + K_SIZES + 1)
+        strides = layer_row + K_STRIDES + 3 * tensor
+        rest = ks // inner
+        offsets = (rest // middle) * tl.load(strides) + (rest % middle) * tl.load(strides + 1) + \
+            (ks % inner) * tl.load(strides + 2)
+    return offsets
+
+
+@triton.jit
+def _tile_offsets(layer_row, group, inner_index, ks, tensor: tl.constexpr, ROWS_FAST: tl.constexpr,
+                  FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr):
+    """Offsets of the (rows x ks) tile in one tensor, the contiguous axis last."""
+    row_offsets = _row_offsets(layer_row, group, inner_index, tensor, ROWS_FAST and FAST_UNIT)
+    k_offsets = _k_offsets(layer_row, ks, tensor, (not ROWS_FAST) and FAST_UNIT)
+    if ROWS_FAST:
+        offsets = k_offsets[:, None] + row_offsets[None, :]
+        if ALIGN > 1:
+            offsets = tl.max_contiguous(tl.multiple_of(offsets, [ALIGN, ALIGN]), [1, ALIGN])
+    else:
+        offsets = row_offsets[:, None] + k_offsets[None, :]
+        if ALIGN > 1:
+            offsets = tl.max_contiguous(tl.multiple_of(offsets, [ALIGN, ALIGN]), [1, ALIGN])
+    return offsets
+
+
+@triton.jit
+def _tile_mask(row_mask, k_mask, ROWS_FAST: tl.constexpr):
+    if ROWS_FAST:
+        mask = k_mask[:, None] & row_mask[None, :]
+    else:
+        mask = row_mask[:, None] & k_mask[None, :]
+    return mask
+
+
+@triton.jit
+def _programs_of(layer_row, BLOCK_R: tl.constexpr):
+    """groups * cdiv(inner, BLOCK_R) * splits: the programs one layer takes."""
+    inner = tl.load(layer_row + ROW_SIZES + 1)
+    return (tl.load(layer_row + ROWS) // inner) * tl.cdiv(inner, BLOCK_R) * tl.load(layer_row + SPLITS)
+
+
+@triton.jit
+def _find_layer(table, pid, NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(layer, program index within it): layers own consecutive runs of programs."""
+    layer = 0
+    first = 0
+    start = 0
+    for candidate in tl.static_range(NUM_LAYERS):
+        owns = pid >= start
+        layer = tl.where(owns, candidate, layer)
+        first = tl.where(owns, start, first)
+        start += _programs_of(table + candidate * FIELDS, BLOCK_R)
+    return layer, pid - first
+
+
+@triton.jit
+def _program_tile(table, NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr, ROWS_FAST: tl.constexpr,
+                  ALIGN: tl.constexpr):
+    """This program's layer row, row block, split, group and inner rows (with their flat
+    index and mask), and its slice [k_begin, k_end) of K."""
+    layer, local = _find_layer(table, tl.program_id(0), NUM_LAYERS, BLOCK_R)
+    layer_row = table + layer * FIELDS
+    splits = tl.load(layer_row + SPLITS)
+    row_block = local // splits
+    split = local % splits
+    inner = tl.load(layer_row + ROW_SIZES + 1)
+    if ALIGN > 1 and ROWS_FAST:
+        inner = tl.multiple_of(inner, ALIGN)
+    blocks_per_group = tl.cdiv(inner, BLOCK_R)
+    group = row_block // blocks_per_group
+    inner_index = (row_block % blocks_per_group) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rows = group * inner + inner_index
+    k_per_split = tl.load(layer_row + K_PER_SPLIT)
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, tl.load(layer_row + K))
+    if ALIGN > 1 and not ROWS_FAST:
+        k_end = tl.multiple_of(k_end, ALIGN)
+    return layer_row, row_block, split, splits, group, inner_index, rows, inner_index < inner, k_begin, k_end
+
+
+@triton.jit
+def sqdist_forward_kernel(anchor, table, workspace, counters, shape_class, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
+                          ACC: tl.constexpr, ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r] = sum_k (t[r, k] - s[r, k])^2 for every layer of the table, in ACC."""
+    layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin, k_end = _program_tile(
+        table, NUM_LAYERS, BLOCK_R, ROWS_FAST, ALIGN)
+    target = _feature_pointer(anchor, layer_row, TARGET, ALIGN)
+    source = _feature_pointer(anchor, layer_row, SOURCE, ALIGN)
+    if ROWS_FAST:
+        acc = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC)
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=ACC)
+    for k_start in range(k_begin, k_end, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+        if ALIGN > 1 and not ROWS_FAST:
+            ks = tl.multiple_of(ks, ALIGN)
+        mask = _tile_mask(row_mask, ks < k_end, ROWS_FAST)
+        t_offsets = _tile_offsets(layer_row, group, inner_index, ks, 0, ROWS_FAST, FAST_UNIT, ALIGN)
+        s_offsets = _tile_offsets(layer_row, group, inner_index, ks, 1, ROWS_FAST, FAST_UNIT, ALIGN)
+        diff = tl.load(target + t_offsets, mask=mask, other=0.0).to(ACC) - \
+            tl.load(source + s_offsets, mask=mask, other=0.0).to(ACC)
+        acc += diff * diff
+    partial = tl.sum(acc, axis=0 if ROWS_FAST else 1)
+
+    output = _pointer(layer_row, OUTPUT, ACC)
+    if splits == 1:
+        tl.store(output + rows, partial, mask=row_mask)
+    else:
+        row_count = tl.load(layer_row + ROWS)
+        slices = workspace + tl.load(layer_row + WORKSPACE)
+        tl.store(slices + split * row_count + rows, partial, mask=row_mask)
+        counter = counters + tl.load(layer_row + COUNTERS) + row_block
+        finished = tl.atomic_add(counter, 1, sem="acq_rel")
+        if finished == splits - 1:
+            total = tl.zeros([BLOCK_R], dtype=ACC)
+            for index in range(0, splits):
+                total += tl.load(slices + index * row_count + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+            tl.store(output + rows, total, mask=row_mask)
+            tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def sqdist_backward_kernel(anchor, table, shape_class, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                           ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]) for every layer of the table."""
+    layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin, k_end = _program_tile(
+        table, NUM_LAYERS, BLOCK_R, ROWS_FAST, ALIGN)
+    target = _feature_pointer(anchor, layer_row, TARGET, ALIGN)
+    source = _feature_pointer(anchor, layer_row, SOURCE, ALIGN)
+    output = _feature_pointer(anchor, layer_row, OUTPUT, ALIGN)
+    weights = _pointer(layer_row, WEIGHTS, ACC)
+    twice = 2 * tl.load(weights + rows, mask=row_mask, other=0.0)
+    if ROWS_FAST:
+        twice_tile = twice[None, :]
+    else:
+        twice_tile = twice[:, None]
+    for k_start in range(k_begin, k_end, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+        if ALIGN > 1 and not ROWS_FAST:
+            ks = tl.multiple_of(ks, ALIGN)
+        mask = _tile_mask(row_mask, ks < k_end, ROWS_FAST)
+        t_offsets = _tile_offsets(layer_row, group, inner_index, ks, 0, ROWS_FAST, FAST_UNIT, ALIGN)
+        s_offsets = _tile_offsets(layer_row, group, inner_index, ks, 1, ROWS_FAST, FAST_UNIT, ALIGN)
+        o_offsets = _tile_offsets(layer_row, group, inner_index, ks, 2, ROWS_FAST, FAST_UNIT, ALIGN)
+        t = tl.load(target + t_offsets, mask=mask, other=0.0)
+        s = tl.load(source + s_offsets, mask=mask, other=0.0)
+        tl.store(output + o_offsets, (twice_tile * (t.to(ACC) - s.to(ACC))).to(DTYPE), mask=mask)

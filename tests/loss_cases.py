@@ -165,30 +165,30 @@ def layout_tensor(values: Tensor, layout: str) -> Tensor:
     if layout == "expanded":
         return values[:1].clone().expand(shape)
     if layout in ("cropped", "channels_last_cropped"):
-        base = torch.full(_crop_padding(shape), float("nan"), dtype=values.dtype)
+        base = torch.full(_crop_padding(shape), float("nan"), dtype=values.dtype, device=values.device)
         if layout == "channels_last_cropped":
             base = _channels_last(base)
         view = _crop(base)
         view.copy_(values)
         return view
     if layout == "channel_strided":
-        base = torch.full((shape[0], 2 * shape[1]) + shape[2:], float("nan"), dtype=values.dtype)
+        base = torch.full((shape[0], 2 * shape[1]) + shape[2:], float("nan"), dtype=values.dtype, device=values.device)
         view = base[:, ::2]
         view.copy_(values)
         return view
     if layout == "batch_sliced":
-        base = torch.full((2 * shape[0] + 1,) + shape[1:], float("nan"), dtype=values.dtype)
+        base = torch.full((2 * shape[0] + 1,) + shape[1:], float("nan"), dtype=values.dtype, device=values.device)
         view = base[1::2]
         view.copy_(values)
         return view
     raise ValueError(layout)
 
 
-def make_features(shape, dtype, target_layout, source_layout, generator, scale=1.0):
-    """(target, source) leaves of ``shape`` in the given layouts, scale * N(0, 1) values;
-    both require grad (the losses must leave the source's grad None)."""
-    target = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
-    source = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(dtype)
+def make_features(shape, dtype, target_layout, source_layout, generator, scale=1.0, device="cpu"):
+    """(target, source) leaves of ``shape`` on ``device`` in the given layouts, scale * N(0, 1)
+    values (drawn on the CPU); both require grad (the losses must leave the source's grad None)."""
+    target = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(device, dtype)
+    source = (scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(device, dtype)
     target = layout_tensor(target, target_layout).requires_grad_(True)
     source = layout_tensor(source, source_layout).requires_grad_(True)
     return target, source

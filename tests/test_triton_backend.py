@@ -1,0 +1,277 @@
+"""The Triton backend against the float64 model: ops, grouped launches, losses, autograd.
+
+On a machine with a CUDA GPU these run on it. Without one, ``make test`` runs this file
+a second time with TRITON_INTERPRET=1, which makes ``triton`` available for CPU tensors
+through Triton's interpreter (slow, so the shapes are small); otherwise it is skipped.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import afa_ext
+import float64_model
+from afa_ext import functional
+from loss_cases import (
+    DTYPES,
+    HALF_DTYPES,
+    LAYOUT_IDS,
+    LAYOUT_PAIRS,
+    LOSS_IDS,
+    LOSSES,
+    SHAPES,
+    TOLERANCE,
+    make_features,
+    make_weights,
+    relative_error,
+    run_loss,
+)
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in afa_ext.available_backends(),
+    reason="backend 'triton' unavailable (no CUDA device; TRITON_INTERPRET=1 runs it on the CPU)",
+)
+
+if "triton" in afa_ext.available_backends():
+    from afa_ext import triton_launch
+
+DEVICE = "cpu" if afa_ext.backends.TRITON_INTERPRETED else "cuda"
+OPS = torch.ops.afa_ext_triton
+GROUPINGS = ("channel", "spatial")
+# Four layers shaped like ResNet's hooked ones (C x4, side /2 per stage), scaled down.
+RESNET_LIKE = [(2, 8, 12, 12), (2, 16, 6, 6), (2, 32, 3, 3), (2, 64, 2, 2)]
+
+
+def _model_distance(grouping, target, source):
+    model = float64_model.channel_distance if grouping == "channel" else float64_model.spatial_distance
+    return model(target.detach().cpu(), source.detach().cpu())
+
+
+def _model_backward(grouping, grad, target, source):
+    """dt = 2 * g (t - s), g broadcast over P (channel) or over C (spatial), float64."""
+    shape = tuple(target.shape)
+    diff = (target.detach().cpu().double() - source.detach().cpu().double()).reshape(shape[0], shape[1], -1)
+    pattern = "nj,njp->njp" if grouping == "channel" else "np,njp->njp"
+    return (2.0 * torch.einsum(pattern, grad.cpu().double(), diff)).reshape(shape)
+
+
+def _grad_for(grouping, target, generator):
+    size = target.shape[1] if grouping == "channel" else math.prod(target.shape[2:])
+    dtype = torch.float32 if target.dtype in HALF_DTYPES else target.dtype
+    return torch.randn(target.shape[0], size, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def _forward_tolerance(dtype):
+    """Partial sums accumulate exactly-converted inputs in float32 (float64 for float64)."""
+    return TOLERANCE.get(dtype, TOLERANCE[torch.float32])
+
+
+def _backward_tolerance(dtype):
+    """dt is rounded once to the features' dtype."""
+    return torch.finfo(dtype).eps if dtype in HALF_DTYPES else TOLERANCE[dtype]
+
+
+def _features(shape, dtype, layouts=("contiguous", "contiguous"), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    target, source = make_features(shape, dtype, *layouts, generator, device=DEVICE)
+    return target.detach(), source.detach()
+
+
+def _check_op_pair(grouping, target, source, generator):
+    dtype = target.dtype
+    out = getattr(OPS, f"{grouping}_sqdist")(target, source)
+    expected = _model_distance(grouping, target, source)
+    assert out.dtype == (torch.float32 if dtype in HALF_DTYPES else dtype)
+    assert out.shape == expected.shape and out.device == target.device
+    assert relative_error(out.cpu(), expected) <= _forward_tolerance(dtype)
+
+    grad = _grad_for(grouping, target, generator)
+    dt = getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, source)
+    assert dt.dtype == dtype and dt.shape == target.shape
+    if target.is_contiguous(memory_format=torch.channels_last) and target.dim() == 4:
+        assert dt.stride() == target.stride(), "the gradient keeps a dense layout of the target"
+    assert relative_error(dt.cpu(), _model_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
+
+
+# --------------------------------------------------------------------------- ops
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("ndim", sorted(SHAPES))
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids=LAYOUT_IDS)
+def test_op_values_in_every_layout(grouping, ndim, layouts):
+    generator = torch.Generator().manual_seed(31 * ndim + LAYOUT_PAIRS.index(layouts))
+    target, source = _features(SHAPES[ndim], torch.float32, layouts, seed=ndim)
+    _check_op_pair(grouping, target, source, generator)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
+                                     ("cropped", "channels_last")], ids=lambda p: "-".join(p))
+def test_op_values_in_every_dtype(grouping, dtype, layouts):
+    target, source = _features((3, 6, 5, 8), dtype, layouts, seed=3)
+    _check_op_pair(grouping, target, source, torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1), (1, 40, 7, 7), (3, 1, 50), (2, 5, 3, 3, 3)], ids=str)
+def test_op_odd_shapes(grouping, shape):
+    target, source = _features(shape, torch.float32, seed=5)
+    _check_op_pair(grouping, target, source, torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_op_empty_inputs(grouping):
+    for shape in [(0, 3, 4), (2, 0, 4, 5), (2, 3, 0)]:
+        target = torch.zeros(shape, device=DEVICE)
+        out = getattr(OPS, f"{grouping}_sqdist")(target, target)
+        assert out.shape == _model_distance(grouping, target, target).shape and bool((out == 0).all())
+        grad = _grad_for(grouping, target, torch.Generator().manual_seed(0))
+        assert getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, target).shape == shape
+
+
+# --------------------------------------------------------------------------- grouped launches
+
+
+def _layers(shapes, dtype, layouts=("contiguous", "contiguous")):
+    pairs = [_features(shape, dtype, layouts, seed=index) for index, shape in enumerate(shapes)]
+    return [t for t, _ in pairs], [s for _, s in pairs]
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "contiguous")],
+                         ids=lambda p: "-".join(p))
+def test_grouped_ops_match_the_model_layer_by_layer(grouping, dtype, layouts):
+    targets, sources = _layers(RESNET_LIKE, dtype, layouts)
+    partials = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
+    assert len(partials) == len(targets)
+    for partial, target, source in zip(partials, targets, sources):
+        assert relative_error(partial.cpu(), _model_distance(grouping, target, source)) <= _forward_tolerance(dtype)
+    generator = torch.Generator().manual_seed(8)
+    grads = [_grad_for(grouping, target, generator) for target in targets]
+    gradients = getattr(OPS, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources)
+    for dt, grad, target, source in zip(gradients, grads, targets, sources):
+        assert dt.shape == target.shape and dt.dtype == dtype
+        assert relative_error(dt.cpu(), _model_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_grouped_ops_mix_empty_and_odd_layers(grouping):
+    shapes = [(2, 3, 0, 4), (1, 7, 5), (3, 2, 4, 4), (2, 1, 1, 1)]
+    targets, sources = _layers(shapes, torch.float32)
+    for partial, target, source in zip(getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources),
+                                       targets, sources):
+        assert relative_error(partial.cpu(), _model_distance(grouping, target, source)) <= 2e-5
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_split_forward_is_exact_and_deterministic(grouping, dtype):
+    """Cutting K into many slices, summed in slice order by the last program, gives the
+    model's sums, bit for bit the same on every run."""
+    targets, sources = _layers([(2, 24, 9, 9), (1, 96, 5), (2, 64, 3, 3)], dtype)
+    many = triton_launch.SplitPolicy(target_programs=4096, min_k_per_split=1)
+    first = triton_launch.sqdist_forward(targets, sources, grouping, many)
+    again = triton_launch.sqdist_forward(targets, sources, grouping, many)
+    plans = [triton_launch.plan_layer(t, s, None, grouping) for t, s in zip(targets, sources)]
+    assert any(splits > 1 for splits, _ in triton_launch._splits(plans, plans[0].rows_fast, many))
+    for a, b, target, source in zip(first, again, targets, sources):
+        assert torch.equal(a, b)
+        assert relative_error(a.cpu(), _model_distance(grouping, target, source)) <= _forward_tolerance(dtype)
+
+
+def test_grouped_ops_refuse_bad_lists():
+    target, source = _features((2, 3, 4, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="non-empty list of Tensors"):  # the dispatcher's own check
+        OPS.grouped_channel_sqdist([], [])
+    with pytest.raises(RuntimeError, match="expected one source per target, got 2 targets and 1 sources"):
+        OPS.grouped_channel_sqdist([target, target], [source])
+    with pytest.raises(RuntimeError, match="expected every layer on one device with one dtype"):
+        OPS.grouped_spatial_sqdist([target, target.double()], [source, source.double()])
+    with pytest.raises(RuntimeError, match=r"expected a floating-point grad of shape \(2, 16\)"):
+        OPS.grouped_spatial_sqdist_backward([torch.zeros(2, 3, device=DEVICE)], [target], [source])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="only the interpreter refuses CUDA tensors")
+def test_interpreter_names_its_device():
+    assert afa_ext.backends.BACKEND_DEVICES["triton"] == ("cpu",)
+
+
+# --------------------------------------------------------------------------- losses and autograd
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_losses_match_the_model(case, dtype):
+    generator = torch.Generator().manual_seed(11)
+    target, source = make_features((3, 6, 5, 5), dtype, "contiguous", "channels_last", generator, device=DEVICE)
+    weights = make_weights(case.weights, tuple(target.shape), dtype, generator)
+    weights = None if weights is None else weights.to(DEVICE)
+    loss, grad_t, grad_w = run_loss(case, target, source, weights, "triton")
+    expected = float64_model.loss_and_grads(case.model_name, target.detach().cpu(), source.detach().cpu(),
+                                            None if weights is None else weights.detach().cpu(), 1.7)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-3
+    assert relative_error(loss.cpu(), expected[0]) <= tolerance
+    assert relative_error(grad_t.cpu(), expected[1]) <= tolerance
+    if weights is not None:
+        assert relative_error(grad_w.cpu(), expected[2]) <= tolerance
+
+
+@pytest.mark.parametrize("name", ["feature_map_loss", "delta_loss", "channel_attentive_loss", "spatial_attentive_loss"])
+def test_multi_layer_losses_match_the_sum_of_reference_layers(name):
+    targets, sources = _layers(RESNET_LIKE, torch.float32)
+    generator = torch.Generator().manual_seed(12)
+    weights = []
+    for target in targets:
+        batch, channels, positions = target.shape[0], target.shape[1], math.prod(target.shape[2:])
+        size = {"delta_loss": (channels,), "channel_attentive_loss": (batch, channels),
+                "spatial_attentive_loss": (batch, positions)}.get(name, (1,))
+        weights.append(torch.rand(size, generator=generator).softmax(-1).to(DEVICE).requires_grad_(True))
+    targets = [t.requires_grad_(True) for t in targets]
+    function = getattr(functional, name)
+    extra = () if name == "feature_map_loss" else (weights,)
+    loss = function(targets, sources, *extra, backend="triton")
+    grads = torch.autograd.grad(loss, targets + (weights if extra else []))
+    expected = sum(function(t, s, *((w,) if extra else ()), backend="reference")
+                   for t, s, w in zip(targets, sources, weights))
+    expected_grads = torch.autograd.grad(expected, targets + (weights if extra else []))
+    assert relative_error(loss.detach(), expected.detach()) <= 2e-5
+    for actual, wanted in zip(grads, expected_grads):
+        assert relative_error(actual, wanted) <= 2e-5
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_gradcheck_and_gradgradcheck_grouped(grouping):
+    targets, sources = _layers([(2, 3, 3, 2), (1, 4, 5)], torch.float64)
+    targets = [t.requires_grad_(True) for t in targets]
+    op = getattr(OPS, f"grouped_{grouping}_sqdist")
+
+    def partial_sums(*layer_targets):
+        return tuple(op(list(layer_targets), sources))
+
+    assert torch.autograd.gradcheck(partial_sums, tuple(targets))
+    assert torch.autograd.gradgradcheck(partial_sums, tuple(targets))
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_opcheck(grouping):
+    targets, sources = _layers([(2, 3, 4, 2), (2, 5, 3)], torch.float32)
+    torch.library.opcheck(getattr(OPS, f"{grouping}_sqdist"), (targets[0], sources[0]))
+    torch.library.opcheck(getattr(OPS, f"grouped_{grouping}_sqdist"), (targets, sources))
+    grads = [_grad_for(grouping, t, torch.Generator().manual_seed(1)) for t in targets]
+    torch.library.opcheck(getattr(OPS, f"grouped_{grouping}_sqdist_backward"), (grads, targets, sources))
+
+
+def test_compile_fullgraph_matches_eager():
+    targets, sources = _layers([(2, 4, 3, 3), (2, 8, 2, 2)], torch.float32)
+    attentions = [torch.rand(2, 4, device=DEVICE).softmax(-1), torch.rand(2, 8, device=DEVICE).softmax(-1)]
+
+    def loss(t, s, a):
+        return functional.channel_attentive_loss(t, s, a, backend="triton")
+
+    compiled = torch.compile(loss, fullgraph=True)
+    assert relative_error(compiled(targets, sources, attentions), loss(targets, sources, attentions)) <= 1e-6

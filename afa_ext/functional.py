@@ -24,9 +24,12 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import auto_choice, reference
 from ._validation import check_features, check_weights, spatial_positions
-from .backends import resolve_backend
+from .backends import available_backends, resolve_backend
+
+# The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
+_GPU_CANDIDATES = tuple(name for name in ("cuda", "triton") if name in available_backends())
 
 __all__ = [
     "feature_map_loss",
@@ -59,6 +62,31 @@ def sqdist(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, 
         for index, partial in zip(indices, partials):
             results[index] = partial
     return results
+
+
+def _one_pass(backend: str, targets: List[Tensor], sources: List[Tensor], grouping: str) -> None:
+    """One forward and one backward of the partial sums, without autograd: what ``auto``
+    times to choose a GPU backend."""
+    ops = _op_library(backend)
+    with torch.no_grad():
+        partials = getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources)
+        getattr(ops, f"grouped_{grouping}_sqdist_backward")(partials, targets, sources)
+
+
+def _backend_for(backend: str, targets: List[Tensor], sources: List[Tensor], grouping: str, where: str) -> str:
+    """The backend to run: ``backend`` resolved, and for ``auto`` on CUDA tensors the
+    faster of the GPU backends for these layers."""
+    name = resolve_backend(backend, targets[0].device, where)
+    if backend != "auto" or name not in _GPU_CANDIDATES or len(_GPU_CANDIDATES) < 2:
+        return name
+    if len({t.dtype for t in targets}) > 1:
+        return name
+    detached = [source.detach() for source in sources]
+    candidates = {candidate: (lambda c=candidate: _one_pass(c, targets, detached, grouping))
+                  for candidate in _GPU_CANDIDATES}
+    device = targets[0].device
+    return auto_choice.choose_fastest(auto_choice.layers_key(grouping, targets), candidates,
+                                      lambda: torch.cuda.synchronize(device))
 
 
 def _as_list(value, what: str, where: str, layers: int) -> List:
@@ -110,7 +138,7 @@ def feature_map_loss(target, source, *, backend: str = "auto") -> Tensor:
     """Plain feature-map L2: 0.5 * sum_{n,j,p} (t - s)^2, no division by B."""
     where = "feature_map_loss"
     targets, sources = _layer_lists(where, target, source)
-    name = resolve_backend(backend, targets[0].device, where)
+    name = _backend_for(backend, targets, sources, "channel", where)
     if name == "reference":
         return _total(reference.feature_map_loss(t, s) for t, s in zip(targets, sources))
     return _total(0.5 * torch.sum(d) for d in sqdist(targets, sources, "channel", name))
@@ -122,7 +150,7 @@ def delta_loss(target, source, channel_weights, *, backend: str = "auto") -> Ten
     targets, sources, weights = _layer_lists(where, target, source, ("channel_weights", channel_weights))
     for index, (t, w) in enumerate(zip(targets, weights)):
         check_weights(w, "channel_weights", [(t.shape[1],)], t, _layer_name(where, index, targets))
-    name = resolve_backend(backend, targets[0].device, where)
+    name = _backend_for(backend, targets, sources, "channel", where)
     if name == "reference":
         return _total(reference.delta_loss(t, s, w) for t, s, w in zip(targets, sources, weights))
     distances = sqdist(targets, sources, "channel", name)
@@ -136,7 +164,7 @@ def channel_attentive_loss(target, source, attention, *, backend: str = "auto") 
     targets, sources, attentions = _layer_lists(where, target, source, ("attention", attention))
     for index, (t, g) in enumerate(zip(targets, attentions)):
         check_weights(g, "attention", [(t.shape[0], t.shape[1])], t, _layer_name(where, index, targets))
-    name = resolve_backend(backend, targets[0].device, where)
+    name = _backend_for(backend, targets, sources, "channel", where)
     if name == "reference":
         return _total(reference.channel_attentive_loss(t, s, g) for t, s, g in zip(targets, sources, attentions))
     distances = sqdist(targets, sources, "channel", name)
@@ -154,7 +182,7 @@ def spatial_attentive_loss(target, source, attention, *, backend: str = "auto") 
     for index, (t, a) in enumerate(zip(targets, attentions)):
         shapes = [(t.shape[0], spatial_positions(t)), (t.shape[0], 1) + tuple(t.shape[2:])]
         check_weights(a, "attention", shapes, t, _layer_name(where, index, targets))
-    name = resolve_backend(backend, targets[0].device, where)
+    name = _backend_for(backend, targets, sources, "spatial", where)
     if name == "reference":
         return _total(reference.spatial_attentive_loss(t, s, a) for t, s, a in zip(targets, sources, attentions))
     losses = []

@@ -1,0 +1,207 @@
+"""The trainer's real workload: one AFA loss summed over all hooked layers, fwd+bwd.
+
+DESIGN.md section 5's GPU target is the four-layer ResNet-101 batch-64 loss: within 1.2x
+of the 5N floor at the measured bandwidth, >= 3x the eager pure-PyTorch loss and >= 1.2x
+its torch.compile version, one launch per pass for all layers. For each loss and dtype
+this times, side by side in one process, round-robin, median of the rounds:
+  - eager:            the reference loss of every layer, summed, run eagerly
+  - compile:          torch.compile of that sum (compilation excluded)
+  - <backend>:        the functional loss given the lists of all layers (one grouped op)
+  - <backend>/layer:  the same backend called layer by layer and summed (what the
+                      grouped launch saves)
+and reports each as ms, as a multiple of the 5N floor (5 * sum_l N_l * itemsize over the
+device's measured copy bandwidth), as speed-ups over eager and compile, its peak extra
+memory, and its loss's relative error against the float64 reference.
+
+Writes <out>/multilayer.csv and <out>/multilayer.png, prints a markdown table.
+
+    python bench/multilayer.py --device cuda                    # ResNet-101 batch 64, float32
+    python bench/multilayer.py --device cuda --dtypes float32 bfloat16
+    python bench/multilayer.py --quick                          # batch 2 on the CPU: a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
+import tables  # noqa: E402
+import timing  # noqa: E402
+from afa_ext import functional, reference  # noqa: E402
+
+# ResNet-101's hooked layers at 224 px input (DESIGN.md section 1), as (C, H, W).
+LAYERS = {"resnet101": ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))}
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(LAYERS), default="resnet101")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(cases.DTYPES), default=["float32"])
+    parser.add_argument("--losses", nargs="+", choices=cases.LOSS_NAMES,
+                        default=["channel_attentive_loss", "spatial_attentive_loss"])
+    parser.add_argument("--rounds", type=int, help="timed rounds (default: fit --budget, 5 to 100)")
+    parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per case")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile of the reference out")
+    parser.add_argument("--quick", action="store_true", help="batch 2, short budget: a smoke test")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.budget = 2, min(args.budget, 1.0)
+    return args
+
+
+def make_layers(loss_name: str, shapes, dtype, device) -> List[cases.LossInputs]:
+    return [cases.make_inputs(loss_name, shape, dtype, device, seed=index) for index, shape in enumerate(shapes)]
+
+
+def _columns(layers: List[cases.LossInputs]):
+    targets = [layer.target for layer in layers]
+    sources = [layer.source for layer in layers]
+    weights = [layer.weights for layer in layers]
+    return targets, sources, (None if weights[0] is None else weights)
+
+
+def summed_reference(loss_name: str) -> Callable:
+    loss = getattr(reference, loss_name)
+
+    def total(targets, sources, weights):
+        extra = [()] * len(targets) if weights is None else [(w,) for w in weights]
+        return sum(loss(t, s, *e) for t, s, e in zip(targets, sources, extra))
+
+    return total
+
+
+def grouped_backend(loss_name: str, backend: str) -> Callable:
+    loss = functools.partial(getattr(functional, loss_name), backend=backend)
+    return lambda targets, sources, weights: loss(targets, sources) if weights is None else loss(targets, sources, weights)
+
+
+def per_layer_backend(loss_name: str, backend: str) -> Callable:
+    loss = functools.partial(getattr(functional, loss_name), backend=backend)
+
+    def total(targets, sources, weights):
+        extra = [()] * len(targets) if weights is None else [(w,) for w in weights]
+        return sum(loss(t, s, *e) for t, s, e in zip(targets, sources, extra))
+
+    return total
+
+
+def methods_for(loss_name: str, device: torch.device, with_compile: bool) -> Dict[str, Callable]:
+    methods = {cases.EAGER: summed_reference(loss_name)}
+    if with_compile:
+        methods[cases.COMPILE] = torch.compile(summed_reference(loss_name), dynamic=False)
+    for backend in cases.backends_on(device, include_reference=False):
+        methods[backend] = grouped_backend(loss_name, backend)
+        methods[f"{backend}/layer"] = per_layer_backend(loss_name, backend)
+    return methods
+
+
+def forward_backward(fn: Callable, layers: List[cases.LossInputs]) -> torch.Tensor:
+    for layer in layers:
+        cases.clear_grads(layer)
+    loss = fn(*_columns(layers))
+    loss.backward()
+    return loss.detach()
+
+
+def float64_loss(loss_name: str, layers: List[cases.LossInputs]) -> torch.Tensor:
+    converted = [layer.converted(torch.float64) for layer in layers]
+    return forward_backward(summed_reference(loss_name), converted)
+
+
+def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
+    layers = make_layers(loss_name, shapes, dtype, device)
+    methods = methods_for(loss_name, device, not args.no_compile)
+    steps = {name: functools.partial(forward_backward, fn, layers) for name, fn in methods.items()}
+    expected = float64_loss(loss_name, layers)
+    errors = {name: cases.relative_error(step(), expected) for name, step in steps.items()}  # also warms up
+    timing.warm_up(steps, device, 2)
+    one_round = sum(timing.time_once(step, device) for step in steps.values())
+    rounds = args.rounds or timing.rounds_for_budget(one_round, args.budget, 5, 100)
+    samples = timing.interleaved_times(steps, device, rounds)
+    memory = {name: timing.peak_memory_growth(step, device) for name, step in steps.items()}
+    elements = sum(cases.numel(shape) for shape in shapes)
+    floor = timing.traffic_floor_seconds(elements, torch.empty((), dtype=dtype).element_size(), bandwidth)
+    medians = {name: timing.median(values) for name, values in samples.items()}
+    rows = []
+    for name, seconds in medians.items():
+        rows.append({
+            "loss": loss_name, "dtype": cases.dtype_name(dtype), "method": name,
+            "layers": " + ".join(cases.shape_text(s) for s in shapes), "elements": elements,
+            "median_ms": 1e3 * seconds, "x_floor": seconds / floor, "floor_ms": 1e3 * floor,
+            "speedup_vs_eager": medians[cases.EAGER] / seconds,
+            "speedup_vs_compile": medians[cases.COMPILE] / seconds if cases.COMPILE in medians else None,
+            "peak_extra_mb": None if memory[name] is None else memory[name] / 2**20,
+            "loss_rel_error": errors[name], "rounds": rounds,
+        })
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    headers = ["loss", "dtype", "method", "ms", "x 5N floor", "vs eager", "vs compile", "peak extra MB", "loss rel. err"]
+    body = [[cases.SHORT_NAMES.get(r["loss"], r["loss"]), r["dtype"], r["method"], f"{r['median_ms']:.3f}",
+             f"{r['x_floor']:.2f}", tables.ratio(r["speedup_vs_eager"]), tables.ratio(r["speedup_vs_compile"]),
+             tables.megabytes(None if r["peak_extra_mb"] is None else r["peak_extra_mb"] * 2**20),
+             tables.scientific(r["loss_rel_error"])] for r in rows]
+    return tables.markdown_table(headers, body, right_align_from=3)
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["loss"], r["dtype"]) for r in rows})
+    figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for axis, (loss, dtype) in zip(axes[0], groups):
+        chosen = [r for r in rows if r["loss"] == loss and r["dtype"] == dtype]
+        axis.bar([r["method"] for r in chosen], [r["median_ms"] for r in chosen], color="tab:blue")
+        axis.axhline(chosen[0]["floor_ms"], color="tab:red", linestyle="--", label="5N floor")
+        axis.set_title(f"{cases.SHORT_NAMES.get(loss, loss)} {dtype}, all layers fwd+bwd")
+        axis.set_ylabel("ms (median)")
+        axis.tick_params(axis="x", rotation=45)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = timing.resolve_device(args.device)
+    shapes = [(args.batch,) + layer for layer in LAYERS[args.model]]
+    bandwidth = timing.copy_bandwidth(device)
+    description = timing.machine_description(device)
+    print(f"machine: {timing.machine_line(description)}", file=sys.stderr)
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
+    rows = []
+    work = [(loss, cases.DTYPES[name]) for loss in args.losses for name in args.dtypes]
+    for loss_name, dtype in tqdm(work, desc="cases", file=sys.stderr):
+        rows += run_case(loss_name, dtype, shapes, device, args, bandwidth)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "multilayer.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.out / "multilayer.png")
+    print(f"{args.model} hooked layers at batch {args.batch}: {' + '.join(cases.shape_text(s) for s in shapes)}; "
+          f"{description.get('gpu', description['cpu'])}; copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -275,3 +275,21 @@ def test_compile_fullgraph_matches_eager():
 
     compiled = torch.compile(loss, fullgraph=True)
     assert relative_error(compiled(targets, sources, attentions), loss(targets, sources, attentions)) <= 1e-6
+
+
+def test_64_bit_offsets():
+    """Channels more than 2^31 elements apart (test_large_offsets.py builds them cheaply)."""
+    if DEVICE != "cpu":
+        pytest.skip("the far-apart features are built in host memory")
+    from test_large_offsets import far_apart_features
+
+    target, dense_target = far_apart_features(0)
+    source, dense_source = far_apart_features(1)
+    diff = dense_target.double() - dense_source.double()
+    torch.testing.assert_close(OPS.channel_sqdist(target, source).double(), (diff ** 2).sum(2), rtol=1e-5, atol=0)
+    torch.testing.assert_close(OPS.spatial_sqdist(target, source).double(), (diff ** 2).sum(1), rtol=1e-5, atol=0)
+    grad = torch.tensor([[0.5, 2.0]])
+    expected = (2 * grad[:, :, None].double() * diff).bfloat16().double()
+    # one bfloat16 ulp: Triton's interpreter rounds float32 to bfloat16 by truncation
+    torch.testing.assert_close(OPS.channel_sqdist_backward(grad, target, source).double(), expected,
+                               rtol=2 ** -7, atol=0)

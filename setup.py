@@ -132,7 +132,9 @@ def make_extension():
     cuda_sources = relative_sources("cuda/**/*.cu") + relative_sources("cuda/**/*.cpp")
     isa = cpu_isa()
     write_build_config(isa)
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"] + CPU_ISA_FLAGS[isa]
+    # -Wno-unknown-pragmas: torch's vector headers use "#pragma unroll", which gcc does not know.
+    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"] + \
+        CPU_ISA_FLAGS[isa]
     link_flags = ["-fopenmp"]
     include_dirs = [str(CSRC)]
     if not cuda_build_wanted(cuda_sources):
@@ -147,7 +149,10 @@ def make_extension():
         include_dirs=include_dirs + math_library_include_dirs(),
         extra_compile_args={
             "cxx": cxx_flags + [arch_define, "-DAFA_EXT_WITH_CUDA"],
-            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", "-DAFA_EXT_WITH_CUDA"],
+            # -Xptxas=-v prints registers and spills per kernel ("ptxas info" lines, not
+            # warnings): bench/cuda_resource_usage.py tabulates them from the build log.
+            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", "-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter",
+                     "-DAFA_EXT_WITH_CUDA"],
         },
         extra_link_args=link_flags,
     )

@@ -38,6 +38,21 @@ def spatial_distance(target: Tensor, source: Tensor) -> Tensor:
     return torch.einsum("njp,njp->np", diff, diff)
 
 
+def partial_sums(grouping: str, target: Tensor, source: Tensor) -> Tensor:
+    """The ops' output: d (grouping "channel") or e ("spatial"), float64 on the CPU."""
+    distance = channel_distance if grouping == "channel" else spatial_distance
+    return distance(target.detach().cpu(), source.detach().cpu())
+
+
+def partial_sums_backward(grouping: str, grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
+    """The backward ops' output: dt = 2 * g (t - s), g of shape (B, C) broadcast over P
+    (channel) or (B, P) broadcast over C (spatial); float64 on the CPU, shaped like t."""
+    shape = tuple(target.shape)
+    diff = _difference(target.detach().cpu(), source.detach().cpu())
+    pattern = "nj,njp->njp" if grouping == "channel" else "np,njp->njp"
+    return (2.0 * torch.einsum(pattern, grad.detach().cpu().to(torch.float64), diff)).reshape(shape)
+
+
 def channel_weight_matrix(name: str, shape, weights: Optional[Tensor]) -> Tensor:
     """W[n, j] of the channel-grouped losses (DESIGN.md section 2), float64 (B, C)."""
     batch, channels = shape[0], shape[1]

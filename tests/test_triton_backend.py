@@ -44,19 +44,6 @@ GROUPINGS = ("channel", "spatial")
 RESNET_LIKE = [(2, 8, 12, 12), (2, 16, 6, 6), (2, 32, 3, 3), (2, 64, 2, 2)]
 
 
-def _model_distance(grouping, target, source):
-    model = float64_model.channel_distance if grouping == "channel" else float64_model.spatial_distance
-    return model(target.detach().cpu(), source.detach().cpu())
-
-
-def _model_backward(grouping, grad, target, source):
-    """dt = 2 * g (t - s), g broadcast over P (channel) or over C (spatial), float64."""
-    shape = tuple(target.shape)
-    diff = (target.detach().cpu().double() - source.detach().cpu().double()).reshape(shape[0], shape[1], -1)
-    pattern = "nj,njp->njp" if grouping == "channel" else "np,njp->njp"
-    return (2.0 * torch.einsum(pattern, grad.cpu().double(), diff)).reshape(shape)
-
-
 def _grad_for(grouping, target, generator):
     size = target.shape[1] if grouping == "channel" else math.prod(target.shape[2:])
     dtype = torch.float32 if target.dtype in HALF_DTYPES else target.dtype
@@ -82,7 +69,7 @@ def _features(shape, dtype, layouts=("contiguous", "contiguous"), seed=0):
 def _check_op_pair(grouping, target, source, generator):
     dtype = target.dtype
     out = getattr(OPS, f"{grouping}_sqdist")(target, source)
-    expected = _model_distance(grouping, target, source)
+    expected = float64_model.partial_sums(grouping, target, source)
     assert out.dtype == (torch.float32 if dtype in HALF_DTYPES else dtype)
     assert out.shape == expected.shape and out.device == target.device
     assert relative_error(out.cpu(), expected) <= _forward_tolerance(dtype)
@@ -92,7 +79,7 @@ def _check_op_pair(grouping, target, source, generator):
     assert dt.dtype == dtype and dt.shape == target.shape
     if target.is_contiguous(memory_format=torch.channels_last) and target.dim() == 4:
         assert dt.stride() == target.stride(), "the gradient keeps a dense layout of the target"
-    assert relative_error(dt.cpu(), _model_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
+    assert relative_error(dt.cpu(), float64_model.partial_sums_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
 
 
 # --------------------------------------------------------------------------- ops
@@ -128,7 +115,7 @@ def test_op_empty_inputs(grouping):
     for shape in [(0, 3, 4), (2, 0, 4, 5), (2, 3, 0)]:
         target = torch.zeros(shape, device=DEVICE)
         out = getattr(OPS, f"{grouping}_sqdist")(target, target)
-        assert out.shape == _model_distance(grouping, target, target).shape and bool((out == 0).all())
+        assert out.shape == float64_model.partial_sums(grouping, target, target).shape and bool((out == 0).all())
         grad = _grad_for(grouping, target, torch.Generator().manual_seed(0))
         assert getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, target).shape == shape
 
@@ -150,13 +137,13 @@ def test_grouped_ops_match_the_model_layer_by_layer(grouping, dtype, layouts):
     partials = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
     assert len(partials) == len(targets)
     for partial, target, source in zip(partials, targets, sources):
-        assert relative_error(partial.cpu(), _model_distance(grouping, target, source)) <= _forward_tolerance(dtype)
+        assert relative_error(partial.cpu(), float64_model.partial_sums(grouping, target, source)) <= _forward_tolerance(dtype)
     generator = torch.Generator().manual_seed(8)
     grads = [_grad_for(grouping, target, generator) for target in targets]
     gradients = getattr(OPS, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources)
     for dt, grad, target, source in zip(gradients, grads, targets, sources):
         assert dt.shape == target.shape and dt.dtype == dtype
-        assert relative_error(dt.cpu(), _model_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
+        assert relative_error(dt.cpu(), float64_model.partial_sums_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
@@ -165,7 +152,7 @@ def test_grouped_ops_mix_empty_and_odd_layers(grouping):
     targets, sources = _layers(shapes, torch.float32)
     for partial, target, source in zip(getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources),
                                        targets, sources):
-        assert relative_error(partial.cpu(), _model_distance(grouping, target, source)) <= 2e-5
+        assert relative_error(partial.cpu(), float64_model.partial_sums(grouping, target, source)) <= 2e-5
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
@@ -181,7 +168,7 @@ def test_split_forward_is_exact_and_deterministic(grouping, dtype):
     assert any(splits > 1 for splits, _ in triton_launch._splits(plans, plans[0].rows_fast, many))
     for a, b, target, source in zip(first, again, targets, sources):
         assert torch.equal(a, b)
-        assert relative_error(a.cpu(), _model_distance(grouping, target, source)) <= _forward_tolerance(dtype)
+        assert relative_error(a.cpu(), float64_model.partial_sums(grouping, target, source)) <= _forward_tolerance(dtype)
 
 
 def test_grouped_ops_refuse_bad_lists():

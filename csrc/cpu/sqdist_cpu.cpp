@@ -94,7 +94,8 @@ struct Offsets {
 // up to date.
 class RowWalker {
  public:
-  RowWalker(const std::vector<PlanDim>& dims, int64_t start) : dims_(dims), index_(dims.size(), 0) {
+  RowWalker(const std::vector<PlanDim>& dims, int64_t start) : dims_(dims) {
+    index_.assign(dims.size(), 0);
     for (size_t d = dims.size(); d-- > 0;) {
       index_[d] = start % dims[d].size;
       offsets_.add(dims[d], index_[d]);

@@ -6,6 +6,7 @@ import ctypes
 import gc
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -67,12 +68,16 @@ def interleaved_times(
     on_round: Optional[Callable[[], None]] = None,
 ) -> Dict[str, List[float]]:
     """Seconds per call of each method, sampled round-robin so that drift in the
-    machine's speed hits every method alike; the order is rotated every round."""
+    machine's speed hits every method alike. Each round runs the methods in a fresh
+    (seeded) random order: a fixed rotation would always run a method right after the
+    same neighbour, and one that floods the caches or the allocator (the eager loss)
+    would slow down whichever method follows it."""
     names = list(methods)
+    order = random.Random(0)
     samples: Dict[str, List[float]] = {name: [] for name in names}
-    for round_index in range(rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+    for _ in range(rounds):
+        order.shuffle(names)
+        for name in names:
             samples[name].append(time_once(methods[name], device))
         if on_round is not None:
             on_round()

@@ -280,3 +280,48 @@ def test_64_bit_offsets():
     # one bfloat16 ulp: Triton's interpreter rounds float32 to bfloat16 by truncation
     torch.testing.assert_close(OPS.channel_sqdist_backward(grad, target, source).double(), expected,
                                rtol=2 ** -7, atol=0)
+
+
+# --------------------------------------------------------------------------- host planning
+
+
+def _offsets_of(levels, tensor):
+    """Every element offset an axis of index levels reaches in one tensor."""
+    offsets = [0]
+    for size, strides in levels:
+        offsets = [o + i * strides[tensor] for o in offsets for i in range(size)]
+    return offsets
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("layouts", LAYOUT_PAIRS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_alignment_promises_hold(grouping, layouts, dtype):
+    """When the host promises ALIGN > 1 (16-byte vector loads on a GPU, where a false
+    promise reads misaligned memory), every address, every stride off the fast axis and
+    every length along it really is a multiple of ALIGN elements."""
+    target, source = _features((2, 8, 4, 8), dtype, layouts)
+    for output in (None, torch.empty_like(target)):
+        plan = triton_launch.plan_layer(target, source, output, grouping)
+        rows_fast, fast_unit = triton_launch._launch_flags([plan])
+        splits = triton_launch._splits([plan], rows_fast, triton_launch.SplitPolicy(64, 8))
+        align = triton_launch._alignment([plan], splits, rows_fast, fast_unit, target.element_size())
+        assert align in (1, 16 // target.element_size())
+        if align == 1:
+            continue
+        tensors = 3 if output is not None else 2
+        assert all(t.data_ptr() % 16 == 0 for t in (plan.target, plan.source, plan.output) if t is not None)
+        slow = plan.k_levels + plan.row_levels[:-1] if rows_fast else plan.row_levels
+        for tensor in range(tensors):
+            assert all(offset % align == 0 for offset in _offsets_of(slow, tensor))
+        fast_length = plan.row_levels[-1][0] if rows_fast else plan.k
+        assert fast_length % align == 0 and (rows_fast or splits[0][1] % align == 0 or splits[0][0] == 1)
+
+
+def test_contiguous_layouts_get_vector_loads():
+    target, source = _features((2, 8, 4, 8), torch.float32)
+    for grouping in GROUPINGS:
+        plan = triton_launch.plan_layer(target, source, None, grouping)
+        rows_fast, fast_unit = triton_launch._launch_flags([plan])
+        splits = triton_launch._splits([plan], rows_fast, triton_launch.SplitPolicy(1, 8))
+        assert fast_unit and triton_launch._alignment([plan], splits, rows_fast, fast_unit, 4) == 4

@@ -191,6 +191,9 @@ def sqdist_forward_kernel(anchor, table, workspace, counters, shape_class, NUM_L
         slices = workspace + tl.load(layer_row + WORKSPACE)
         tl.store(slices + split * row_count + rows, partial, mask=row_mask)
         counter = counters + tl.load(layer_row + COUNTERS) + row_block
+        # Every thread's partial sums are stored before the one thread that counts releases
+        # them (the barrier), as in the Triton layer-norm tutorial's locked reduction.
+        tl.debug_barrier()
         finished = tl.atomic_add(counter, 1, sem="acq_rel")
         if finished == splits - 1:
             total = tl.zeros([BLOCK_R], dtype=ACC)

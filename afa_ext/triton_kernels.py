@@ -18,9 +18,12 @@ the last program of a row block to finish, counted with an integer atomic, adds 
 splits up in split order and resets its counter: deterministic, one launch, no float
 atomics. The tile is laid out with the memory-contiguous axis last (ROWS_FAST says which)
 so that neighbouring threads read neighbouring addresses; FAST_UNIT says that axis has
-unit stride, and ALIGN that every address and stride the host hands over is a multiple
-of ALIGN elements (16 bytes), so the loads can be vectorised. ``shape_class`` only keys
-the autotuner.
+unit stride in every layer. ALIGN (16 bytes in elements, or 1) is the vector width for
+the layers whose ALIGNED column says that every address, every stride off the fast axis
+and every length along it is a multiple of ALIGN: those take a copy of the loop compiled
+with alignment hints (16-byte loads), the others a plain copy, chosen per program at run
+time, so one unaligned layer (a 7x7 map) does not cost the others their vector loads.
+``shape_class`` only keys the autotuner.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ ROW_SIZES = tl.constexpr(10)  # sizes of the middle and inner row levels (the ou
 K_SIZES = tl.constexpr(12)  # sizes of the middle and inner K levels
 ROW_STRIDES = tl.constexpr(14)  # (outer, middle, inner) row strides of target, source, output
 K_STRIDES = tl.constexpr(23)  # (outer, middle, inner) strides along K of target, source, output
-FIELDS = tl.constexpr(32)
+ALIGNED = tl.constexpr(32)  # 1: the layer may be read 16 bytes at a time (see ALIGN), else 0
+FIELDS = tl.constexpr(33)
 
 
 # Alignment hints (tl.multiple_of) must annotate the op that makes a value, in the function
@@ -134,37 +138,50 @@ def _find_layer(table, pid, NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _program_tile(table, NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr, ROWS_FAST: tl.constexpr,
-                  ALIGN: tl.constexpr):
+def _program_tile(table, NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr):
     """This program's layer row, row block, split, group and inner rows (with their flat
-    index and mask), and its slice [k_begin, k_end) of K."""
+    index and mask), and where its slice of K begins."""
     layer, local = _find_layer(table, tl.program_id(0), NUM_LAYERS, BLOCK_R)
     layer_row = table + layer * FIELDS
     splits = tl.load(layer_row + SPLITS)
     row_block = local // splits
     split = local % splits
     inner = tl.load(layer_row + ROW_SIZES + 1)
-    if ALIGN > 1 and ROWS_FAST:
-        inner = tl.multiple_of(inner, ALIGN)
     blocks_per_group = tl.cdiv(inner, BLOCK_R)
     group = row_block // blocks_per_group
     inner_index = (row_block % blocks_per_group) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rows = group * inner + inner_index
-    k_per_split = tl.load(layer_row + K_PER_SPLIT)
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, tl.load(layer_row + K))
-    if ALIGN > 1 and not ROWS_FAST:
-        k_end = tl.multiple_of(k_end, ALIGN)
-    return layer_row, row_block, split, splits, group, inner_index, rows, inner_index < inner, k_begin, k_end
+    k_begin = split * tl.load(layer_row + K_PER_SPLIT)
+    return layer_row, row_block, split, splits, group, inner_index, rows, inner_index < inner, k_begin
 
 
 @triton.jit
-def sqdist_forward_kernel(anchor, table, workspace, counters, shape_class, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
-                          ACC: tl.constexpr, ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[r] = sum_k (t[r, k] - s[r, k])^2 for every layer of the table, in ACC."""
-    layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin, k_end = _program_tile(
-        table, NUM_LAYERS, BLOCK_R, ROWS_FAST, ALIGN)
+def _bounds(layer_row, inner_index, k_begin, ROWS_FAST: tl.constexpr, ALIGN: tl.constexpr):
+    """(row mask, end of this program's slice of K), with the fast axis's bound declared
+    a multiple of ALIGN, so that masked loads can still be vectorised."""
+    inner = tl.load(layer_row + ROW_SIZES + 1)
+    k_end = tl.minimum(k_begin + tl.load(layer_row + K_PER_SPLIT), tl.load(layer_row + K))
+    if ALIGN > 1:
+        if ROWS_FAST:
+            inner = tl.multiple_of(inner, ALIGN)
+        else:
+            k_end = tl.multiple_of(k_end, ALIGN)
+    return inner_index < inner, k_end
+
+
+@triton.jit
+def _k_block(k_start, BLOCK_K: tl.constexpr, ROWS_FAST: tl.constexpr, ALIGN: tl.constexpr):
+    ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+    if ALIGN > 1 and not ROWS_FAST:
+        ks = tl.multiple_of(ks, ALIGN)
+    return ks
+
+
+@triton.jit
+def _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC: tl.constexpr, ROWS_FAST: tl.constexpr,
+                 FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over this program's slice of K of (t - s)^2, one value per row, in ACC."""
+    row_mask, k_end = _bounds(layer_row, inner_index, k_begin, ROWS_FAST, ALIGN)
     target = _feature_pointer(anchor, layer_row, TARGET, ALIGN)
     source = _feature_pointer(anchor, layer_row, SOURCE, ALIGN)
     if ROWS_FAST:
@@ -172,16 +189,57 @@ def sqdist_forward_kernel(anchor, table, workspace, counters, shape_class, NUM_L
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=ACC)
     for k_start in range(k_begin, k_end, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        if ALIGN > 1 and not ROWS_FAST:
-            ks = tl.multiple_of(ks, ALIGN)
+        ks = _k_block(k_start, BLOCK_K, ROWS_FAST, ALIGN)
         mask = _tile_mask(row_mask, ks < k_end, ROWS_FAST)
         t_offsets = _tile_offsets(layer_row, group, inner_index, ks, 0, ROWS_FAST, FAST_UNIT, ALIGN)
         s_offsets = _tile_offsets(layer_row, group, inner_index, ks, 1, ROWS_FAST, FAST_UNIT, ALIGN)
         diff = tl.load(target + t_offsets, mask=mask, other=0.0).to(ACC) - \
             tl.load(source + s_offsets, mask=mask, other=0.0).to(ACC)
         acc += diff * diff
-    partial = tl.sum(acc, axis=0 if ROWS_FAST else 1)
+    return tl.sum(acc, axis=0 if ROWS_FAST else 1)
+
+
+@triton.jit
+def _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE: tl.constexpr, ACC: tl.constexpr,
+                    ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """dt = twice * (t - s) over this program's rows and slice of K."""
+    row_mask, k_end = _bounds(layer_row, inner_index, k_begin, ROWS_FAST, ALIGN)
+    target = _feature_pointer(anchor, layer_row, TARGET, ALIGN)
+    source = _feature_pointer(anchor, layer_row, SOURCE, ALIGN)
+    output = _feature_pointer(anchor, layer_row, OUTPUT, ALIGN)
+    if ROWS_FAST:
+        twice_tile = twice[None, :]
+    else:
+        twice_tile = twice[:, None]
+    for k_start in range(k_begin, k_end, BLOCK_K):
+        ks = _k_block(k_start, BLOCK_K, ROWS_FAST, ALIGN)
+        mask = _tile_mask(row_mask, ks < k_end, ROWS_FAST)
+        t_offsets = _tile_offsets(layer_row, group, inner_index, ks, 0, ROWS_FAST, FAST_UNIT, ALIGN)
+        s_offsets = _tile_offsets(layer_row, group, inner_index, ks, 1, ROWS_FAST, FAST_UNIT, ALIGN)
+        o_offsets = _tile_offsets(layer_row, group, inner_index, ks, 2, ROWS_FAST, FAST_UNIT, ALIGN)
+        t = tl.load(target + t_offsets, mask=mask, other=0.0)
+        s = tl.load(source + s_offsets, mask=mask, other=0.0)
+        tl.store(output + o_offsets, (twice_tile * (t.to(ACC) - s.to(ACC))).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def sqdist_forward_kernel(anchor, table, workspace, counters, shape_class, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
+                          ACC: tl.constexpr, ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r] = sum_k (t[r, k] - s[r, k])^2 for every layer of the table, in ACC."""
+    layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin = _program_tile(
+        table, NUM_LAYERS, BLOCK_R)
+    if ALIGN > 1:
+        if tl.load(layer_row + ALIGNED) != 0:
+            partial = _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, ALIGN,
+                                   BLOCK_R, BLOCK_K)
+        else:
+            partial = _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
+                                   BLOCK_R, BLOCK_K)
+    else:
+        partial = _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
+                               BLOCK_R, BLOCK_K)
 
     output = _pointer(layer_row, OUTPUT, ACC)
     if splits == 1:
@@ -208,25 +266,16 @@ def sqdist_backward_kernel(anchor, table, shape_class, NUM_LAYERS: tl.constexpr,
                            ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]) for every layer of the table."""
-    layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin, k_end = _program_tile(
-        table, NUM_LAYERS, BLOCK_R, ROWS_FAST, ALIGN)
-    target = _feature_pointer(anchor, layer_row, TARGET, ALIGN)
-    source = _feature_pointer(anchor, layer_row, SOURCE, ALIGN)
-    output = _feature_pointer(anchor, layer_row, OUTPUT, ALIGN)
-    weights = _pointer(layer_row, WEIGHTS, ACC)
-    twice = 2 * tl.load(weights + rows, mask=row_mask, other=0.0)
-    if ROWS_FAST:
-        twice_tile = twice[None, :]
+    layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin = _program_tile(
+        table, NUM_LAYERS, BLOCK_R)
+    twice = 2 * tl.load(_pointer(layer_row, WEIGHTS, ACC) + rows, mask=row_mask, other=0.0)
+    if ALIGN > 1:
+        if tl.load(layer_row + ALIGNED) != 0:
+            _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
+                            ALIGN, BLOCK_R, BLOCK_K)
+        else:
+            _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
+                            1, BLOCK_R, BLOCK_K)
     else:
-        twice_tile = twice[:, None]
-    for k_start in range(k_begin, k_end, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
-        if ALIGN > 1 and not ROWS_FAST:
-            ks = tl.multiple_of(ks, ALIGN)
-        mask = _tile_mask(row_mask, ks < k_end, ROWS_FAST)
-        t_offsets = _tile_offsets(layer_row, group, inner_index, ks, 0, ROWS_FAST, FAST_UNIT, ALIGN)
-        s_offsets = _tile_offsets(layer_row, group, inner_index, ks, 1, ROWS_FAST, FAST_UNIT, ALIGN)
-        o_offsets = _tile_offsets(layer_row, group, inner_index, ks, 2, ROWS_FAST, FAST_UNIT, ALIGN)
-        t = tl.load(target + t_offsets, mask=mask, other=0.0)
-        s = tl.load(source + s_offsets, mask=mask, other=0.0)
-        tl.store(output + o_offsets, (twice_tile * (t.to(ACC) - s.to(ACC))).to(DTYPE), mask=mask)
+        _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT, 1,
+                        BLOCK_R, BLOCK_K)

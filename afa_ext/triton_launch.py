@@ -188,30 +188,34 @@ def _splits(plans: Sequence[LayerPlan], rows_fast: bool, policy: SplitPolicy) ->
     return result
 
 
-def _alignment(plans: Sequence[LayerPlan], splits, rows_fast: bool, fast_unit: bool, itemsize: int) -> int:
-    """ALIGN: 16 bytes in elements when every feature address, every stride off the fast
-    axis and every length along it is a multiple of that (so tiles load 16 bytes at a
-    time), else 1."""
+def _aligned_layers(plans: Sequence[LayerPlan], splits, rows_fast: bool, fast_unit: bool, itemsize: int) -> List[bool]:
+    """Per layer: every feature address (and the anchor, the first layer's target), every
+    stride off the fast axis and every length along it is a multiple of 16 bytes, so that
+    its tiles can be read 16 bytes at a time."""
     vec = 16 // itemsize
-    if not fast_unit:
-        return 1
+    if not fast_unit or plans[0].target.data_ptr() % 16:
+        return [False] * len(plans)
+    flags = []
     for plan, (split_count, k_per_split) in zip(plans, splits):
         tensors = [plan.target, plan.source] + ([plan.output] if plan.output is not None else [])
-        if any(t.data_ptr() % 16 for t in tensors):
-            return 1
+        count = len(tensors)
         if rows_fast:
-            slow = [s for _, strides in plan.row_levels[:-1] + plan.k_levels for s in strides]
+            slow = [s for _, strides in plan.row_levels[:-1] + plan.k_levels for s in strides[:count]]
             lengths = [plan.row_levels[-1][0]]
         else:
-            slow = [s for _, strides in plan.row_levels for s in strides]
+            slow = [s for _, strides in plan.row_levels for s in strides[:count]]
             lengths = [plan.k, k_per_split if split_count > 1 else plan.k]
-        if any(value % vec for value in slow + lengths):
-            return 1
-    return vec
+        flags.append(not any(t.data_ptr() % 16 for t in tensors) and not any(v % vec for v in slow + lengths))
+    return flags
+
+
+def _vector_width(aligned: Sequence[bool], itemsize: int) -> int:
+    """The kernels' ALIGN: 16 bytes in elements when some layer is aligned, else 1."""
+    return 16 // itemsize if any(aligned) else 1
 
 
 def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, weights: Optional[Tensor],
-               splits: Tuple[int, int], workspace_offset: int, counter_offset: int) -> List[int]:
+               splits: Tuple[int, int], workspace_offset: int, counter_offset: int, aligned: bool) -> List[int]:
     """One layer's row of the table (columns in triton_kernels.py)."""
     def from_anchor(tensor: Tensor) -> int:
         return (tensor.data_ptr() - anchor.data_ptr()) // anchor.element_size()
@@ -224,7 +228,9 @@ def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, weights: Optiona
            plan.row_levels[1][0], plan.row_levels[2][0], plan.k_levels[1][0], plan.k_levels[2][0]]
     for levels in (plan.row_levels, plan.k_levels):
         row += [levels[level][1][tensor] for tensor in range(3) for level in range(LEVELS)]
-    return row + [0] * (kernels.FIELDS.value - len(row))
+    row.append(int(aligned))
+    assert len(row) == kernels.FIELDS.value
+    return row
 
 
 _TABLES: "OrderedDict[tuple, Tensor]" = OrderedDict()
@@ -305,9 +311,10 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
     rows_fast, fast_unit = _launch_flags(plans)
     splits = _splits(plans, rows_fast, policy or default_policy(device))
     anchor = plans[0].target
+    aligned = _aligned_layers(plans, splits, rows_fast, fast_unit, anchor.element_size())
     table_rows, workspace_size, counter_size = [], 0, 0
-    for plan, output, split in zip(plans, live, splits):
-        table_rows.append(_table_row(plan, anchor, output, None, split, workspace_size, counter_size))
+    for plan, output, split, layer_aligned in zip(plans, live, splits, aligned):
+        table_rows.append(_table_row(plan, anchor, output, None, split, workspace_size, counter_size, layer_aligned))
         if split[0] > 1:
             workspace_size += plan.rows * split[0]
             counter_size += _row_blocks(plan, _smallest_block_rows(rows_fast))
@@ -316,8 +323,7 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
         _FORWARD[rows_fast][_grid(plans, splits)](
             anchor, _device_table(table_rows, device), workspace, _counters(device, counter_size),
             _shape_class(plans), NUM_LAYERS=len(plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[acc],
-            ROWS_FAST=rows_fast, FAST_UNIT=fast_unit,
-            ALIGN=_alignment(plans, splits, rows_fast, fast_unit, anchor.element_size()))
+            ROWS_FAST=rows_fast, FAST_UNIT=fast_unit, ALIGN=_vector_width(aligned, anchor.element_size()))
     return outputs
 
 
@@ -339,12 +345,12 @@ def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources:
     rows_fast, fast_unit = _launch_flags(plans)
     splits = _splits(plans, rows_fast, policy or default_policy(device))
     anchor = plans[0].target
-    table_rows = [_table_row(plan, anchor, plan.output, weight, split, 0, 0)
-                  for plan, weight, split in zip(plans, weights, splits)]
+    aligned = _aligned_layers(plans, splits, rows_fast, fast_unit, anchor.element_size())
+    table_rows = [_table_row(plan, anchor, plan.output, weight, split, 0, 0, layer_aligned)
+                  for plan, weight, split, layer_aligned in zip(plans, weights, splits, aligned)]
     with _device_context(device):
         _BACKWARD[rows_fast][_grid(plans, splits)](
             anchor, _device_table(table_rows, device), _shape_class(plans),
             NUM_LAYERS=len(plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[acc],
-            ROWS_FAST=rows_fast, FAST_UNIT=fast_unit,
-            ALIGN=_alignment(plans, splits, rows_fast, fast_unit, anchor.element_size()))
+            ROWS_FAST=rows_fast, FAST_UNIT=fast_unit, ALIGN=_vector_width(aligned, anchor.element_size()))
     return outputs

@@ -305,10 +305,9 @@ def test_alignment_promises_hold(grouping, layouts, dtype):
         plan = triton_launch.plan_layer(target, source, output, grouping)
         rows_fast, fast_unit = triton_launch._launch_flags([plan])
         splits = triton_launch._splits([plan], rows_fast, triton_launch.SplitPolicy(64, 8))
-        align = triton_launch._alignment([plan], splits, rows_fast, fast_unit, target.element_size())
-        assert align in (1, 16 // target.element_size())
-        if align == 1:
+        if not triton_launch._aligned_layers([plan], splits, rows_fast, fast_unit, target.element_size())[0]:
             continue
+        align = 16 // target.element_size()
         tensors = 3 if output is not None else 2
         assert all(t.data_ptr() % 16 == 0 for t in (plan.target, plan.source, plan.output) if t is not None)
         slow = plan.k_levels + plan.row_levels[:-1] if rows_fast else plan.row_levels
@@ -318,10 +317,14 @@ def test_alignment_promises_hold(grouping, layouts, dtype):
         assert fast_length % align == 0 and (rows_fast or splits[0][1] % align == 0 or splits[0][0] == 1)
 
 
-def test_contiguous_layouts_get_vector_loads():
-    target, source = _features((2, 8, 4, 8), torch.float32)
-    for grouping in GROUPINGS:
-        plan = triton_launch.plan_layer(target, source, None, grouping)
-        rows_fast, fast_unit = triton_launch._launch_flags([plan])
-        splits = triton_launch._splits([plan], rows_fast, triton_launch.SplitPolicy(1, 8))
-        assert fast_unit and triton_launch._alignment([plan], splits, rows_fast, fast_unit, 4) == 4
+def test_each_layer_of_a_launch_is_aligned_on_its_own():
+    """ResNet-like layers where one map (3x3) breaks 16-byte alignment: the others keep
+    their vector loads (the kernels choose the aligned or plain loop per layer)."""
+    targets, sources = _layers(RESNET_LIKE, torch.float32)
+    plans = [triton_launch.plan_layer(t, s, None, "channel") for t, s in zip(targets, sources)]
+    rows_fast, fast_unit = triton_launch._launch_flags(plans)
+    splits = triton_launch._splits(plans, rows_fast, triton_launch.SplitPolicy(1, 8))
+    aligned = triton_launch._aligned_layers(plans, splits, rows_fast, fast_unit, 4)
+    assert fast_unit and not rows_fast
+    assert aligned == [True, True, False, True]
+    assert triton_launch._vector_width(aligned, 4) == 4

@@ -1,0 +1,112 @@
+// Host side of the CUDA ops, written once for any runtime that can run the kernels of
+// sqdist_kernels.cuh: the real one (sqdist_cuda.cu) and the CPU emulation the tests build
+// (tests/cuda_emulation/), so the CPU test suite also runs the kernels' logic.
+//
+// A Runtime provides kDevice (the device type the ops take), DeviceGuard (made from the
+// first layer's device) and launch(kernel, layers, blocks), which runs the launches of
+// plan_launches on that runtime.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <utility>
+#include <vector>
+
+#include "../common/reduction_plan.h"
+#include "../sqdist_checks.h"
+#include "sqdist_kernels.cuh"
+#include "sqdist_launch.h"
+
+namespace afa_ext {
+namespace cuda {
+
+inline const char* forward_name(Grouping grouping) {
+  return grouping == Grouping::kChannel ? "channel_sqdist" : "spatial_sqdist";
+}
+
+inline const char* backward_name(Grouping grouping) {
+  return grouping == Grouping::kChannel ? "channel_sqdist_backward" : "spatial_sqdist_backward";
+}
+
+// The partial sums of every layer, in one launch. Layers are checked one by one under the
+// name of the single op, as the CPU kernels do.
+template <typename Runtime>
+std::vector<at::Tensor> sqdist_forward_layers(at::TensorList targets, at::TensorList sources, Grouping grouping) {
+  std::vector<at::Tensor> partials;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    check_feature_pair(forward_name(grouping), targets[i], sources[i], Runtime::kDevice);
+    partials.push_back(at::empty(partial_sum_shape(targets[i], grouping),
+                                 targets[i].options().dtype(accumulate_type_of(targets[i].scalar_type()))));
+  }
+  const typename Runtime::DeviceGuard guard(targets[0].device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, targets[0].scalar_type(), "afa_ext_sqdist_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<LayerDesc<scalar_t>> layers;
+    std::vector<int64_t> blocks;
+    std::vector<at::Tensor> copies;  // read by the launch: kept alive until it is enqueued
+    for (size_t i = 0; i < targets.size(); ++i) {
+      if (targets[i].numel() == 0) {
+        partials[i].zero_();
+        continue;
+      }
+      at::Tensor target = targets[i], source = sources[i];
+      ReductionPlan plan = plan_of(grouping, target, source, target);
+      if (!fits_descriptor(plan)) {  // more unmergeable dims than a LayerDesc holds
+        target = target.contiguous();
+        source = source.contiguous();
+        copies.insert(copies.end(), {target, source});
+        plan = plan_of(grouping, target, source, target);
+      }
+      LayerDesc<scalar_t> layer = describe_layer<scalar_t>(plan, target, source, nullptr);
+      layer.partial = partials[i].mutable_data_ptr<acc_t>();
+      blocks.push_back(shape_forward(layer));
+      layers.push_back(layer);
+    }
+    if (!layers.empty()) Runtime::launch(grouped_sqdist_forward_kernel<scalar_t>, layers, blocks);
+  });
+  return partials;
+}
+
+// dt of every layer, in one launch; grads are converted by checked_partial_grad.
+template <typename Runtime>
+std::vector<at::Tensor> sqdist_backward_layers(at::TensorList grads, at::TensorList targets, at::TensorList sources,
+                                               Grouping grouping) {
+  std::vector<at::Tensor> weights, gradients;
+  for (size_t i = 0; i < targets.size(); ++i) {
+    check_feature_pair(backward_name(grouping), targets[i], sources[i], Runtime::kDevice);
+    weights.push_back(checked_partial_grad(backward_name(grouping), grads[i], targets[i], grouping));
+    gradients.push_back(at::empty_like(targets[i]));
+  }
+  const typename Runtime::DeviceGuard guard(targets[0].device());
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back;  // (dt, the contiguous dt written instead)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, targets[0].scalar_type(), "afa_ext_sqdist_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<LayerDesc<scalar_t>> layers;
+    std::vector<int64_t> blocks;
+    std::vector<at::Tensor> copies;  // read by the launch: kept alive until it is enqueued
+    for (size_t i = 0; i < targets.size(); ++i) {
+      if (targets[i].numel() == 0) continue;
+      at::Tensor target = targets[i], source = sources[i], grad_target = gradients[i];
+      ReductionPlan plan = plan_of(grouping, target, source, grad_target);
+      if (!fits_descriptor(plan)) {  // more unmergeable dims than a LayerDesc holds
+        target = target.contiguous();
+        source = source.contiguous();
+        grad_target = at::empty_like(target);
+        copies.insert(copies.end(), {target, source});
+        copy_back.emplace_back(gradients[i], grad_target);
+        plan = plan_of(grouping, target, source, grad_target);
+      }
+      LayerDesc<scalar_t> layer = describe_layer<scalar_t>(plan, target, source, &grad_target);
+      layer.weights = weights[i].const_data_ptr<acc_t>();
+      blocks.push_back(shape_backward(layer));
+      layers.push_back(layer);
+    }
+    if (!layers.empty()) Runtime::launch(grouped_sqdist_backward_kernel<scalar_t>, layers, blocks);
+  });
+  for (auto& [grad_target, written] : copy_back) grad_target.copy_(written);
+  return gradients;
+}
+
+}  // namespace cuda
+}  // namespace afa_ext

@@ -7,24 +7,14 @@
 #include <string>
 
 #include "cpu/huge_page_allocator.h"
+#include "op_schemas.h"
 
 // setup.py passes the CUDA architectures as -DAFA_EXT_CUDA_ARCHS=8.0,9.0 (no quotes, so
 // no shell quoting is needed); absent in a CPU-only build.
 #define AFA_EXT_STRINGIFY(...) #__VA_ARGS__
 #define AFA_EXT_EXPAND_STRINGIFY(...) AFA_EXT_STRINGIFY(__VA_ARGS__)
 
-TORCH_LIBRARY(afa_ext, m) {
-  m.def("channel_sqdist(Tensor target, Tensor source) -> Tensor");
-  m.def("spatial_sqdist(Tensor target, Tensor source) -> Tensor");
-  m.def("channel_sqdist_backward(Tensor grad, Tensor target, Tensor source) -> Tensor");
-  m.def("spatial_sqdist_backward(Tensor grad, Tensor target, Tensor source) -> Tensor");
-  // The same for the L hooked layers of a model at once (one dtype and device, any shapes):
-  // one launch per pass on a GPU instead of L small ones.
-  m.def("grouped_channel_sqdist(Tensor[] targets, Tensor[] sources) -> Tensor[]");
-  m.def("grouped_spatial_sqdist(Tensor[] targets, Tensor[] sources) -> Tensor[]");
-  m.def("grouped_channel_sqdist_backward(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]");
-  m.def("grouped_spatial_sqdist_backward(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]");
-}
+TORCH_LIBRARY(afa_ext, m) { afa_ext::define_sqdist_ops(m); }
 
 namespace {
 

@@ -84,3 +84,12 @@ def test_import_without_the_extension_keeps_the_reference_backend():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+@needs_cpu
+def test_python_op_schemas_mirror_the_cpp_ones():
+    """_op_formulas.OP_SCHEMAS (the Triton library's schemas) equals csrc/op_schemas.h."""
+    from afa_ext._op_formulas import OP_SCHEMAS
+
+    for name, schema in OP_SCHEMAS.items():
+        assert str(getattr(torch.ops.afa_ext, name).default._schema) == f"afa_ext::{name}{schema}"

@@ -16,18 +16,19 @@ import float64_model
 from afa_ext import functional
 from loss_cases import (
     DTYPES,
-    HALF_DTYPES,
     LAYOUT_IDS,
     LAYOUT_PAIRS,
     LOSS_IDS,
     LOSSES,
     SHAPES,
-    TOLERANCE,
     make_features,
     make_weights,
     relative_error,
     run_loss,
 )
+from op_checks import backward_tolerance as _backward_tolerance
+from op_checks import check_op_pair, grad_for
+from op_checks import forward_tolerance as _forward_tolerance
 
 pytestmark = pytest.mark.skipif(
     "triton" not in afa_ext.available_backends(),
@@ -45,19 +46,7 @@ RESNET_LIKE = [(2, 8, 12, 12), (2, 16, 6, 6), (2, 32, 3, 3), (2, 64, 2, 2)]
 
 
 def _grad_for(grouping, target, generator):
-    size = target.shape[1] if grouping == "channel" else math.prod(target.shape[2:])
-    dtype = torch.float32 if target.dtype in HALF_DTYPES else target.dtype
-    return torch.randn(target.shape[0], size, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
-
-
-def _forward_tolerance(dtype):
-    """Partial sums accumulate exactly-converted inputs in float32 (float64 for float64)."""
-    return TOLERANCE.get(dtype, TOLERANCE[torch.float32])
-
-
-def _backward_tolerance(dtype):
-    """dt is rounded once to the features' dtype."""
-    return torch.finfo(dtype).eps if dtype in HALF_DTYPES else TOLERANCE[dtype]
+    return grad_for(grouping, target, generator)
 
 
 def _features(shape, dtype, layouts=("contiguous", "contiguous"), seed=0):
@@ -67,19 +56,7 @@ def _features(shape, dtype, layouts=("contiguous", "contiguous"), seed=0):
 
 
 def _check_op_pair(grouping, target, source, generator):
-    dtype = target.dtype
-    out = getattr(OPS, f"{grouping}_sqdist")(target, source)
-    expected = float64_model.partial_sums(grouping, target, source)
-    assert out.dtype == (torch.float32 if dtype in HALF_DTYPES else dtype)
-    assert out.shape == expected.shape and out.device == target.device
-    assert relative_error(out.cpu(), expected) <= _forward_tolerance(dtype)
-
-    grad = _grad_for(grouping, target, generator)
-    dt = getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, source)
-    assert dt.dtype == dtype and dt.shape == target.shape
-    if target.is_contiguous(memory_format=torch.channels_last) and target.dim() == 4:
-        assert dt.stride() == target.stride(), "the gradient keeps a dense layout of the target"
-    assert relative_error(dt.cpu(), float64_model.partial_sums_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
+    check_op_pair(OPS, grouping, target, source, generator)
 
 
 # --------------------------------------------------------------------------- ops
@@ -268,18 +245,10 @@ def test_64_bit_offsets():
     """Channels more than 2^31 elements apart (test_large_offsets.py builds them cheaply)."""
     if DEVICE != "cpu":
         pytest.skip("the far-apart features are built in host memory")
-    from test_large_offsets import far_apart_features
+    from test_large_offsets import check_ops_read_beyond_2_31
 
-    target, dense_target = far_apart_features(0)
-    source, dense_source = far_apart_features(1)
-    diff = dense_target.double() - dense_source.double()
-    torch.testing.assert_close(OPS.channel_sqdist(target, source).double(), (diff ** 2).sum(2), rtol=1e-5, atol=0)
-    torch.testing.assert_close(OPS.spatial_sqdist(target, source).double(), (diff ** 2).sum(1), rtol=1e-5, atol=0)
-    grad = torch.tensor([[0.5, 2.0]])
-    expected = (2 * grad[:, :, None].double() * diff).bfloat16().double()
     # one bfloat16 ulp: Triton's interpreter rounds float32 to bfloat16 by truncation
-    torch.testing.assert_close(OPS.channel_sqdist_backward(grad, target, source).double(), expected,
-                               rtol=2 ** -7, atol=0)
+    check_ops_read_beyond_2_31(OPS, backward_rtol=2 ** -7)
 
 
 # --------------------------------------------------------------------------- host planning

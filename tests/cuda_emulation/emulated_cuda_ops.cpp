@@ -1,0 +1,161 @@
+// The CUDA kernels of csrc/cuda run on the CPU, for tests on machines without a GPU.
+//
+// The kernel header and the host code (sqdist_host.h) are compiled unchanged by the host
+// compiler. A block runs as kThreads std::threads that loop over the blocks of a launch in
+// step; __syncthreads is a barrier of all of them and __shfl_xor_sync a barrier of the 32
+// threads of a warp around a shared exchange slot. It is slow and knows nothing of memory
+// coalescing: it checks what the kernels compute (indexing, vector and scalar paths, the
+// reductions, the grouped launches), not how fast. The ops are registered as
+// afa_ext_cuda_emulated::<op> for CPU tensors (tests/test_cuda_emulated.py).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <barrier>
+#include <cstring>
+#include <deque>
+#include <thread>
+#include <vector>
+
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+struct EmulatedIndex {
+  unsigned int x = 0, y = 0, z = 0;
+};
+thread_local EmulatedIndex threadIdx, blockIdx;
+
+#define __CUDACC__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __shared__ static  // one block runs at a time: a static array is its shared memory
+
+inline uint4 __ldg(const uint4* address) { return *address; }
+
+namespace emulation {
+
+constexpr int kBlockThreads = 256;  // afa_ext::cuda::kThreads, checked below
+constexpr int kWarp = 32;
+
+struct Block {
+  std::barrier<> all{kBlockThreads};
+  std::deque<std::barrier<>> warps;  // a deque: barriers cannot move
+  alignas(16) unsigned char exchange[kBlockThreads * 16];
+  Block() {
+    for (int w = 0; w < kBlockThreads / kWarp; ++w) warps.emplace_back(kWarp);
+  }
+};
+thread_local Block* current_block = nullptr;
+
+}  // namespace emulation
+
+inline void __syncthreads() { emulation::current_block->all.arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
+  static_assert(sizeof(T) <= 16, "one exchange slot per thread");
+  emulation::Block& block = *emulation::current_block;
+  const int lane = threadIdx.x % emulation::kWarp, warp = threadIdx.x / emulation::kWarp;
+  T* slots = reinterpret_cast<T*>(block.exchange + warp * emulation::kWarp * 16);
+  std::memcpy(slots + lane, &value, sizeof(T));
+  block.warps[warp].arrive_and_wait();
+  T other;
+  std::memcpy(&other, slots + (lane ^ lane_mask), sizeof(T));
+  block.warps[warp].arrive_and_wait();
+  return other;
+}
+
+#include "cuda/sqdist_host.h"
+#include "op_schemas.h"
+
+namespace afa_ext {
+namespace cuda {
+namespace {
+
+static_assert(kThreads == emulation::kBlockThreads, "the emulation runs blocks of kThreads threads");
+
+template <typename Params>
+void run_blocks(void (*kernel)(const Params), const Params& params, int64_t blocks) {
+  emulation::Block block;
+  std::vector<std::thread> threads;
+  threads.reserve(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      emulation::current_block = &block;
+      threadIdx.x = t;
+      for (int64_t b = 0; b < blocks; ++b) {
+        blockIdx.x = static_cast<unsigned int>(b);
+        kernel(params);
+        block.all.arrive_and_wait();  // the next block starts when every thread is done
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+}
+
+struct EmulatedRuntime {
+  static constexpr at::DeviceType kDevice = at::kCPU;
+  struct DeviceGuard {
+    explicit DeviceGuard(at::Device) {}
+  };
+
+  template <typename scalar_t>
+  static void launch(void (*kernel)(const GroupedLaunch<scalar_t>), const std::vector<LayerDesc<scalar_t>>& layers,
+                     const std::vector<int64_t>& blocks) {
+    for (const PlannedLaunch<scalar_t>& launch : plan_launches(layers, blocks)) {
+      run_blocks(kernel, launch.params, static_cast<int64_t>(launch.blocks));
+    }
+  }
+};
+
+std::vector<at::Tensor> forward(at::TensorList targets, at::TensorList sources, Grouping grouping) {
+  return sqdist_forward_layers<EmulatedRuntime>(targets, sources, grouping);
+}
+
+std::vector<at::Tensor> backward(at::TensorList grads, at::TensorList targets, at::TensorList sources,
+                                 Grouping grouping) {
+  return sqdist_backward_layers<EmulatedRuntime>(grads, targets, sources, grouping);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace afa_ext
+
+using afa_ext::Grouping;
+namespace cuda = afa_ext::cuda;
+
+TORCH_LIBRARY(afa_ext_cuda_emulated, m) { afa_ext::define_sqdist_ops(m); }
+
+TORCH_LIBRARY_IMPL(afa_ext_cuda_emulated, CPU, m) {
+  m.impl("channel_sqdist", [](const at::Tensor& t, const at::Tensor& s) {
+    return cuda::forward(t, s, Grouping::kChannel)[0];
+  });
+  m.impl("spatial_sqdist", [](const at::Tensor& t, const at::Tensor& s) {
+    return cuda::forward(t, s, Grouping::kSpatial)[0];
+  });
+  m.impl("channel_sqdist_backward", [](const at::Tensor& g, const at::Tensor& t, const at::Tensor& s) {
+    return cuda::backward(g, t, s, Grouping::kChannel)[0];
+  });
+  m.impl("spatial_sqdist_backward", [](const at::Tensor& g, const at::Tensor& t, const at::Tensor& s) {
+    return cuda::backward(g, t, s, Grouping::kSpatial)[0];
+  });
+  m.impl("grouped_channel_sqdist", [](at::TensorList t, at::TensorList s) {
+    afa_ext::check_layer_lists("grouped_channel_sqdist", t, s);
+    return cuda::forward(t, s, Grouping::kChannel);
+  });
+  m.impl("grouped_spatial_sqdist", [](at::TensorList t, at::TensorList s) {
+    afa_ext::check_layer_lists("grouped_spatial_sqdist", t, s);
+    return cuda::forward(t, s, Grouping::kSpatial);
+  });
+  m.impl("grouped_channel_sqdist_backward", [](at::TensorList g, at::TensorList t, at::TensorList s) {
+    afa_ext::check_layer_lists("grouped_channel_sqdist_backward", t, s, g);
+    return cuda::backward(g, t, s, Grouping::kChannel);
+  });
+  m.impl("grouped_spatial_sqdist_backward", [](at::TensorList g, at::TensorList t, at::TensorList s) {
+    afa_ext::check_layer_lists("grouped_spatial_sqdist_backward", t, s, g);
+    return cuda::backward(g, t, s, Grouping::kSpatial);
+  });
+}

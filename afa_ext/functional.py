@@ -26,10 +26,11 @@ from torch import Tensor
 
 from . import auto_choice, reference
 from ._validation import check_features, check_weights, spatial_positions
-from .backends import available_backends, resolve_backend
+from .backends import BACKEND_DEVICES, available_backends, resolve_backend
 
 # The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
-_GPU_CANDIDATES = tuple(name for name in ("cuda", "triton") if name in available_backends())
+_GPU_CANDIDATES = tuple(name for name in ("cuda", "triton")
+                        if name in available_backends() and "cuda" in BACKEND_DEVICES[name])
 
 __all__ = [
     "feature_map_loss",

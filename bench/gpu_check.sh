@@ -6,6 +6,8 @@
 #
 #   bash bench/gpu_check.sh                 # everything; report in bench/out/gpu_check/report.md
 #   bash bench/gpu_check.sh --quick         # smaller benchmark budget
+#   bash bench/gpu_check.sh --no-tests      # build and benchmarks only (or --no-build, --no-bench:
+#                                           # to split the work over calls with a time limit)
 #   OUT=/somewhere bash bench/gpu_check.sh  # another report folder
 #
 # No internet is needed: the build uses the torch, triton, setuptools, pybind11 and ninja
@@ -15,8 +17,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-bench/out/gpu_check}
-BUDGET=6
-[[ "${1:-}" == "--quick" ]] && BUDGET=2
+BUDGET=6 BUILD=1 TESTS=1 BENCH=1
+for arg in "$@"; do
+  case "$arg" in
+    --quick) BUDGET=2 ;;
+    --no-build) BUILD=0 ;;
+    --no-tests) TESTS=0 ;;
+    --no-bench) BENCH=0 ;;
+    *) echo "unknown option $arg (expected --quick, --no-build, --no-tests, --no-bench)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 status=0
@@ -33,22 +43,24 @@ stage() {  # stage NAME LOG COMMAND...: run, keep the log, remember the first fa
 
 stage "machine" machine.log bash -c "nvidia-smi -L; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"gpu\", torch.cuda.get_device_name())'"
 # An editable install; where pip cannot write to the environment, an in-place build.
-stage "build" build.log bash -c "$PY -m pip install --no-build-isolation --no-deps --no-index -v -e . \
+[[ $BUILD == 1 ]] && stage "build" build.log bash -c "$PY -m pip install --no-build-isolation --no-deps --no-index -v -e . \
   || $PY setup.py build_ext --inplace"
 stage "backends" backends.log $PY -c "import afa_ext; print(afa_ext.available_backends()); print(afa_ext.build_info())"
-stage "cuda resource usage" cuda_resources.md $PY bench/cuda_resource_usage.py "$OUT/build.log"
+[[ $BUILD == 1 ]] && stage "cuda resource usage" cuda_resources.md $PY bench/cuda_resource_usage.py "$OUT/build.log"
 # One Triton configuration per kernel variant in the tests (autotuning every small test
 # shape would only cost compile time); the benchmarks autotune.
-stage "tests" tests.log env AFA_EXT_TRITON_AUTOTUNE=0 $PY -m pytest tests -q -rs -p no:cacheprovider
-stage "multi-layer benchmark" multilayer.md $PY bench/multilayer.py --device cuda --dtypes float32 bfloat16 \
+[[ $TESTS == 1 ]] && stage "tests" tests.log env AFA_EXT_TRITON_AUTOTUNE=0 $PY -m pytest tests -q -rs -p no:cacheprovider
+[[ $BENCH == 1 ]] && stage "multi-layer benchmark" multilayer.md $PY bench/multilayer.py --device cuda --dtypes float32 bfloat16 \
   --budget $BUDGET --out "$OUT"
-stage "per-shape benchmark" report.log $PY bench/report.py --preset resnet101-b64 --device cuda \
+[[ $BENCH == 1 ]] && stage "per-shape benchmark" report.log $PY bench/report.py --preset resnet101-b64 --device cuda \
   --dtypes float32 bfloat16 --budget $BUDGET --out "$OUT"
 
+# A stage skipped now keeps the log of an earlier call into the same OUT (the report says so).
+touch "$OUT/tests.log" "$OUT/cuda_resources.md" "$OUT/multilayer.md" "$OUT/report.log"
 {
   echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo; echo '```'; cat "$OUT/machine.log" "$OUT/backends.log"; echo '```'
-  echo; echo "Stages:"; echo '```'; cat "$OUT/stages.txt"; echo '```'
+  echo; echo "Stages run by this call (other sections may come from an earlier call):"; echo '```'; cat "$OUT/stages.txt"; echo '```'
   echo; echo "Tests: $(tail -n 1 "$OUT/tests.log")"
   echo; echo "## CUDA kernels: registers and spills"; echo; cat "$OUT/cuda_resources.md"
   echo; echo "## Four-layer losses, fwd+bwd"; echo; cat "$OUT/multilayer.md"

@@ -292,6 +292,34 @@ def _device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@dataclass
+class Launch:
+    """One launch for a list of layers: tile orientation, K splits and alignment."""
+
+    plans: List[LayerPlan]
+    rows_fast: bool
+    fast_unit: bool
+    splits: List[Tuple[int, int]]
+    aligned: List[bool]
+
+    @property
+    def anchor(self) -> Tensor:
+        return self.plans[0].target
+
+    def constexprs(self, dtype: torch.dtype) -> dict:
+        """The kernels' compile-time arguments (the autotuner adds the block sizes)."""
+        return dict(NUM_LAYERS=len(self.plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[accumulate_dtype(dtype)],
+                    ROWS_FAST=self.rows_fast, FAST_UNIT=self.fast_unit,
+                    ALIGN=_vector_width(self.aligned, self.anchor.element_size()))
+
+
+def plan_launch(plans: List[LayerPlan], policy: SplitPolicy) -> Launch:
+    rows_fast, fast_unit = _launch_flags(plans)
+    splits = _splits(plans, rows_fast, policy)
+    aligned = _aligned_layers(plans, splits, rows_fast, fast_unit, plans[0].target.element_size())
+    return Launch(plans, rows_fast, fast_unit, splits, aligned)
+
+
 def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str,
                    policy: Optional[SplitPolicy] = None) -> List[Tensor]:
     """d = sum over K of (t - s)^2 for every layer, in one launch (inputs already checked)."""
@@ -308,22 +336,18 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
         live.append(outputs[-1])
     if not plans:
         return outputs
-    rows_fast, fast_unit = _launch_flags(plans)
-    splits = _splits(plans, rows_fast, policy or default_policy(device))
-    anchor = plans[0].target
-    aligned = _aligned_layers(plans, splits, rows_fast, fast_unit, anchor.element_size())
+    launch = plan_launch(plans, policy or default_policy(device))
     table_rows, workspace_size, counter_size = [], 0, 0
-    for plan, output, split, layer_aligned in zip(plans, live, splits, aligned):
-        table_rows.append(_table_row(plan, anchor, output, None, split, workspace_size, counter_size, layer_aligned))
+    for plan, output, split, aligned in zip(plans, live, launch.splits, launch.aligned):
+        table_rows.append(_table_row(plan, launch.anchor, output, None, split, workspace_size, counter_size, aligned))
         if split[0] > 1:
             workspace_size += plan.rows * split[0]
-            counter_size += _row_blocks(plan, _smallest_block_rows(rows_fast))
+            counter_size += _row_blocks(plan, _smallest_block_rows(launch.rows_fast))
     workspace = torch.empty(max(workspace_size, 1), dtype=acc, device=device)
     with _device_context(device):
-        _FORWARD[rows_fast][_grid(plans, splits)](
-            anchor, _device_table(table_rows, device), workspace, _counters(device, counter_size),
-            _shape_class(plans), NUM_LAYERS=len(plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[acc],
-            ROWS_FAST=rows_fast, FAST_UNIT=fast_unit, ALIGN=_vector_width(aligned, anchor.element_size()))
+        _FORWARD[launch.rows_fast][_grid(plans, launch.splits)](
+            launch.anchor, _device_table(table_rows, device), workspace, _counters(device, counter_size),
+            _shape_class(plans), **launch.constexprs(dtype))
     return outputs
 
 
@@ -342,15 +366,10 @@ def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources:
         weights.append(grad.to(acc).contiguous())
     if not plans:
         return outputs
-    rows_fast, fast_unit = _launch_flags(plans)
-    splits = _splits(plans, rows_fast, policy or default_policy(device))
-    anchor = plans[0].target
-    aligned = _aligned_layers(plans, splits, rows_fast, fast_unit, anchor.element_size())
-    table_rows = [_table_row(plan, anchor, plan.output, weight, split, 0, 0, layer_aligned)
-                  for plan, weight, split, layer_aligned in zip(plans, weights, splits, aligned)]
+    launch = plan_launch(plans, policy or default_policy(device))
+    table_rows = [_table_row(plan, launch.anchor, plan.output, weight, split, 0, 0, aligned)
+                  for plan, weight, split, aligned in zip(plans, weights, launch.splits, launch.aligned)]
     with _device_context(device):
-        _BACKWARD[rows_fast][_grid(plans, splits)](
-            anchor, _device_table(table_rows, device), _shape_class(plans),
-            NUM_LAYERS=len(plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[acc],
-            ROWS_FAST=rows_fast, FAST_UNIT=fast_unit, ALIGN=_vector_width(aligned, anchor.element_size()))
+        _BACKWARD[launch.rows_fast][_grid(plans, launch.splits)](
+            launch.anchor, _device_table(table_rows, device), _shape_class(plans), **launch.constexprs(dtype))
     return outputs

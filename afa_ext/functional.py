@@ -114,9 +114,8 @@ def _layer_lists(where: str, target, source, *weights) -> Tuple[List[Tensor], ..
                                 f"per layer; got a {type(target).__name__} of {type(entry).__name__}")
     lists = [_as_list(target, "target", where, layers), _as_list(source, "source", where, layers)]
     lists += [_as_list(weight, name, where, layers) for name, weight in weights]
-    prefix = where
     for index, (t, s) in enumerate(zip(lists[0], lists[1])):
-        prefix = f"{where} (layer {index})" if layers else where
+        prefix = _layer_name(where, index, lists[0])
         check_features(t, s, prefix)
         if t.device != lists[0][0].device:
             raise ValueError(f"{prefix}: expected every layer on one device, got layer 0 on "
@@ -125,6 +124,7 @@ def _layer_lists(where: str, target, source, *weights) -> Tuple[List[Tensor], ..
 
 
 def _layer_name(where: str, index: int, layers: List[Tensor]) -> str:
+    """What an error names: the function, and the layer when there are several."""
     return f"{where} (layer {index})" if len(layers) > 1 else where
 
 

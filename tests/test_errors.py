@@ -185,3 +185,39 @@ def test_checks_come_before_the_backend(backend):
     target, source = _features()
     _raises(case, ValueError, r"expected attention of shape \(2, 3\)", target, source, torch.ones(2, 4),
             backend=backend)
+
+
+# --------------------------------------------------------------------------- lists of layers
+
+
+def test_lists_of_layers_are_checked_layer_by_layer():
+    targets = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 2, 2)]
+    sources = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 2, 3)]
+    attention = [torch.zeros(2, 3), torch.zeros(2, 5)]
+    F = afa_ext.functional
+    with pytest.raises(ValueError, match=re.escape("channel_attentive_loss (layer 1): expected source to have "
+                                                   "the shape of target (2, 5, 2, 2), got (2, 5, 2, 3)")):
+        F.channel_attentive_loss(targets, sources, attention)
+    sources[1] = torch.zeros(2, 5, 2, 2)
+    with pytest.raises(TypeError, match="channel_attentive_loss: expected attention to be a list with one entry "
+                                        "per layer like target, got Tensor"):
+        F.channel_attentive_loss(targets, sources, attention[0])
+    with pytest.raises(ValueError, match="channel_attentive_loss: expected 2 layers of attention, as many as of "
+                                         "target, got 1"):
+        F.channel_attentive_loss(targets, sources, attention[:1])
+    with pytest.raises(ValueError, match=re.escape("spatial_attentive_loss (layer 1): expected attention of shape "
+                                                   "(2, 4) or (2, 1, 2, 2)")):
+        F.spatial_attentive_loss(targets, sources, [torch.zeros(2, 16), torch.zeros(2, 5)])
+    with pytest.raises(ValueError, match="feature_map_loss: expected at least one layer, got an empty target list"):
+        F.feature_map_loss([], [])
+    with pytest.raises(ValueError, match=re.escape("feature_map_loss (layer 1): expected every layer on one device, "
+                                                   "got layer 0 on cpu and this one on meta")):
+        F.feature_map_loss([targets[0], targets[1].to("meta")], [sources[0], sources[1].to("meta")])
+
+
+def test_a_one_layer_list_is_the_single_tensor():
+    target, source = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    attention = torch.softmax(torch.randn(2, 3), dim=1)
+    single = afa_ext.functional.channel_attentive_loss(target, source, attention)
+    listed = afa_ext.functional.channel_attentive_loss([target], [source], [attention])
+    assert torch.equal(single, listed)

@@ -46,3 +46,47 @@ def check_op_pair(ops, grouping, target, source, generator):
         assert dt.stride() == target.stride(), "the gradient keeps a dense layout of the target"
     model = float64_model.partial_sums_backward(grouping, grad, target, source)
     assert relative_error(dt.cpu(), model) <= backward_tolerance(dtype)
+
+
+def check_grouped_gradients(ops, grouping, targets, sources):
+    """gradcheck and gradgradcheck of ``ops.grouped_<grouping>_sqdist`` in the targets
+    (float64 layers)."""
+    targets = [t.detach().requires_grad_(True) for t in targets]
+    op = getattr(ops, f"grouped_{grouping}_sqdist")
+
+    def partial_sums(*layer_targets):
+        return tuple(op(list(layer_targets), sources))
+
+    assert torch.autograd.gradcheck(partial_sums, tuple(targets))
+    assert torch.autograd.gradgradcheck(partial_sums, tuple(targets))
+
+
+def layer_weights(name, targets, generator, requires_grad=False):
+    """Softmax weights of the shape the loss ``name`` asks for, one per layer, on each
+    layer's device: (C,) for delta_loss, (B, C) channel attention, (B, P) spatial attention
+    (and a (1,) placeholder for feature_map_loss, which takes none)."""
+    weights = []
+    for target in targets:
+        batch, channels, positions = target.shape[0], target.shape[1], math.prod(target.shape[2:])
+        size = {"delta_loss": (channels,), "channel_attentive_loss": (batch, channels),
+                "spatial_attentive_loss": (batch, positions)}.get(name, (1,))
+        weight = torch.rand(size, generator=generator).softmax(-1).to(target.device)
+        weights.append(weight.requires_grad_(requires_grad))
+    return weights
+
+
+def check_list_loss(name, targets, sources, weights, backend, tolerance=2e-5):
+    """The functional loss ``name`` given lists of layers equals the sum of the reference
+    loss over the layers, in value and in the gradients of the leaves that require one."""
+    from afa_ext import functional
+
+    function = getattr(functional, name)
+    extra = () if name == "feature_map_loss" else (weights,)
+    leaves = [t for t in targets + (weights if extra else []) if t.requires_grad]
+    loss = function(targets, sources, *extra, backend=backend)
+    expected = sum(function(t, s, *((w,) if extra else ()), backend="reference")
+                   for t, s, w in zip(targets, sources, weights))
+    assert relative_error(loss.detach(), expected.detach()) <= tolerance
+    if leaves:
+        for actual, wanted in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves)):
+            assert relative_error(actual, wanted) <= tolerance

@@ -5,7 +5,6 @@ Skipped without a CUDA device (the kernels' own tests are test_cuda_kernels.py a
 test_triton_backend.py)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import afa_ext
 import float64_model
 from afa_ext import auto_choice, functional
 from loss_cases import LOSS_IDS, LOSSES, make_features, make_weights, relative_error, run_loss
+from op_checks import check_list_loss, layer_weights
 
 GPU_BACKENDS = [name for name in ("cuda", "triton")
                 if name in afa_ext.available_backends() and afa_ext.backends.BACKEND_DEVICES[name] == ("cuda",)]
@@ -42,32 +42,16 @@ def test_loss_and_gradients_match_the_model(backend, case, dtype):
 
 
 def _layer_inputs(name, generator):
-    targets, sources, weights = [], [], []
-    for shape in LAYER_SHAPES:
-        batch, channels, positions = shape[0], shape[1], math.prod(shape[2:])
-        targets.append(torch.randn(shape, generator=generator).cuda().requires_grad_(True))
-        sources.append(torch.randn(shape, generator=generator).cuda())
-        size = {"delta_loss": (channels,), "channel_attentive_loss": (batch, channels),
-                "spatial_attentive_loss": (batch, positions)}.get(name, (1,))
-        weights.append(torch.rand(size, generator=generator).softmax(-1).cuda().requires_grad_(True))
-    return targets, sources, weights
+    targets = [torch.randn(shape, generator=generator).cuda().requires_grad_(True) for shape in LAYER_SHAPES]
+    sources = [torch.randn(shape, generator=generator).cuda() for shape in LAYER_SHAPES]
+    return targets, sources, layer_weights(name, targets, generator, requires_grad=True)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS + ["auto"])
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_lists_of_layers_match_the_reference_layer_by_layer(backend, name):
     targets, sources, weights = _layer_inputs(name, torch.Generator().manual_seed(22))
-    function = getattr(functional, name)
-    extra = () if name == "feature_map_loss" else (weights,)
-    leaves = targets + (weights if extra else [])
-    loss = function(targets, sources, *extra, backend=backend)
-    grads = torch.autograd.grad(loss, leaves)
-    expected = sum(function(t, s, *((w,) if extra else ()), backend="reference")
-                   for t, s, w in zip(targets, sources, weights))
-    expected_grads = torch.autograd.grad(expected, leaves)
-    assert relative_error(loss.detach(), expected.detach()) <= 2e-5
-    for actual, wanted in zip(grads, expected_grads):
-        assert relative_error(actual, wanted) <= 2e-5
+    check_list_loss(name, targets, sources, weights, backend)
 
 
 def test_auto_remembers_a_gpu_backend_per_layer_shapes():

@@ -2,14 +2,11 @@
 lists of layers: equal to the single ops layer by layer, autograd, opcheck, errors."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from afa_ext import functional
-from loss_cases import needs_cpu, relative_error
-from op_checks import grad_for
+from loss_cases import needs_cpu
+from op_checks import check_grouped_gradients, check_list_loss, grad_for, layer_weights
 
 pytestmark = needs_cpu
 OPS = torch.ops.afa_ext
@@ -40,15 +37,7 @@ def test_grouped_ops_equal_the_single_ops(grouping, dtype):
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_grouped_gradcheck_and_gradgradcheck(grouping):
-    targets, sources = _layers(torch.float64, [(2, 3, 3, 2), (1, 4, 5)])
-    targets = [t.requires_grad_(True) for t in targets]
-    op = getattr(OPS, f"grouped_{grouping}_sqdist")
-
-    def partial_sums(*layer_targets):
-        return tuple(op(list(layer_targets), sources))
-
-    assert torch.autograd.gradcheck(partial_sums, tuple(targets))
-    assert torch.autograd.gradgradcheck(partial_sums, tuple(targets))
+    check_grouped_gradients(OPS, grouping, *_layers(torch.float64, [(2, 3, 3, 2), (1, 4, 5)]))
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
@@ -76,16 +65,5 @@ def test_losses_over_layers_of_mixed_dtypes(name):
     """Layers of several dtypes: one grouped call per dtype, the sum of the layers' losses."""
     targets, sources = _layers()
     targets[1], sources[1] = targets[1].double(), sources[1].double()
-    generator = torch.Generator().manual_seed(3)
-    weights = []
-    for target in targets:
-        batch, channels, positions = target.shape[0], target.shape[1], math.prod(target.shape[2:])
-        size = {"delta_loss": (channels,), "channel_attentive_loss": (batch, channels),
-                "spatial_attentive_loss": (batch, positions)}.get(name, (1,))
-        weights.append(torch.rand(size, generator=generator).softmax(-1))
-    function = getattr(functional, name)
-    extra = () if name == "feature_map_loss" else (weights,)
-    total = function(targets, sources, *extra, backend="cpu")
-    expected = sum(function(t, s, *((w,) if extra else ()), backend="reference")
-                   for t, s, w in zip(targets, sources, weights))
-    assert relative_error(total, expected) <= 1e-6
+    weights = layer_weights(name, targets, torch.Generator().manual_seed(3))
+    check_list_loss(name, targets, sources, weights, "cpu", tolerance=1e-6)

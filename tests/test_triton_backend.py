@@ -6,7 +6,6 @@ through Triton's interpreter (slow, so the shapes are small); otherwise it is sk
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from loss_cases import (
     run_loss,
 )
 from op_checks import backward_tolerance as _backward_tolerance
-from op_checks import check_op_pair, grad_for
+from op_checks import check_grouped_gradients, check_list_loss, check_op_pair, grad_for, layer_weights
 from op_checks import forward_tolerance as _forward_tolerance
 
 pytestmark = pytest.mark.skipif(
@@ -188,37 +187,14 @@ def test_losses_match_the_model(case, dtype):
 @pytest.mark.parametrize("name", ["feature_map_loss", "delta_loss", "channel_attentive_loss", "spatial_attentive_loss"])
 def test_multi_layer_losses_match_the_sum_of_reference_layers(name):
     targets, sources = _layers(RESNET_LIKE, torch.float32)
-    generator = torch.Generator().manual_seed(12)
-    weights = []
-    for target in targets:
-        batch, channels, positions = target.shape[0], target.shape[1], math.prod(target.shape[2:])
-        size = {"delta_loss": (channels,), "channel_attentive_loss": (batch, channels),
-                "spatial_attentive_loss": (batch, positions)}.get(name, (1,))
-        weights.append(torch.rand(size, generator=generator).softmax(-1).to(DEVICE).requires_grad_(True))
     targets = [t.requires_grad_(True) for t in targets]
-    function = getattr(functional, name)
-    extra = () if name == "feature_map_loss" else (weights,)
-    loss = function(targets, sources, *extra, backend="triton")
-    grads = torch.autograd.grad(loss, targets + (weights if extra else []))
-    expected = sum(function(t, s, *((w,) if extra else ()), backend="reference")
-                   for t, s, w in zip(targets, sources, weights))
-    expected_grads = torch.autograd.grad(expected, targets + (weights if extra else []))
-    assert relative_error(loss.detach(), expected.detach()) <= 2e-5
-    for actual, wanted in zip(grads, expected_grads):
-        assert relative_error(actual, wanted) <= 2e-5
+    weights = layer_weights(name, targets, torch.Generator().manual_seed(12), requires_grad=True)
+    check_list_loss(name, targets, sources, weights, "triton")
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_gradcheck_and_gradgradcheck_grouped(grouping):
-    targets, sources = _layers([(2, 3, 3, 2), (1, 4, 5)], torch.float64)
-    targets = [t.requires_grad_(True) for t in targets]
-    op = getattr(OPS, f"grouped_{grouping}_sqdist")
-
-    def partial_sums(*layer_targets):
-        return tuple(op(list(layer_targets), sources))
-
-    assert torch.autograd.gradcheck(partial_sums, tuple(targets))
-    assert torch.autograd.gradgradcheck(partial_sums, tuple(targets))
+    check_grouped_gradients(OPS, grouping, *_layers([(2, 3, 3, 2), (1, 4, 5)], torch.float64))
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)

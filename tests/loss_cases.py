@@ -125,6 +125,15 @@ LAYOUT_PAIRS = [(layout, layout) for layout in LAYOUTS if layout != "expanded"] 
 ]
 LAYOUT_IDS = [t if t == s else f"{t}-vs-{s}" for t, s in LAYOUT_PAIRS]
 
+# (shape, dtype, layout) of the torch.library.opcheck tests of each op library.
+OPCHECK_CASES = [
+    ((2, 3, 4, 5), torch.float32, "contiguous"),
+    ((2, 3, 4, 5), torch.bfloat16, "channels_last"),
+    ((3, 4, 7), torch.float64, "cropped"),
+    ((2, 3, 2, 3, 4), torch.float16, "channel_strided"),
+]
+OPCHECK_IDS = [f"{len(s)}d-{str(d).split('.')[1]}-{layout}" for s, d, layout in OPCHECK_CASES]
+
 
 def _channels_last(base: Tensor) -> Tensor:
     if base.dim() == 4:

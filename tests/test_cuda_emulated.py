@@ -89,6 +89,18 @@ def test_op_misaligned_base_pointer(ops, grouping, dtype):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
+def test_op_features_with_many_unmergeable_dims(ops, grouping):
+    """7-D features with scrambled strides: more dims than a layer descriptor holds, so the
+    host code copies them dense (and copies the gradient back into the target's layout)."""
+    order = (0, 1, 5, 3, 6, 2, 4)
+    inverse = [order.index(d) for d in range(7)]
+    target, source = _features((2, 3, 2, 3, 2, 3, 2), torch.float32, seed=12)
+    target = target.permute(order).contiguous().permute(inverse)
+    source = source.permute(order).contiguous().permute(inverse)
+    check_op_pair(ops, grouping, target, source, torch.Generator().manual_seed(13))
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("count", [4, 11], ids=["4-layers", "11-layers"])
 def test_grouped_ops_match_the_model(ops, grouping, dtype, count):

@@ -13,6 +13,8 @@ import torch
 import afa_ext
 import float64_model
 from loss_cases import (
+    OPCHECK_CASES,
+    OPCHECK_IDS,
     DTYPES,
     LAYOUT_IDS,
     LAYOUT_PAIRS,
@@ -334,13 +336,6 @@ def test_two_runs_are_bitwise_equal(grouping, shape, layout, dtype):
 # --------------------------------------------------------------------------- opcheck
 
 
-OPCHECK_CASES = [
-    ((2, 3, 4, 5), torch.float32, "contiguous"),
-    ((2, 3, 4, 5), torch.bfloat16, "channels_last"),
-    ((3, 4, 7), torch.float64, "cropped"),
-    ((2, 3, 2, 3, 4), torch.float16, "channel_strided"),
-]
-OPCHECK_IDS = [f"{len(s)}d-{str(d).split('.')[1]}-{layout}" for s, d, layout in OPCHECK_CASES]
 
 
 @needs_cuda

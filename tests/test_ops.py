@@ -8,6 +8,8 @@ import torch
 
 import float64_model
 from loss_cases import (
+    OPCHECK_CASES,
+    OPCHECK_IDS,
     DTYPES,
     HALF_DTYPES,
     LAYOUT_IDS,
@@ -120,13 +122,6 @@ def test_op_device_mismatch_raises(kind):
 
 # --------------------------------------------------------------------------- opcheck
 
-OPCHECK_CASES = [
-    ((2, 3, 4, 5), torch.float32, "contiguous"),
-    ((2, 3, 4, 5), torch.bfloat16, "channels_last"),
-    ((3, 4, 7), torch.float64, "cropped"),
-    ((2, 3, 2, 3, 4), torch.float16, "channel_strided"),
-]
-OPCHECK_IDS = [f"{len(s)}d-{str(d).split('.')[1]}-{layout}" for s, d, layout in OPCHECK_CASES]
 
 
 @pytest.mark.parametrize("kind", OPS)

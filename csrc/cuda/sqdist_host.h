@@ -29,6 +29,23 @@ inline const char* backward_name(Grouping grouping) {
   return grouping == Grouping::kChannel ? "channel_sqdist_backward" : "spatial_sqdist_backward";
 }
 
+// The plan of one layer. When its strides need more outer dims than a LayerDesc holds,
+// target and source are replaced by dense copies and grad_target, when given, by a fresh
+// dense tensor to copy back; all are kept alive in ``copies`` until the launch is enqueued.
+inline ReductionPlan plan_in_descriptor(Grouping grouping, at::Tensor& target, at::Tensor& source,
+                                        at::Tensor* grad_target, std::vector<at::Tensor>& copies) {
+  ReductionPlan plan = plan_of(grouping, target, source, grad_target ? *grad_target : target);
+  if (fits_descriptor(plan)) return plan;
+  target = target.contiguous();
+  source = source.contiguous();
+  copies.insert(copies.end(), {target, source});
+  if (grad_target) {
+    *grad_target = at::empty_like(target);
+    copies.push_back(*grad_target);
+  }
+  return plan_of(grouping, target, source, grad_target ? *grad_target : target);
+}
+
 // The partial sums of every layer, in one launch. Layers are checked one by one under the
 // name of the single op, as the CPU kernels do.
 template <typename Runtime>
@@ -51,13 +68,7 @@ std::vector<at::Tensor> sqdist_forward_layers(at::TensorList targets, at::Tensor
         continue;
       }
       at::Tensor target = targets[i], source = sources[i];
-      ReductionPlan plan = plan_of(grouping, target, source, target);
-      if (!fits_descriptor(plan)) {  // more unmergeable dims than a LayerDesc holds
-        target = target.contiguous();
-        source = source.contiguous();
-        copies.insert(copies.end(), {target, source});
-        plan = plan_of(grouping, target, source, target);
-      }
+      const ReductionPlan plan = plan_in_descriptor(grouping, target, source, nullptr, copies);
       LayerDesc<scalar_t> layer = describe_layer<scalar_t>(plan, target, source, nullptr);
       layer.partial = partials[i].mutable_data_ptr<acc_t>();
       blocks.push_back(shape_forward(layer));
@@ -88,15 +99,8 @@ std::vector<at::Tensor> sqdist_backward_layers(at::TensorList grads, at::TensorL
     for (size_t i = 0; i < targets.size(); ++i) {
       if (targets[i].numel() == 0) continue;
       at::Tensor target = targets[i], source = sources[i], grad_target = gradients[i];
-      ReductionPlan plan = plan_of(grouping, target, source, grad_target);
-      if (!fits_descriptor(plan)) {  // more unmergeable dims than a LayerDesc holds
-        target = target.contiguous();
-        source = source.contiguous();
-        grad_target = at::empty_like(target);
-        copies.insert(copies.end(), {target, source});
-        copy_back.emplace_back(gradients[i], grad_target);
-        plan = plan_of(grouping, target, source, grad_target);
-      }
+      const ReductionPlan plan = plan_in_descriptor(grouping, target, source, &grad_target, copies);
+      if (!grad_target.is_same(gradients[i])) copy_back.emplace_back(gradients[i], grad_target);
       LayerDesc<scalar_t> layer = describe_layer<scalar_t>(plan, target, source, &grad_target);
       layer.weights = weights[i].const_data_ptr<acc_t>();
       blocks.push_back(shape_backward(layer));

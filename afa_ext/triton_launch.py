@@ -71,8 +71,10 @@ def _configs(rows_fast: bool) -> List[triton.Config]:
     return [triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in shapes]
 
 
-def _smallest_block_rows(rows_fast: bool) -> int:
-    return min(config.kwargs["BLOCK_R"] for config in _configs(rows_fast))
+# The fewest rows a program of any configuration owns, per orientation: the host sizes
+# the split counters and estimates program counts with it before the autotuner picks.
+SMALLEST_BLOCK_ROWS = {rows_fast: min(config.kwargs["BLOCK_R"] for config in _configs(rows_fast))
+                       for rows_fast in (False, True)}
 
 
 def _tuned(kernel, rows_fast: bool):
@@ -178,7 +180,7 @@ def _splits(plans: Sequence[LayerPlan], rows_fast: bool, policy: SplitPolicy) ->
     """(splits, k_per_split) of each layer: one split unless the rows alone leave the
     device idle; then K is cut evenly into slices of a multiple of 64 elements, each at
     least policy.min_k_per_split long."""
-    programs = sum(_row_blocks(plan, _smallest_block_rows(rows_fast)) for plan in plans)
+    programs = sum(_row_blocks(plan, SMALLEST_BLOCK_ROWS[rows_fast]) for plan in plans)
     wanted = triton.cdiv(policy.target_programs, max(programs, 1))
     result = []
     for plan in plans:
@@ -342,7 +344,7 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
         table_rows.append(_table_row(plan, launch.anchor, output, None, split, workspace_size, counter_size, aligned))
         if split[0] > 1:
             workspace_size += plan.rows * split[0]
-            counter_size += _row_blocks(plan, _smallest_block_rows(launch.rows_fast))
+            counter_size += _row_blocks(plan, SMALLEST_BLOCK_ROWS[launch.rows_fast])
     workspace = torch.empty(max(workspace_size, 1), dtype=acc, device=device)
     with _device_context(device):
         _FORWARD[launch.rows_fast][_grid(plans, launch.splits)](

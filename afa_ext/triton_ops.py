@@ -36,7 +36,7 @@ def _forward(grouping: str):
     def grouped(targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
         check_grouped_inputs(op, targets, sources)
         _check_device(op, targets)
-        return triton_launch.sqdist_forward(list(targets), [s.detach() for s in sources], grouping)
+        return triton_launch.sqdist_forward(list(targets), list(sources), grouping)
 
     def single(target: Tensor, source: Tensor) -> Tensor:
         return grouped([target], [source])[0]

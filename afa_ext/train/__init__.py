@@ -1,0 +1,15 @@
+"""The AFA trainer: fine-tunes a pretrained CNN on a small target data set with a
+feature-alignment regulariser (none, L2-SP, feature-map L2, DELTA, AST, ACT, or two-stage
+AFA), computing the feature terms with afa_ext's fused losses.
+
+Run it as ``python -m afa_ext.train`` or ``afa-train`` (``--help`` lists the flags);
+``python -m afa_ext.train.demo`` is the offline digits transfer behind ``make demo``.
+Its modules, one job each: ``config`` (settings and their defaults), ``data`` (data sets,
+splits, augmentation, batches), ``models`` (backbones, heads, weights, feature hooks),
+``regularizers`` (the loss terms), ``delta_weights`` (DELTA's channel weights),
+``checkpoint`` (atomic checkpoints and RNG states), ``distributed`` (torchrun set-up),
+``loop`` (stages, epochs, evaluation, outputs), ``cli`` (the command line), ``pretrain``
+(the digits source model) and ``demo``.
+
+It uses only afa_ext's public names, so the kernels and ops can change under it.
+"""

@@ -1,0 +1,521 @@
+"""The training run: stages, epochs, evaluation, checkpoints and the files of ``--out``.
+
+A run has one stage per regulariser, or two for ``afa``: stage 1 trains with AST from the
+pretrained source model; stage 2 trains with ACT from the best stage-1 model, and that
+model also replaces the source model (whose features the feature terms align to). Each
+stage selects its best epoch on the validation split only; the stage-2 start (the best
+stage-1 model) is a candidate too, so stage 2 never hands back a model that does worse
+on validation than the one it started from. The test split is evaluated once, on the
+final model.
+
+Everything a resumed run needs is in ``checkpoint.pt``, written atomically after every
+epoch (and, in a one-process run, after the step during which SIGTERM or Ctrl-C arrived):
+model, source model, attention modules, optimizer, scheduler, stage, epoch and step,
+best-so-far, the metrics so far and every RNG state. With data order and augmentation
+drawn from (seed, epoch, sample index), a killed run restarted with ``--resume`` ends
+bitwise where an uninterrupted one ends (on the CPU).
+"""
+from __future__ import annotations
+
+import copy
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+import afa_ext
+
+from . import checkpoint, distributed
+from .config import ConfigError, TrainConfig, epochs_per_stage, from_dict, load_toml, stage_plan, to_toml, \
+    validate, with_defaults, RESUME_FREE
+from .data import GlobalBatchSampler, load_data
+from .models import ARCH_PRESETS, FeatureHooks, build_model, default_layers, feature_shapes, head_module_name, \
+    resolve_layers
+from .outputs import CHECKPOINT, CONFIG, MODEL, check_out_folder, write_metrics, write_result
+from .regularizers import feature_term, source_anchors
+from .step import StepModule, step_losses
+
+__all__ = ["run", "Interrupted"]
+
+CHECKPOINT_VERSION = 1
+
+
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C arrived; a checkpoint was written."""
+
+    def __init__(self, signum: int, path: Path):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: checkpoint written to {path}; "
+                         f"continue with --resume")
+        self.signum = signum
+
+
+@dataclass
+class _Best:
+    val_acc: float = -1.0
+    epoch: int = -1
+    model: Optional[dict] = None
+    term: Optional[dict] = None
+
+
+@dataclass
+class _EpochSums:
+    """Per-epoch sums of each term (global meaning once reduced over ranks)."""
+
+    ce: float = 0.0
+    feature: float = 0.0
+    head: float = 0.0
+    correct: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGINT; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Defaults filled in and every setting checked; on --resume, the saved configuration,
+    which must agree with the given one but for the settings a resumption may change."""
+    resolved = with_defaults(config, torch.cuda.is_available())
+    validate(resolved)
+    out = Path(resolved.out)
+    check_out_folder(out, resolved.resume)
+    if resolved.resume:
+        saved = from_dict(load_toml(str(out / CONFIG)), str(out / CONFIG))
+        differing = [key for key, value in saved.to_dict().items()
+                     if key not in RESUME_FREE and value != getattr(resolved, key)]
+        if differing:
+            details = ", ".join(f"{k}: saved {getattr(saved, k)!r}, given {getattr(resolved, k)!r}" for k in differing)
+            raise ConfigError(f"--resume: the run in {out} was started with other settings ({details}); "
+                              f"resume it with the same settings")
+    return resolved
+
+
+class Run:
+    """One training run (every rank builds one)."""
+
+    def __init__(self, config: TrainConfig, dist: distributed.Distributed, log: Callable[[str], None],
+                 progress: Optional[bool]):
+        self.config = config
+        self.dist = dist
+        self.device = dist.device
+        self.out = Path(config.out)
+        self.log = log if dist.is_main else (lambda message: None)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
+        self._prepare()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _prepare(self) -> None:
+        """Everything that can fail on bad input, before anything is written."""
+        config = self.config
+        torch.manual_seed(config.seed)
+        if config.batch_size % self.dist.world:
+            raise ConfigError(f"--batch-size {config.batch_size}: the global batch must split evenly over "
+                              f"{self.dist.world} processes")
+        self.data = load_data(config.data, image_size=config.image_size, val_fraction=config.val_fraction,
+                              seed=config.seed, shots=config.shots)
+        preset = ARCH_PRESETS.get(config.arch)
+        self.image_size = config.image_size or (preset.image_size if preset else 224)
+        weights = config.weights
+        if weights is None:
+            weights = self._default_weights()
+        model = build_model(config.arch, self.data.num_classes, weights, in_channels=self.data.in_channels)
+        self.head = head_module_name(model, config.arch)
+        self.layers = resolve_layers(model, config.layers if config.layers else default_layers(config.arch))
+        self.shapes = feature_shapes(model, self.layers, self.image_size, self.data.in_channels)
+        alphas = (preset.alpha_stage1, preset.alpha_stage2) if preset else (0.1, 0.15)
+        self.stages = stage_plan(config, *alphas)
+        self.epochs = epochs_per_stage(config, len(self.data.train))
+        model = model.to(self.device)
+        if config.sync_bn and self.dist.enabled:
+            model = distributed.convert_sync_batchnorm(model, self.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.source = copy.deepcopy(model).eval().requires_grad_(False)
+        self.hooks = FeatureHooks(self.model, self.layers)
+        self.source_hooks = FeatureHooks(self.source, self.layers)
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        self.channel_weights = None
+        self.delta_info: Dict = {}
+        resuming = config.resume and (self.out / CHECKPOINT).is_file()
+        if any(stage["reg"] == "delta" for stage in self.stages) and not resuming:
+            self.channel_weights = self._delta_weights(weights)
+        self.sampler = GlobalBatchSampler(len(self.data.train), config.batch_size, seed=config.seed, shuffle=True,
+                                          rank=self.dist.rank, world=self.dist.world)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+
+    def _default_weights(self) -> str:
+        if self.config.arch == "digits_cnn":
+            from .pretrain import digits_source_weights
+
+            return digits_source_weights(self.config.cache_dir, self.image_size, log=self.log)
+        return "imagenet"
+
+    def _delta_weights(self, weights: str):
+        from .delta_weights import compute_channel_weights, load_channel_weights
+
+        choice = self.config.delta_weights
+        if choice not in ("removal", "taylor"):
+            loaded = [w.float() for w in load_channel_weights(choice)]
+            for index, (w, shape) in enumerate(zip(loaded, self.shapes)):
+                if w.shape != (shape[0],):
+                    raise ConfigError(f"--delta-weights {choice}: layer {index} ({self.layers[index]}) has "
+                                      f"{shape[0]} channels, the file gives {tuple(w.shape)} weights")
+            if len(loaded) != len(self.shapes):
+                raise ConfigError(f"--delta-weights {choice}: expected weights for {len(self.shapes)} layers, "
+                                  f"got {len(loaded)}")
+            self.delta_info = {"method": "file", "path": choice}
+            return loaded
+        loader = torch.utils.data.DataLoader(
+            self.data.train, batch_sampler=GlobalBatchSampler(len(self.data.train), self.config.batch_size,
+                                                              seed=self.config.seed, shuffle=True),
+            num_workers=self.config.workers)
+        key_parts = {"arch": self.config.arch, "weights": _weights_identity(weights), "data": self.data.fingerprint,
+                     "image_size": self.image_size, "seed": self.config.seed,
+                     "head_epochs": self.config.delta_head_epochs, "batches": self.config.delta_batches,
+                     "batch_size": self.config.batch_size}
+        started = time.perf_counter()
+        result, info = compute_channel_weights(
+            self.model, self.head, self.layers, loader, method=choice, head_epochs=self.config.delta_head_epochs,
+            head_lr=self.config.lr or 0.01, score_batches=self.config.delta_batches, device=self.device,
+            cache_dir=self.config.cache_dir, key_parts=key_parts)
+        self.delta_info = dict(info, seconds=info.get("seconds", time.perf_counter() - started))
+        self.log(f"DELTA channel weights ({choice}): {'cached' if info.get('cached') else 'computed'} "
+                 f"in {self.delta_info['seconds']:.1f} s")
+        return [w.float() for w in result]
+
+    def _setup_stage(self, index: int) -> None:
+        stage = self.stages[index]
+        weights = None if self.channel_weights is None else [w.to(self.device) for w in self.channel_weights]
+        term = feature_term(stage["reg"], backend=self.config.backend, feature_shapes=self.shapes,
+                            channel_weights=weights)
+        self.term = None if term is None else term.to(self.device)
+        parameters = list(self.model.parameters()) + ([] if self.term is None else list(self.term.parameters()))
+        self.optimizer = torch.optim.SGD(parameters, lr=stage["lr"], momentum=self.config.momentum,
+                                         weight_decay=self.config.weight_decay)
+        milestone = max(1, round(self.config.lr_decay_at * self.epochs))
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, [milestone], gamma=self.config.lr_gamma)
+        self.anchors = source_anchors(self.source, self.head) if stage["reg"] == "l2sp" else None
+        self.step_module = StepModule(self.model, self.forward_model, self.hooks, self.term)
+        self.wrapped = None
+
+    def _wrapped_step(self):
+        """The step module, in DistributedDataParallel under torchrun (made after any state is loaded)."""
+        if self.wrapped is None:
+            if self.dist.enabled:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.wrapped = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+            else:
+                self.wrapped = self.step_module
+        return self.wrapped
+
+    # ------------------------------------------------------------------ state
+
+    def _fresh_state(self) -> Dict:
+        return {"version": CHECKPOINT_VERSION, "stage": 0, "epoch": 0, "step": 0, "sums": _EpochSums(),
+                "best": _Best(), "stage_results": [], "rows": [], "elapsed": 0.0,
+                "channel_weights": self.channel_weights, "delta_info": self.delta_info}
+
+    def _checkpoint(self, state: Dict) -> None:
+        if not self.dist.is_main:
+            return
+        payload = dict(state)
+        payload.update({
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "source": self.source.state_dict(),
+            "term": None if self.term is None else self.term.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": checkpoint.rng_states(),
+        })
+        checkpoint.save(self.out / CHECKPOINT, payload)
+
+    def _restore(self) -> Dict:
+        saved = checkpoint.load(self.out / CHECKPOINT)
+        if saved.get("version") != CHECKPOINT_VERSION:
+            raise ConfigError(f"--resume: {self.out / CHECKPOINT} was written by another version of the trainer")
+        self.channel_weights = saved["channel_weights"]
+        self.delta_info = saved["delta_info"]
+        self.model.load_state_dict(saved["model"])
+        self.source.load_state_dict(saved["source"])
+        if saved["stage"] < len(self.stages):
+            self._setup_stage(saved["stage"])
+            if self.term is not None:
+                self.term.load_state_dict(saved["term"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        checkpoint.restore_rng_states(saved["rng"])
+        keys = ("version", "stage", "epoch", "step", "sums", "best", "stage_results", "rows", "elapsed",
+                "channel_weights", "delta_info")
+        return {key: saved[key] for key in keys}
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> Dict:
+        config = self.config
+        started = time.perf_counter()
+        if config.resume and (self.out / CHECKPOINT).is_file():
+            state = self._restore()
+            self.log(f"resuming {self.out} at stage {state['stage'] + 1}, epoch {state['epoch'] + 1}, "
+                     f"step {state['step']}")
+        else:
+            if self.dist.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                checkpoint.atomic_write_text(self.out / CONFIG, to_toml(config))
+            self.dist.barrier()
+            state = self._fresh_state()
+            self._setup_stage(0)
+        state["elapsed_at_start"] = state["elapsed"]
+        self._started = started
+        with _StopFlag() as stop:
+            while state["stage"] < len(self.stages):
+                self._run_stage(state, stop)
+        return self._finish(state)
+
+    def _elapsed(self, state: Dict) -> float:
+        return state["elapsed_at_start"] + time.perf_counter() - self._started
+
+    def _run_stage(self, state: Dict, stop: _StopFlag) -> None:
+        index = state["stage"]
+        stage = self.stages[index]
+        while state["epoch"] < self.epochs:
+            self._train_epoch(state, stop)
+            epoch = state["epoch"]
+            val_acc = self.evaluate(self.data.val)
+            best: _Best = state["best"]
+            if val_acc > best.val_acc:
+                best.val_acc, best.epoch = val_acc, epoch + 1
+                best.model = copy.deepcopy(self.model.state_dict())
+                best.term = None if self.term is None else copy.deepcopy(self.term.state_dict())
+            self._record_epoch(state, stage, val_acc)
+            self.scheduler.step()
+            state["epoch"], state["step"], state["sums"] = epoch + 1, 0, _EpochSums()
+            state["elapsed"] = self._elapsed(state)
+            self._checkpoint(state)
+            if self._stop_agreed(stop):
+                raise Interrupted(stop.signum or signal.SIGTERM, self.out / CHECKPOINT)
+        best = state["best"]
+        state["stage_results"].append({"reg": stage["reg"], "lr": stage["lr"], "alpha": stage["alpha"],
+                                       "epochs": self.epochs, "best_epoch": best.epoch,
+                                       "best_val_acc": best.val_acc})
+        self.model.load_state_dict(best.model)
+        state["stage"] += 1
+        state["epoch"], state["step"] = 0, 0
+        if state["stage"] < len(self.stages):
+            # The next stage starts from this stage's best model, which is also its source.
+            self.source.load_state_dict(best.model)
+            state["best"] = _Best(best.val_acc, 0, best.model, None)
+            self._setup_stage(state["stage"])
+            self.log(f"stage {state['stage'] + 1}: starting from the best stage-{state['stage']} model "
+                     f"(val acc {best.val_acc:.4f}), which also becomes the source model")
+
+    def _stop_agreed(self, stop: _StopFlag) -> bool:
+        flag = torch.tensor([1.0 if stop.signum is not None else 0.0])
+        return bool(distributed.all_reduce_sum(self.dist, flag).item() > 0)
+
+    def _autocast(self):
+        if self.config.amp is None:
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _to_device(self, images):
+        images = images.to(self.device, non_blocking=True)
+        if self.config.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _train_epoch(self, state: Dict, stop: _StopFlag) -> None:
+        stage = self.stages[state["stage"]]
+        epoch, first_step = state["epoch"], state["step"]
+        sums: _EpochSums = state["sums"]
+        self.sampler.set_epoch(epoch)
+        self.data.train.set_epoch(epoch)
+        global_batches = self.sampler.global_batches()
+        local_batches = [batch[self.dist.rank::self.dist.world] for batch in global_batches]
+        loader = torch.utils.data.DataLoader(self.data.train, batch_sampler=local_batches[first_step:],
+                                             num_workers=self.config.workers,
+                                             pin_memory=self.device.type == "cuda")
+        self.model.train()
+        if self.term is not None:
+            self.term.train()
+        step_module = self._wrapped_step()
+        bar = _progress_bar(len(global_batches), first_step, self.progress,
+                            f"stage {state['stage'] + 1}/{len(self.stages)} ({stage['reg']}) "
+                            f"epoch {epoch + 1}/{self.epochs}")
+        device_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        started = time.perf_counter()
+        for step, (images, labels) in enumerate(loader, start=first_step):
+            images, labels = self._to_device(images), labels.to(self.device, non_blocking=True)
+            mean_scale, sum_scale = distributed.loss_scales(self.dist, len(labels), len(global_batches[step]))
+            with self._autocast():
+                with torch.no_grad():
+                    self.source(images)
+                    source_features = [f.detach() for f in self.source_hooks.features]
+                logits, feature = step_module(images, source_features)
+                losses = step_losses(logits, labels, feature, reg=stage["reg"], alpha=stage["alpha"],
+                                     beta=self.config.beta, model=self.model, head=self.head, anchors=self.anchors,
+                                     mean_scale=mean_scale, sum_scale=sum_scale, world=self.dist.world)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses.total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            device_sums += torch.stack([losses.ce.double(), losses.feature.double(), losses.head.double(),
+                                        losses.correct.double()])
+            sums.steps += 1
+            bar.update(1)
+            if stop.signum is not None and not self.dist.enabled and step + 1 < len(global_batches):
+                self._add_sums(sums, device_sums, started)
+                state["step"] = step + 1
+                state["elapsed"] = self._elapsed(state)
+                self._checkpoint(state)
+                bar.close()
+                raise Interrupted(stop.signum, self.out / CHECKPOINT)
+        bar.close()
+        self._add_sums(sums, device_sums, started)
+
+    def _add_sums(self, sums: _EpochSums, device_sums: torch.Tensor, started: float) -> None:
+        """Fold this epoch's device-side sums (over ranks) into ``sums``: one sync per epoch."""
+        reduced = distributed.all_reduce_sum(self.dist, device_sums).cpu().tolist()
+        sums.ce += reduced[0]
+        sums.feature += reduced[1]
+        sums.head += reduced[2]
+        sums.correct += int(round(reduced[3]))
+        sums.seconds += time.perf_counter() - started
+
+    def _record_epoch(self, state: Dict, stage: Dict, val_acc: float) -> None:
+        sums: _EpochSums = state["sums"]
+        steps = max(sums.steps, 1)
+        ce, feature, head = sums.ce / steps, sums.feature / steps, sums.head / steps
+        seen = sum(len(batch) for batch in self.sampler.global_batches())
+        row = {
+            "stage": state["stage"] + 1, "reg": stage["reg"], "epoch": state["epoch"] + 1,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "ce": ce, "feature": feature, "head_l2": head,
+            "total": ce + stage["alpha"] * feature + self.config.beta * head,
+            "train_acc": sums.correct / max(seen, 1), "val_acc": val_acc,
+            "best_val_acc": max(state["best"].val_acc, val_acc), "seconds": sums.seconds,
+        }
+        state["rows"].append(row)
+        if self.dist.is_main:
+            write_metrics(self.out, state["rows"])
+        self.log(f"stage {row['stage']}/{len(self.stages)} ({row['reg']}) epoch {row['epoch']}/{self.epochs}: "
+                 f"lr {row['lr']:.3g}  ce {ce:.4f}  feature {feature:.4g}  head {head:.4g}  total {row['total']:.4f}  "
+                 f"train acc {row['train_acc']:.4f}  val acc {val_acc:.4f}  ({sums.seconds:.1f} s)")
+
+    @torch.no_grad()
+    def evaluate(self, split) -> float:
+        """Top-1 accuracy of the target model on a split (each rank a share, summed)."""
+        was_training = self.model.training
+        self.model.eval()
+        indices = list(range(self.dist.rank, len(split), self.dist.world))
+        loader = torch.utils.data.DataLoader(split, batch_size=self.config.batch_size, sampler=indices,
+                                             num_workers=self.config.workers)
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for images, labels in loader:
+            images, labels = self._to_device(images), labels.to(self.device)
+            with self._autocast():
+                logits = self.forward_model(images)
+            counts[0] += (logits.argmax(dim=1) == labels).sum()
+            counts[1] += len(labels)
+        self.model.train(was_training)
+        correct, total = distributed.all_reduce_sum(self.dist, counts).cpu().tolist()
+        return correct / max(total, 1)
+
+    def _finish(self, state: Dict) -> Dict:
+        final = state["stage_results"][-1]
+        test_acc = self.evaluate(self.data.test)
+        result = {
+            "test_acc": test_acc,
+            "best_val_acc": final["best_val_acc"],
+            "method": self.config.reg,
+            "stages": state["stage_results"],
+            "epochs_per_stage": self.epochs,
+            "epochs_run": sum(stage["epochs"] for stage in state["stage_results"]),
+            "wall_time_s": self._elapsed(state),
+            "backend": self.config.backend,
+            "backends_available": afa_ext.available_backends(),
+            "arch": self.config.arch,
+            "layers": self.layers,
+            "seed": self.config.seed,
+            "data": self.config.data,
+            "images": {"train": len(self.data.train), "val": len(self.data.val), "test": len(self.data.test)},
+            "test_is_val": bool(getattr(self.data, "test_is_val", False)),
+            "world_size": self.dist.world,
+            "delta_weights": {k: v for k, v in (state["delta_info"] or {}).items() if k != "path"},
+        }
+        if self.dist.is_main:
+            state_dict = self.model.state_dict()
+            buffer_path = self.out / MODEL
+            checkpoint.save(buffer_path, state_dict)
+            write_result(self.out, result)
+        self.log(f"test accuracy {test_acc:.4f} (best validation accuracy {final['best_val_acc']:.4f}); "
+                 f"results in {self.out}")
+        return result
+
+
+def _weights_identity(weights: str) -> str:
+    """What identifies the starting weights in a cache key: the name, or a file's path, size and mtime."""
+    path = Path(weights)
+    if weights in ("imagenet", "none") or not path.is_file():
+        return weights
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, done: int, enabled: bool, description: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=description, leave=False, dynamic_ncols=True)
+
+
+def run(config: TrainConfig, *, log: Callable[[str], None] = print, progress: Optional[bool] = None) -> Dict:
+    """Train as ``config`` says and return what result.json holds (on every rank)."""
+    resolved = resolve_config(config)
+    dist = distributed.setup(resolved.device)
+    try:
+        return Run(resolved, dist, log, progress).run()
+    finally:
+        distributed.teardown(dist)

@@ -1,0 +1,57 @@
+"""What a run leaves in ``--out``: the folder guard, ``config.toml``, ``metrics.csv``,
+``model.pt`` and ``result.json``, each written atomically.
+
+An existing non-empty folder is only ever continued (``--resume``), never overwritten.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Dict, List
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import ConfigError
+
+__all__ = ["METRIC_COLUMNS", "check_out_folder", "write_metrics", "write_result", "CHECKPOINT", "MODEL", "RESULT",
+           "CONFIG", "METRICS"]
+
+CONFIG = "config.toml"
+METRICS = "metrics.csv"
+CHECKPOINT = "checkpoint.pt"
+MODEL = "model.pt"
+RESULT = "result.json"
+
+METRIC_COLUMNS = ("stage", "reg", "epoch", "lr", "ce", "feature", "head_l2", "total", "train_acc", "val_acc",
+                  "best_val_acc", "seconds")
+
+
+def check_out_folder(out: Path, resume: bool) -> None:
+    """Refuse a non-empty folder without ``--resume``, and ``--resume`` without a run."""
+    if resume:
+        if not (out / CONFIG).is_file():
+            raise ConfigError(f"--resume: {out} holds no run to resume (no {CONFIG}); leave out --resume to start one")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"--out {out}: the folder exists and is not empty; pass --resume to continue the run in it, "
+            f"or choose another --out (nothing in it was touched)"
+        )
+
+
+def write_metrics(out: Path, rows: List[Dict]) -> None:
+    """metrics.csv: one row per stage and epoch, every loss term apart."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _format(row[key]) for key in METRIC_COLUMNS})
+    atomic_write_text(out / METRICS, buffer.getvalue())
+
+
+def _format(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def write_result(out: Path, result: Dict) -> None:
+    atomic_write_json(out / RESULT, result)

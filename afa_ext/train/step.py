@@ -1,0 +1,71 @@
+"""One training step's losses: source features, target forward, the loss terms.
+
+``StepModule`` is what DistributedDataParallel wraps: the target model and the stage's
+feature term (with its attention modules), so that both get their gradients averaged.
+``step_losses`` scales each term so that, averaged over W ranks, the gradient is the
+one-process gradient of the global batch (distributed.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .regularizers import BATCH_SUMS, head_l2, l2sp_term
+
+__all__ = ["StepModule", "StepLosses", "step_losses"]
+
+
+class StepModule(nn.Module):
+    """target model + feature term: forward(images, source_features) -> (logits, R)."""
+
+    def __init__(self, model: nn.Module, forward_model: Callable, hooks, term: Optional[nn.Module]):
+        super().__init__()
+        self.model = model
+        self.term = term
+        # Not a submodule: its parameters are the model's.
+        object.__setattr__(self, "_forward_model", forward_model)  # the model, or its torch.compile
+        self._hooks = hooks
+
+    def forward(self, images: Tensor, source_features: List[Tensor]):
+        logits = self._forward_model(images)
+        if self.term is None:
+            return logits, None
+        return logits, self.term(self._hooks.features, source_features)
+
+
+@dataclass
+class StepLosses:
+    """The terms of one step: ``total`` is what is differentiated (scaled for this rank);
+    the others carry their global, one-process meaning once summed over the ranks."""
+
+    total: Tensor
+    ce: Tensor
+    feature: Tensor
+    head: Tensor
+    correct: Tensor
+
+
+def step_losses(logits: Tensor, labels: Tensor, feature: Optional[Tensor], *, reg: str, alpha: float, beta: float,
+                model: nn.Module, head: str, anchors, mean_scale: float, sum_scale: float, world: int) -> StepLosses:
+    """CE + alpha * R + beta * 0.5 * ||W_head||^2, each term scaled for this rank."""
+    ce = F.cross_entropy(logits.float(), labels)
+    if reg == "l2sp":
+        feature, feature_scale = l2sp_term(model, anchors, head), 1.0
+    elif feature is None:
+        feature, feature_scale = logits.new_zeros((), dtype=torch.float32), 1.0
+    else:
+        feature_scale = sum_scale if reg in BATCH_SUMS else mean_scale
+    head_term = head_l2(model, head)
+    total = mean_scale * ce + (alpha * feature_scale) * feature + beta * head_term
+    correct = (logits.detach().argmax(dim=1) == labels).sum()
+    return StepLosses(
+        total=total,
+        ce=(mean_scale / world) * ce.detach(),
+        feature=(feature_scale / world) * feature.detach().float(),
+        head=head_term.detach() / world,
+        correct=correct,
+    )

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--stage2-alpha", dest="stage2_alpha", type=float, help="afa stage 2 (ACT) alpha (default: the arch's)")
     add("--stage2-lr", dest="stage2_lr", type=float, help="afa stage 2 learning rate (default 0.001)")
     add("--batch-size", dest="batch_size", type=int, help="global batch size, whatever the number of processes")
+    add("--eval-batch-size", dest="eval_batch_size", type=int, help="batch size of evaluation (default 4x --batch-size)")
     add("--max-iter", dest="max_iter", type=int, help="iterations per stage, turned into epochs (default 4500)")
     add("--epochs", type=int, help="epochs per stage (overrides --max-iter)")
     add("--image-size", dest="image_size", type=int, help="input side in pixels (default: the arch's)")

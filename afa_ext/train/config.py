@@ -19,7 +19,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,6 +55,7 @@ class TrainConfig:
     lr_decay_at: float = 0.67
     lr_gamma: float = 0.1
     batch_size: int = 64
+    eval_batch_size: Optional[int] = None  # 4 * batch_size
     max_iter: Optional[int] = 4500
     epochs: Optional[int] = None
     image_size: Optional[int] = None
@@ -203,6 +204,8 @@ def validate(config: TrainConfig) -> None:
     _check_number("lr_decay_at", config.lr_decay_at, minimum=0, maximum=1)
     _check_number("lr_gamma", config.lr_gamma, minimum=0, open_min=True)
     _check_number("batch_size", config.batch_size, minimum=1, integer=True)
+    if config.eval_batch_size is not None:
+        _check_number("eval_batch_size", config.eval_batch_size, minimum=1, integer=True)
     if config.epochs is not None:
         _check_number("epochs", config.epochs, minimum=1, integer=True)
     elif config.max_iter is None:

@@ -371,27 +371,13 @@ class Run:
         self.model.train()
         if self.term is not None:
             self.term.train()
-        step_module = self._wrapped_step()
         bar = _progress_bar(len(global_batches), first_step, self.progress,
                             f"stage {state['stage'] + 1}/{len(self.stages)} ({stage['reg']}) "
                             f"epoch {epoch + 1}/{self.epochs}")
         device_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         started = time.perf_counter()
         for step, (images, labels) in enumerate(loader, start=first_step):
-            images, labels = self._to_device(images), labels.to(self.device, non_blocking=True)
-            mean_scale, sum_scale = distributed.loss_scales(self.dist, len(labels), len(global_batches[step]))
-            with self._autocast():
-                with torch.no_grad():
-                    self.source(images)
-                    source_features = [f.detach() for f in self.source_hooks.features]
-                logits, feature = step_module(images, source_features)
-                losses = step_losses(logits, labels, feature, reg=stage["reg"], alpha=stage["alpha"],
-                                     beta=self.config.beta, model=self.model, head=self.head, anchors=self.anchors,
-                                     mean_scale=mean_scale, sum_scale=sum_scale, world=self.dist.world)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses.total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            losses = self.train_step(images, labels, len(global_batches[step]), stage)
             device_sums += torch.stack([losses.ce.double(), losses.feature.double(), losses.head.double(),
                                         losses.correct.double()])
             sums.steps += 1
@@ -405,6 +391,24 @@ class Run:
                 raise Interrupted(stop.signum, self.out / CHECKPOINT)
         bar.close()
         self._add_sums(sums, device_sums, started)
+
+    def train_step(self, images, labels, global_batch: int, stage: Dict):
+        """One optimizer step on this rank's share of a global batch; returns its StepLosses."""
+        images, labels = self._to_device(images), labels.to(self.device, non_blocking=True)
+        mean_scale, sum_scale = distributed.loss_scales(self.dist, len(labels), global_batch)
+        with self._autocast():
+            with torch.no_grad():
+                self.source(images)
+                source_features = [f.detach() for f in self.source_hooks.features]
+            logits, feature = self._wrapped_step()(images, source_features)
+            losses = step_losses(logits, labels, feature, reg=stage["reg"], alpha=stage["alpha"],
+                                 beta=self.config.beta, model=self.model, head=self.head, anchors=self.anchors,
+                                 mean_scale=mean_scale, sum_scale=sum_scale, world=self.dist.world)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses
 
     def _add_sums(self, sums: _EpochSums, device_sums: torch.Tensor, started: float) -> None:
         """Fold this epoch's device-side sums (over ranks) into ``sums``: one sync per epoch."""
@@ -441,7 +445,8 @@ class Run:
         was_training = self.model.training
         self.model.eval()
         indices = list(range(self.dist.rank, len(split), self.dist.world))
-        loader = torch.utils.data.DataLoader(split, batch_size=self.config.batch_size, sampler=indices,
+        batch_size = self.config.eval_batch_size or 4 * self.config.batch_size
+        loader = torch.utils.data.DataLoader(split, batch_size=batch_size, sampler=indices,
                                              num_workers=self.config.workers)
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         for images, labels in loader:

@@ -15,7 +15,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 BUILD_STAMP := $(VENV)/.extension-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: test demo bench build clean
+.PHONY: test demo compare bench build clean
 
 test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
@@ -25,6 +25,9 @@ test: $(BUILD_STAMP)
 	$(VPY) -m pytest bench -q --benchmark-disable  # each benchmark case once, checked
 
 demo: $(BUILD_STAMP)
+	$(VPY) -m afa_ext.train.demo
+
+compare: $(BUILD_STAMP)
 	$(VPY) bench/compare_backends.py
 
 bench: $(BUILD_STAMP)

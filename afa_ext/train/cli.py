@@ -89,7 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = parse_config(argv)
         run(config)
     except (ConfigError, DataError, LayerError, WeightsError) as error:
-        print(f"afa-train: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, even where a library's message has several
+        print(f"afa-train: error: {message}", file=sys.stderr)
         return 2
     except Interrupted as interruption:
         print(f"afa-train: {interruption}", file=sys.stderr)

@@ -184,6 +184,13 @@ def _check_number(name: str, value, *, minimum=None, maximum=None, integer=False
 
 def validate(config: TrainConfig) -> None:
     """Raise ConfigError for any setting that cannot work (before anything is written)."""
+    for name in ("channels_last", "compile", "sync_bn", "resume"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"--{name.replace('_', '-')}: expected true or false, got {getattr(config, name)!r}")
+    for name in ("data", "arch", "weights", "device", "delta_weights", "out", "cache_dir"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a string, got {value!r}")
     _check_choice("reg", config.reg, REGULARIZERS)
     _check_choice("backend", config.backend, BACKENDS)
     if config.amp is not None:
@@ -224,7 +231,8 @@ def validate(config: TrainConfig) -> None:
     _check_number("delta_batches", config.delta_batches, minimum=1, integer=True)
     if config.delta_weights not in DELTA_ESTIMATES and not Path(config.delta_weights).is_file():
         raise ConfigError(f"--delta-weights: expected removal, taylor or an existing file, got {config.delta_weights!r}")
-    if config.layers is not None and (not config.layers or not all(isinstance(n, str) and n for n in config.layers)):
+    if config.layers is not None and (not isinstance(config.layers, (list, tuple)) or not config.layers
+                                      or not all(isinstance(n, str) and n for n in config.layers)):
         raise ConfigError(f"--layers: expected a comma-separated list of layer names, got {config.layers!r}")
     if not isinstance(config.data, str) or not config.data:
         raise ConfigError(f"--data: expected a folder or 'digits', got {config.data!r}")

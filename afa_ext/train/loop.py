@@ -105,6 +105,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     which must agree with the given one but for the settings a resumption may change."""
     resolved = with_defaults(config, torch.cuda.is_available())
     validate(resolved)
+    if resolved.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {resolved.device}: no CUDA device is available here; use --device cpu")
     out = Path(resolved.out)
     check_out_folder(out, resolved.resume)
     if resolved.resume:
@@ -185,7 +187,10 @@ class Run:
 
         choice = self.config.delta_weights
         if choice not in ("removal", "taylor"):
-            loaded = [w.float() for w in load_channel_weights(choice)]
+            try:
+                loaded = [w.float() for w in load_channel_weights(choice)]
+            except ValueError as error:
+                raise ConfigError(f"--delta-weights {choice}: {error}") from None
             for index, (w, shape) in enumerate(zip(loaded, self.shapes)):
                 if w.shape != (shape[0],):
                     raise ConfigError(f"--delta-weights {choice}: layer {index} ({self.layers[index]}) has "

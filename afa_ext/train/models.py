@@ -251,7 +251,7 @@ def _drop_aux_heads(model: nn.Module, arch: str) -> None:
 
 def _check_in_channels(arch: str, in_channels: int) -> None:
     if arch != "digits_cnn" and in_channels != 3:
-        raise ValueError(
+        raise LayerError(
             f"{arch!r} takes 3-channel images, got in_channels={in_channels}; only digits_cnn "
             "takes other channel counts (repeat a gray channel 3 times for torchvision models)"
         )

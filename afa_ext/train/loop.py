@@ -413,6 +413,8 @@ class Run:
         self.scaler.scale(losses.total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.hooks.clear()  # the feature maps are not kept beyond the step
+        self.source_hooks.clear()
         return losses
 
     def _add_sums(self, sums: _EpochSums, device_sums: torch.Tensor, started: float) -> None:

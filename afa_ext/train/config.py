@@ -81,7 +81,7 @@ class TrainConfig:
 
 
 # Settings that may differ between a run and its resumption.
-RESUME_FREE = ("resume", "workers", "out")
+RESUME_FREE = ("resume", "workers", "out", "cache_dir")
 
 
 def config_keys() -> List[str]:

@@ -34,7 +34,7 @@ import afa_ext
 from . import checkpoint, distributed
 from .config import ConfigError, TrainConfig, epochs_per_stage, from_dict, load_toml, stage_plan, to_toml, \
     validate, with_defaults, RESUME_FREE
-from .data import GlobalBatchSampler, load_data
+from .data import GlobalBatchSampler, load_data, mix_seed
 from .models import ARCH_PRESETS, FeatureHooks, build_model, default_layers, feature_shapes, head_module_name, \
     resolve_layers
 from .outputs import CHECKPOINT, CONFIG, MODEL, check_out_folder, write_metrics, write_result
@@ -293,8 +293,8 @@ class Run:
         started = time.perf_counter()
         if config.resume and (self.out / CHECKPOINT).is_file():
             state = self._restore()
-            self.log(f"resuming {self.out} at stage {state['stage'] + 1}, epoch {state['epoch'] + 1}, "
-                     f"step {state['step']}")
+            self.log(f"resuming {self.out}: stage {state['stage'] + 1}, {state['epoch']} of {self.epochs} epochs "
+                     f"and {state['step']} steps done")
         else:
             if self.dist.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -372,7 +372,11 @@ class Run:
         local_batches = [batch[self.dist.rank::self.dist.world] for batch in global_batches]
         loader = torch.utils.data.DataLoader(self.data.train, batch_sampler=local_batches[first_step:],
                                              num_workers=self.config.workers,
-                                             pin_memory=self.device.type == "cuda")
+                                             pin_memory=self.device.type == "cuda",
+                                             # its base seed from (seed, epoch), not the global RNG:
+                                             # a resumed epoch must not draw it a second time
+                                             generator=torch.Generator().manual_seed(
+                                                 mix_seed(self.config.seed, epoch)))
         self.model.train()
         if self.term is not None:
             self.term.train()
@@ -454,7 +458,8 @@ class Run:
         indices = list(range(self.dist.rank, len(split), self.dist.world))
         batch_size = self.config.eval_batch_size or 4 * self.config.batch_size
         loader = torch.utils.data.DataLoader(split, batch_size=batch_size, sampler=indices,
-                                             num_workers=self.config.workers)
+                                             num_workers=self.config.workers,
+                                             generator=torch.Generator().manual_seed(self.config.seed))
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         for images, labels in loader:
             images, labels = self._to_device(images), labels.to(self.device)

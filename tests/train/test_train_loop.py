@@ -31,8 +31,9 @@ DIGITS_CHANNELS = (16, 32, 64)
 SHOTS = 4
 BATCH = 10
 # The documented defaults for digits_cnn: 0.01 for l2sp / fea_map / delta, the arch's
-# stage-1 alpha (0.1) for ast and afa's first stage, its stage-2 alpha (0.1) for act.
-DEFAULT_ALPHA = {"none": 0.0, "l2sp": 0.01, "fea_map": 0.01, "delta": 0.01, "ast": 0.1, "act": 0.1, "afa": 0.1}
+# stage-1 alpha (0.001) for ast and afa's first stage, its stage-2 alpha (0.001) for act.
+DEFAULT_ALPHA = {"none": 0.0, "l2sp": 0.01, "fea_map": 0.01, "delta": 0.01, "ast": 0.001, "act": 0.001,
+                 "afa": 0.001}
 DEFAULT_LR = 0.01
 REGS = ("none", "l2sp", "fea_map", "delta", "ast", "act", "afa")
 

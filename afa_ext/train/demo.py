@@ -185,7 +185,7 @@ def _plot(path: Path, summary: List[Dict], runs: List[Dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m afa_ext.train.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default=None, help="output folder (default runs/demo-<date>-<time>)")
     parser.add_argument("--epochs", type=int, default=DEMO_SETTINGS["epochs"])
     parser.add_argument("--cache-dir", default=None)

@@ -2,6 +2,9 @@
 
 ``afa_ext.functional`` holds the four losses with backend dispatch, ``afa_ext.reference``
 the pure-PyTorch ground truth, and the modules below wrap them for a trainer.
+``afa_ext.compat`` keeps the names and signatures of the published AFA/DELTA regulariser
+code, and ``afa_ext.train`` is the AFA trainer (``python -m afa_ext.train``); neither is
+imported here.
 """
 from . import functional, reference
 from .backends import BackendUnavailableError, available_backends

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--stage2-alpha", dest="stage2_alpha", type=float, help="afa stage 2 (ACT) alpha (default: the arch's)")
     add("--stage2-lr", dest="stage2_lr", type=float, help="afa stage 2 learning rate (default 0.001)")
     add("--batch-size", dest="batch_size", type=int, help="global batch size, whatever the number of processes")
-    add("--eval-batch-size", dest="eval_batch_size", type=int, help="batch size of evaluation (default 4x --batch-size)")
+    add("--eval-batch-size", dest="eval_batch_size", type=int, help="batch size of evaluation and of DELTA's batched channel removal (default 4x --batch-size)")
     add("--max-iter", dest="max_iter", type=int, help="iterations per stage, turned into epochs (default 4500)")
     add("--epochs", type=int, help="epochs per stage (overrides --max-iter)")
     add("--image-size", dest="image_size", type=int, help="input side in pixels (default: the arch's)")
@@ -82,7 +82,7 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .data import DataError
-    from .loop import Interrupted, run
+    from .loop import Diverged, Interrupted, run
     from .models import LayerError, WeightsError
 
     try:
@@ -92,6 +92,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = " ".join(str(error).split())  # one line, even where a library's message has several
         print(f"afa-train: error: {message}", file=sys.stderr)
         return 2
+    except Diverged as divergence:
+        print(f"afa-train: error: {divergence}", file=sys.stderr)
+        return 1
     except Interrupted as interruption:
         print(f"afa-train: {interruption}", file=sys.stderr)
         return 128 + interruption.signum

@@ -55,7 +55,7 @@ class TrainConfig:
     lr_decay_at: float = 0.67
     lr_gamma: float = 0.1
     batch_size: int = 64
-    eval_batch_size: Optional[int] = None  # 4 * batch_size
+    eval_batch_size: Optional[int] = None  # 4 * batch_size; also bounds DELTA's batched removal
     max_iter: Optional[int] = 4500
     epochs: Optional[int] = None
     image_size: Optional[int] = None

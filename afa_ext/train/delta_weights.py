@@ -476,9 +476,9 @@ def _load_cached(path: Path, method: str, layers: list[str]) -> dict:
     return payload
 
 
-def _scores(method: str, model: nn.Module, layers: list[str], batches) -> list[Tensor]:
+def _scores(method: str, model: nn.Module, layers: list[str], batches, max_rows: int) -> list[Tensor]:
     if method == "removal":
-        return removal_scores(model, layers, batches)
+        return removal_scores(model, layers, batches, max_rows=max_rows)
     return taylor_scores(model, layers, batches)
 
 
@@ -486,14 +486,15 @@ def compute_channel_weights(model: nn.Module, head_name: str, layer_names: Seque
                             train_batches: Iterable[tuple[Tensor, Tensor]], *, method: str,
                             head_epochs: int = 10, head_lr: float = 0.01, score_batches: int = 4,
                             device="cpu", cache_dir: str | os.PathLike | None,
-                            key_parts: dict) -> tuple[list[Tensor], dict]:
+                            key_parts: dict, max_rows: int = 4096) -> tuple[list[Tensor], dict]:
     """DELTA's channel weights of ``layer_names``: head training, scores, softmax(z / 5).
 
     On a deep copy of ``model`` moved to ``device`` (the caller's model is untouched):
     ``train_head`` for ``head_epochs`` epochs of ``train_batches`` at ``head_lr``, then
     ``removal_scores`` or ``taylor_scores`` (``method``) of the head-trained copy on the first
     ``score_batches`` batches of a fresh pass over ``train_batches``, then
-    ``channel_weights_from_scores``. Returns (one float32 CPU weight tensor per layer, info)
+    ``channel_weights_from_scores``; ``max_rows`` bounds the replicated batch of the
+    removal estimate (``removal_scores``). Returns (one float32 CPU weight tensor per layer, info)
     with info = {"method", "seconds" (this call), "cached", "path" (None without cache)}.
 
     With a ``cache_dir``, the result lives in
@@ -517,7 +518,7 @@ def compute_channel_weights(model: nn.Module, head_name: str, layer_names: Seque
     working = copy.deepcopy(model).to(device)
     train_head(working, head_name, train_batches, epochs=head_epochs, lr=head_lr, device=device)
     batches = list(itertools.islice(iter(train_batches), score_batches))
-    scores = _scores(method, working, layers, batches)
+    scores = _scores(method, working, layers, batches, max_rows)
     weights = [weight.float().cpu() for weight in channel_weights_from_scores(scores)]
     if path is not None:
         _save_atomically({"weights": weights, "scores": scores, "layers": layers, "method": method,

@@ -18,9 +18,9 @@ run: batch statistics over the global batch through a differentiable all-reduce.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,9 @@ def setup(device: str) -> Distributed:
         target = torch.device("cpu")
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
+        # Rank 0 alone estimates DELTA's channel weights while the others wait for them.
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world,
+                                             timeout=datetime.timedelta(hours=2))
     return Distributed(rank=rank, world=world, local_rank=local_rank, device=target)
 
 

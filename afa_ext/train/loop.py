@@ -18,13 +18,14 @@ bitwise where an uninterrupted one ends (on the CPU).
 from __future__ import annotations
 
 import copy
+import math
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -41,9 +42,13 @@ from .outputs import CHECKPOINT, CONFIG, MODEL, check_out_folder, write_metrics,
 from .regularizers import feature_term, source_anchors
 from .step import StepModule, step_losses
 
-__all__ = ["run", "Interrupted"]
+__all__ = ["run", "Interrupted", "Diverged"]
 
 CHECKPOINT_VERSION = 1
+
+
+class Diverged(RuntimeError):
+    """The loss of an epoch was not finite; the checkpoint of the epoch before is kept."""
 
 
 class Interrupted(Exception):
@@ -170,7 +175,7 @@ class Run:
         self.delta_info: Dict = {}
         resuming = config.resume and (self.out / CHECKPOINT).is_file()
         if any(stage["reg"] == "delta" for stage in self.stages) and not resuming:
-            self.channel_weights = self._delta_weights(weights)
+            self.channel_weights = self._shared_delta_weights(weights)
         self.sampler = GlobalBatchSampler(len(self.data.train), config.batch_size, seed=config.seed, shuffle=True,
                                           rank=self.dist.rank, world=self.dist.world)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
@@ -212,11 +217,22 @@ class Run:
         result, info = compute_channel_weights(
             self.model, self.head, self.layers, loader, method=choice, head_epochs=self.config.delta_head_epochs,
             head_lr=self.config.lr or 0.01, score_batches=self.config.delta_batches, device=self.device,
-            cache_dir=self.config.cache_dir, key_parts=key_parts)
+            cache_dir=self.config.cache_dir, key_parts=key_parts,
+            max_rows=self.config.eval_batch_size or 4 * self.config.batch_size)
         self.delta_info = dict(info, seconds=info.get("seconds", time.perf_counter() - started))
         self.log(f"DELTA channel weights ({choice}): {'cached' if info.get('cached') else 'computed'} "
                  f"in {self.delta_info['seconds']:.1f} s")
         return [w.float() for w in result]
+
+    def _shared_delta_weights(self, weights: str):
+        """The DELTA weights: read from a file by every rank, or estimated by rank 0 alone and
+        sent to the others (the estimate runs whole forward passes: once is enough)."""
+        if not self.dist.enabled or self.config.delta_weights not in ("removal", "taylor"):
+            return self._delta_weights(weights)
+        payload = [self._delta_weights(weights), self.delta_info] if self.dist.is_main else [None, None]
+        torch.distributed.broadcast_object_list(payload, src=0)
+        self.delta_info = payload[1]
+        return payload[0]
 
     def _setup_stage(self, index: int) -> None:
         stage = self.stages[index]
@@ -317,6 +333,7 @@ class Run:
         stage = self.stages[index]
         while state["epoch"] < self.epochs:
             self._train_epoch(state, stop)
+            self._check_finite(state, stage)
             epoch = state["epoch"]
             val_acc = self.evaluate(self.data.val)
             best: _Best = state["best"]
@@ -345,6 +362,25 @@ class Run:
             self._setup_stage(state["stage"])
             self.log(f"stage {state['stage'] + 1}: starting from the best stage-{state['stage']} model "
                      f"(val acc {best.val_acc:.4f}), which also becomes the source model")
+
+    def _check_finite(self, state: Dict, stage: Dict) -> None:
+        """Raise Diverged unless the epoch's losses and the model's weights and statistics after it are finite."""
+        sums: _EpochSums = state["sums"]
+        terms = {"ce": sums.ce, "feature": sums.feature, "head L2": sums.head}
+        tensors = list(self.model.state_dict().values())
+        tensors += [] if self.term is None else list(self.term.state_dict().values())
+        weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
+        if weights_finite and all(math.isfinite(value) for value in terms.values()):
+            return
+        values = ", ".join(f"{name} {value}" for name, value in terms.items())
+        if not weights_finite:
+            values += ", and weights or batch-norm statistics that are not"
+        raise Diverged(
+            f"stage {state['stage'] + 1} ({stage['reg']}) epoch {state['epoch'] + 1}: the loss is not finite "
+            f"({values}); lower --lr or --alpha (randomly initialised weights give the frozen source model, in "
+            f"eval mode, features far from the target's in train mode); "
+            + ("the checkpoint of the epoch before is kept" if (self.out / CHECKPOINT).is_file()
+               else "no checkpoint had been written"))
 
     def _stop_agreed(self, stop: _StopFlag) -> bool:
         flag = torch.tensor([1.0 if stop.signum is not None else 0.0])

@@ -19,26 +19,12 @@ from PIL import Image
 from afa_ext.train import cli
 from afa_ext.train.config import from_dict, load_toml
 from afa_ext.train.data import load_data
-from afa_ext.train.pretrain import digits_source_weights
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--data", "digits", "--epochs", "1", "--batch-size", "10", "--shots", "4", "--device", "cpu"]
 CLASSES = ("cat", "dog", "owl")
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    """The session's cache folder (shared with the other trainer tests), source model in it."""
-    cache = tmp_path_factory.getbasetemp() / "afa_ext_cache"
-    cache.mkdir(exist_ok=True)
-    digits_source_weights(str(cache), 16, log=lambda message: None)
-    return str(cache)
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(cache_dir, monkeypatch):
-    """Nothing may fall back on ~/.cache/afa_ext."""
-    monkeypatch.setenv("AFA_EXT_CACHE", cache_dir)
 
 
 def call_main(argv, capsys):
@@ -185,6 +171,25 @@ def test_unknown_regulariser_is_an_argparse_error(tmp_path, capsys):
     assert code == 2
     assert "--reg" in err.strip().splitlines()[-1] and "l3sp" in err
     assert not out.exists()
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_checkpoint_before(tmp_path, capsys, cache_dir):
+    out = tmp_path / "out"
+    code, _, err = call_main([*TINY, "--epochs", "3", "--reg", "fea_map", "--alpha", "1e6", "--lr", "10",
+                              "--out", out], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("afa-train: error: stage 1 (fea_map) epoch ") and "not finite" in lines[0]
+    assert "--lr" in lines[0] and "--alpha" in lines[0]
+    assert not (out / "result.json").exists()
+    epoch = int(lines[0].split(" epoch ")[1].split(":")[0])
+    if epoch > 1:  # the epochs before the divergent one were checkpointed with finite weights
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert state["epoch"] == epoch - 1
+        assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
+        assert "the checkpoint of the epoch before is kept" in lines[0]
+    else:
+        assert not (out / "checkpoint.pt").exists() and "no checkpoint had been written" in lines[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

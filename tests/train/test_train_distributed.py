@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,45 +21,20 @@ from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+from train_subprocess import subprocess_env
 import torch
 from torch import nn
 
 from afa_ext.train import distributed
 from afa_ext.train.distributed import CrossProcessBatchNorm, Distributed, convert_sync_batchnorm, loss_scales
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds; no run here may take longer, so nothing hangs
-_DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                   "MASTER_ADDR", "MASTER_PORT")
 OUTPUT_FILES = ["checkpoint.pt", "config.toml", "metrics.csv", "model.pt", "result.json"]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="session")
-def train_cache(tmp_path_factory) -> Path:
-    """One cache folder for every trainer test of the session, the digits source model in it.
-
-    The path is fixed under the session's base temp folder, so any test file naming it
-    shares the pretrained source model."""
-    cache = tmp_path_factory.getbasetemp() / "afa_ext_cache"
-    cache.mkdir(exist_ok=True)
-    from afa_ext.train.data import DIGITS_IMAGE_SIZE
-    from afa_ext.train.pretrain import digits_source_weights
-
-    digits_source_weights(str(cache), DIGITS_IMAGE_SIZE, log=lambda message: None)
-    return cache
-
-
-def _env(cache: Path) -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if key not in _DIST_VARIABLES and not key.startswith("TORCHELASTIC")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["PYTHONUNBUFFERED"] = "1"
-    env["AFA_EXT_CACHE"] = str(cache)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _start(command, folder: Path, name: str, env: dict):
@@ -122,8 +96,8 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path, train_cache
            "-m", "afa_ext.train", *flags, "--cache-dir", str(caches["D2"]), "--out", str(tmp_path / "D2")]
     started = []
     try:
-        started.append(_start(two, tmp_path, "D2", _env(caches["D2"])))
-        started.append(_start(one, tmp_path, "D1", _env(caches["D1"])))
+        started.append(_start(two, tmp_path, "D2", subprocess_env(caches["D2"])))
+        started.append(_start(one, tmp_path, "D1", subprocess_env(caches["D1"])))
         log2 = _finish(*started[0], "torchrun --nproc_per_node=2")
         _finish(*started[1], "one process")
     finally:
@@ -368,7 +342,7 @@ def test_cross_process_batchnorm_over_two_processes_is_batchnorm_of_the_whole_ba
                tmp_path / "setup.pt")
     (tmp_path / "worker.py").write_text(_BATCHNORM_WORKER)
 
-    env = _env(train_cache)
+    env = subprocess_env(train_cache)
     processes = []
     try:
         for rank in range(2):

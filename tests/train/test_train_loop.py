@@ -41,19 +41,6 @@ REGS = ("none", "l2sp", "fea_map", "delta", "ast", "act", "afa")
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> str:
-    """The session's cache folder (shared with the other trainer tests), source model in it."""
-    cache = tmp_path_factory.getbasetemp() / "afa_ext_cache"
-    cache.mkdir(exist_ok=True)
-    digits_source_weights(str(cache), 16, log=lambda message: None)
-    return str(cache)
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(cache_dir, monkeypatch):
-    """Nothing may fall back on ~/.cache/afa_ext."""
-    monkeypatch.setenv("AFA_EXT_CACHE", cache_dir)
 
 
 def tiny_config(out, cache_dir, reg, **settings) -> TrainConfig:

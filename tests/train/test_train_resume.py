@@ -24,43 +24,16 @@ import time
 from pathlib import Path
 
 import pytest
+from train_subprocess import subprocess_env
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds; no run here may take longer, so nothing hangs
 POLL = 0.005
-_DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                   "MASTER_ADDR", "MASTER_PORT")
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="session")
-def train_cache(tmp_path_factory) -> Path:
-    """One cache folder for every trainer test of the session, the digits source model in it.
-
-    The path is fixed under the session's base temp folder, so any test file naming it
-    shares the pretrained source model."""
-    cache = tmp_path_factory.getbasetemp() / "afa_ext_cache"
-    cache.mkdir(exist_ok=True)
-    from afa_ext.train.data import DIGITS_IMAGE_SIZE
-    from afa_ext.train.pretrain import digits_source_weights
-
-    digits_source_weights(str(cache), DIGITS_IMAGE_SIZE, log=lambda message: None)
-    return cache
-
-
-def _env(cache: Path) -> dict:
-    env = {key: value for key, value in os.environ.items()
-           if key not in _DIST_VARIABLES and not key.startswith("TORCHELASTIC")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["PYTHONUNBUFFERED"] = "1"
-    env["AFA_EXT_CACHE"] = str(cache)
-    # One thread per process: the same arithmetic in every run whatever runs beside it, and
-    # the runs of a test can go side by side on a small machine.
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 class Trainer:
@@ -76,7 +49,7 @@ class Trainer:
                    "--out", str(self.out)] + (["--resume"] if resume else [])
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=self.out.parent,
-                                            env=_env(cache))
+                                            env=subprocess_env(cache))
 
     @property
     def stdout(self) -> str:

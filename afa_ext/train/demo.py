@@ -198,6 +198,7 @@ def main(argv=None) -> int:
     cache_dir = args.cache_dir or default_cache_dir()
     from tqdm import tqdm
 
+    digits_source_weights(cache_dir, ARCH_PRESETS["digits_cnn"].image_size)  # says so when it trains it
     runs = []
     bar = tqdm(total=len(DEMO_METHODS) * len(args.seeds), desc="digits transfer", unit="run",
                disable=not sys.stderr.isatty())

@@ -383,7 +383,7 @@ class Run:
                else "no checkpoint had been written"))
 
     def _stop_agreed(self, stop: _StopFlag) -> bool:
-        flag = torch.tensor([1.0 if stop.signum is not None else 0.0])
+        flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=self.device)  # NCCL: on the GPU
         return bool(distributed.all_reduce_sum(self.dist, flag).item() > 0)
 
     def _autocast(self):

@@ -399,3 +399,23 @@ def test_torch_compile_run_matches_the_eager_run(tmp_path, cache_dir):
     # model.pt holds the plain model's names (no _orig_mod. prefix).
     correct, total = evaluate_by_hand(torch.load(tmp_path / "compiled" / "model.pt", weights_only=True))
     assert result["test_acc"] == pytest.approx(correct / total, abs=1e-12)
+
+
+def test_data_workers_do_not_change_the_result(tmp_path, cache_dir):
+    """Augmentation is drawn per sample from (seed, epoch, index): two loader workers train
+    bitwise the same model as loading in the main process."""
+    results, models = [], []
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        results.append(train(tiny_config(out, cache_dir, "ast", epochs=2, workers=workers)))
+        models.append(torch.load(out / "model.pt", weights_only=True))
+    assert results[0]["test_acc"] == results[1]["test_acc"]
+    assert list(models[0]) == list(models[1])
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
+    # The augmentation is really on: a training sample differs between epochs.
+    run = make_run(tiny_config(tmp_path / "probe", cache_dir, "none"))
+    run.data.train.set_epoch(0)
+    first = run.data.train[0][0]
+    run.data.train.set_epoch(1)
+    assert not torch.equal(first, run.data.train[0][0])

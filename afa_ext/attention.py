@@ -1,7 +1,8 @@
 """The attention modules of AFA, which weight the feature losses per position or channel.
 
 Both read a source feature map of shape (B, C, *spatial) with P = prod(spatial) positions
-and return float weights that sum to 1 along one axis (DESIGN.md section 1). They compute
+and return float weights that sum to 1 along one axis: spatial attention a[n, p] over the
+P positions, channel attention g[n, j] over the C channels. They compute
 in their parameters' dtype (float32 unless converted): half features are cast to it on
 entry, and the softmax returns that dtype even under ``torch.autocast``.
 

@@ -3,7 +3,7 @@
 Each module is called as ``loss(targets, sources)`` with two equally long lists of feature
 maps, one entry per hooked layer, each of shape (B, C_l, *spatial_l); layers may differ in
 channels and spatial size, and a layer may be 1-D (B, C, L). The result is the sum over
-layers of the per-layer loss of ``afa_ext.functional`` (DESIGN.md section 1), computed
+layers of the per-layer loss of ``afa_ext.functional`` (formulas in its docstring), computed
 by one call with all layers (one kernel launch per pass on a GPU), with
 D = F_t - F_s and P = prod(spatial). The source maps get no gradient.
 

@@ -2,14 +2,14 @@
 
 This is "the pure-Python loss" the compiled backends replace, and the ground truth of the
 ``reference`` backend. Every function materialises the difference map D = F_t - F_s (and
-scaled copies of it) exactly as the authors' code does; the formulas are those of
-DESIGN.md section 1, with B the batch size, C the channels and P the number of spatial
-positions of one feature map.
+scaled copies of it) exactly as the authors' code does; the formulas are those in the
+docstring of ``afa_ext.functional``, with B the batch size, C the channels and P the
+number of spatial positions of one feature map.
 
 The source features are detached: the source model gets no gradient. For float16 and
 bfloat16 features D is formed in the features' dtype and then squared and summed in
 float32 (the sums of squares of a real feature map overflow float16), so the loss is a
-float32 scalar, as DESIGN.md section 4 asks of every backend.
+float32 scalar, as it is from every backend.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ __all__ = [
 
 def _flat_difference(target: Tensor, source: Tensor) -> Tensor:
     """D = F_t - F_s viewed as (B, C, P), in float32 for half features: the sums of
-    squares of a feature map overflow float16, and DESIGN.md accumulates in float32."""
+    squares of a feature map overflow float16, and every backend accumulates in float32."""
     diff = (target - source.detach()).to(_loss_dtype(target))
     return diff.reshape(diff.shape[0], diff.shape[1], math.prod(diff.shape[2:]))
 

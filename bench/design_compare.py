@@ -1,4 +1,4 @@
-"""The two fwd+bwd designs of DESIGN.md section 2 that reach the 5N floor, side by side.
+"""The two fwd+bwd designs that reach the 5N floor (README.md, "How it works"), side by side.
 
 - recompute (afa_ext's design): the forward reads t and s and writes the small partial
   sums; the backward re-reads t and s and writes dL/dt. Nothing is held in between.

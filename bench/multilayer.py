@@ -1,9 +1,9 @@
 """The trainer's real workload: one AFA loss summed over all hooked layers, fwd+bwd.
 
-DESIGN.md section 5's GPU target is the four-layer ResNet-101 batch-64 loss: within 1.2x
-of the 5N floor at the measured bandwidth, >= 3x the eager pure-PyTorch loss and >= 1.2x
-its torch.compile version, one launch per pass for all layers. For each loss and dtype
-this times, side by side in one process, round-robin, median of the rounds:
+The GPU target is the four-layer ResNet-101 batch-64 loss: within 1.2x of the 5N floor
+(README.md, "How it works") at the measured bandwidth, >= 3x the eager pure-PyTorch loss
+and >= 1.2x its torch.compile version, one launch per pass for all layers. For each loss
+and dtype this times, side by side in one process, round-robin, median of the rounds:
   - eager:            the reference loss of every layer, summed, run eagerly
   - compile:          torch.compile of that sum (compilation excluded)
   - <backend>:        the functional loss given the lists of all layers (one grouped op)
@@ -38,7 +38,8 @@ import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import functional, reference  # noqa: E402
 
-# ResNet-101's hooked layers at 224 px input (DESIGN.md section 1), as (C, H, W).
+# ResNet-101's four hooked layers (the last conv of each stage, afa_ext/train/models.py) at
+# 224 px input, as (C, H, W).
 LAYERS = {"resnet101": ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))}
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 

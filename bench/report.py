@@ -1,4 +1,4 @@
-"""Side-by-side speed of the AFA losses (DESIGN.md section 5), in one process, interleaved.
+"""Side-by-side speed of the AFA losses, in one process, interleaved.
 
 For each loss (default: channel_attentive_loss and spatial_attentive_loss), shape and
 dtype, times forward+backward of
@@ -7,7 +7,8 @@ dtype, times forward+backward of
   - each available compiled backend for the device (cpu; triton / cuda on a GPU),
 round-robin, median of the rounds. The machine's copy bandwidth (dst.copy_(src) on a
 256 MB float32 tensor, 2 * size bytes) gives the 5N floor = 5 * N * itemsize / bandwidth
-(DESIGN.md section 2); every time is also shown as a multiple of that floor and as
+(the least traffic of a separate forward and backward: README.md, "How it works"); every
+time is also shown as a multiple of that floor and as
 speed-ups over eager and over compile.
 
 Writes bench/out/results.csv and bench/out/speed.png, prints a markdown table for
@@ -42,12 +43,13 @@ import timing  # noqa: E402
 DEFAULT_SHAPES = ("64x512x28x28", "32x256x28x28")
 QUICK_SHAPES = ("8x64x28x28", "4x128x14x14")
 PRESETS = {
-    # ResNet-101 hooked layers at batch 64, 224 px input (DESIGN.md section 1)
+    # ResNet-101's four hooked layers (the last conv of each stage, see
+    # afa_ext/train/models.py) at batch 64, 224 px input
     "resnet101-b64": ("64x256x56x56", "64x512x28x28", "64x1024x14x14", "64x2048x7x7"),
 }
 DEFAULT_LOSSES = ("channel_attentive_loss", "spatial_attentive_loss")
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
-TARGET_BANDWIDTH_FRACTION = 0.6  # DESIGN.md section 5: CPU backend >= 60% of copy bandwidth on 5N
+TARGET_BANDWIDTH_FRACTION = 0.6  # the CPU backend's target: >= 60% of copy bandwidth on 5N
 LOSS_TOLERANCE = 1e-4  # relative difference from eager above which a method's loss is flagged
 
 

@@ -109,7 +109,8 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 10
 
 
 def traffic_floor_seconds(numel: int, itemsize: int, bandwidth: float, passes: int = 5) -> float:
-    """Seconds to move ``passes`` * N elements at ``bandwidth``: the 5N floor of DESIGN.md 2."""
+    """Seconds to move ``passes`` * N elements at ``bandwidth``: the 5N floor (README.md,
+    "How it works")."""
     return passes * numel * itemsize / bandwidth
 
 

@@ -1,10 +1,13 @@
-"""An independent float64 model of the four AFA feature losses (DESIGN.md sections 1-2).
+"""An independent float64 model of the four AFA feature losses and of the partial-sum ops
+behind them (formulas: the docstring of afa_ext/functional.py; ops: README.md, "How it
+works").
 
 Written from the formulas with einsum and explicit sums, deliberately not reusing any
 package code, so that it can judge both the reference backend and the compiled ones.
 Inputs of any float dtype are upcast exactly to float64 first. ``loss_and_grads`` returns
 the loss and its gradients w.r.t. the target and the weights (or attention) for a given
-upstream gradient, computed analytically (DESIGN.md section 2), not by autograd.
+upstream gradient, computed analytically (dL/dt = 2 W (t - s) with W the weight of each
+partial sum times the upstream gradient), not by autograd.
 
 Notation: t, s of shape (B, C, *spatial), P = prod(spatial), D = t - s viewed as (B, C, P).
 """
@@ -54,7 +57,8 @@ def partial_sums_backward(grouping: str, grad: Tensor, target: Tensor, source: T
 
 
 def channel_weight_matrix(name: str, shape, weights: Optional[Tensor]) -> Tensor:
-    """W[n, j] of the channel-grouped losses (DESIGN.md section 2), float64 (B, C)."""
+    """W[n, j] of the channel-grouped losses (loss = sum_{n,j} W[n, j] d[n, j]), float64
+    (B, C)."""
     batch, channels = shape[0], shape[1]
     positions = math.prod(shape[2:])
     if name == "feature_map":

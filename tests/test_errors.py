@@ -1,5 +1,5 @@
-"""Bad input gets a clear error naming the function, what was expected and what was given
-(DESIGN.md section 4), for every loss and before any backend runs."""
+"""Bad input gets a clear error naming the function, what was expected and what was given,
+for every loss and before any backend runs."""
 from __future__ import annotations
 
 import re

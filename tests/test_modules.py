@@ -1,7 +1,8 @@
 """Attention and loss modules against an independent float64 model written here.
 
-The model re-implements DESIGN.md section 1 with float64 tensor ops, using only the
-modules' parameter values; it never calls afa_ext.
+The model re-implements the attention modules and the four losses (the formulas in the
+docstring of afa_ext/functional.py) with float64 tensor ops, using only the modules'
+parameter values; it never calls afa_ext.
 """
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """Every available backend against the independent float64 model: the four losses, loss
 value and gradients (target, weights/attention), every dtype, 3-D/4-D/5-D features in
-many memory layouts (DESIGN.md section 4)."""
+many memory layouts, within the tolerances of loss_cases.py (float32: relative error
+<= 2e-5; bfloat16/float16: at most twice the pure-PyTorch loss's error in that dtype)."""
 from __future__ import annotations
 
 import pytest

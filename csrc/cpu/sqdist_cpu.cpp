@@ -1,4 +1,5 @@
-// Fused CPU kernels of the channel- and spatial-grouped squared distance (DESIGN.md §2).
+// Fused CPU kernels of the channel- and spatial-grouped squared distance (README.md,
+// "How it works").
 //
 //   forward:  partial[k] = sum over the reduced dims of (t - s)^2, k a kept index
 //   backward: dt = 2 * grad[k] * (t - s)

@@ -1,4 +1,4 @@
-// CUDA implementation of the afa_ext ops (DESIGN.md §2): the kernels are in
+// CUDA implementation of the afa_ext ops (README.md, "How it works"): the kernels are in
 // sqdist_kernels.cuh, their descriptors and launch shapes in sqdist_launch.h, the host
 // code that checks, plans and launches in sqdist_host.h; this file adds the CUDA runtime
 // and registers the ops.

@@ -1,5 +1,6 @@
-// Device side of the CUDA squared-distance kernels (DESIGN.md §2): the descriptor of one
-// layer, the parameter block of a grouped launch, and the forward and backward kernels.
+// Device side of the CUDA squared-distance kernels (README.md, "How it works"): the
+// descriptor of one layer, the parameter block of a grouped launch, and the forward and
+// backward kernels.
 //
 //   forward:  partial[k] = sum over the reduced dims of (t - s)^2      (k: a kept index)
 //   backward: dt = 2 * weights[k] * (t - s)

@@ -1,7 +1,7 @@
 """The four AFA feature losses, with a choice of backend.
 
 For features t (target) and s (source) of shape (B, C, *spatial), P spatial positions
-and D = t - s, the losses are (DESIGN.md section 1, the original code's normalisations):
+and D = t - s, the losses are (with the normalisations of the published AFA code):
 
 - ``feature_map_loss``:        0.5 * sum_{n,j,p} D^2
 - ``delta_loss``:              0.5 * sum_{n,j} C * w_j * sum_p D^2 / P
@@ -16,6 +16,11 @@ The compiled backends reduce t and s to the small partial sums d[n,j] = sum_p D^
 e[n,p] = sum_j D^2 in one fused pass; the weights' maths here is tiny and stays in
 PyTorch, so autograd carries gradients on into the attention modules. The source is
 detached. The loss is float32 for float16/bfloat16 features, else the features' dtype.
+
+torch.func's ``grad``, ``jacrev`` and ``vmap`` over a gradient work with every backend
+(under ``vmap`` the compiled ops run once per entry); transforms of a gradient's gradient
+(``jacrev(jacrev(...))``, ``hessian``) work with the ``reference`` backend only. Plain
+autograd gives second derivatives with every backend.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from torch import Tensor
 
 from . import auto_choice, reference
 from ._validation import check_features, check_weights, spatial_positions
+from ._sqdist_function import layer_partial_sums
 from .backends import BACKEND_DEVICES, available_backends, resolve_backend
 
 # The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
@@ -50,16 +56,13 @@ def sqdist(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, 
     """The partial sums of every layer from a compiled backend (``backend`` resolved, inputs
     checked): d[n, j] = sum_p (t - s)^2 for grouping "channel", e[n, p] = sum_j (t - s)^2 for
     "spatial". Layers of one dtype share one launch; the sources get no gradient."""
-    ops = _op_library(backend)
     sources = [source.detach() for source in sources]
-    if len(targets) == 1:
-        return [getattr(ops, f"{grouping}_sqdist")(targets[0], sources[0])]
     by_dtype: Dict[torch.dtype, List[int]] = {}
     for index, target in enumerate(targets):
         by_dtype.setdefault(target.dtype, []).append(index)
     results: List[Tensor] = [targets[0]] * len(targets)
     for indices in by_dtype.values():
-        partials = getattr(ops, f"grouped_{grouping}_sqdist")([targets[i] for i in indices], [sources[i] for i in indices])
+        partials = layer_partial_sums(backend, grouping, [targets[i] for i in indices], [sources[i] for i in indices])
         for index, partial in zip(indices, partials):
             results[index] = partial
     return results

@@ -1,0 +1,139 @@
+"""The partial sums of every layer as autograd Functions that torch.func can transform.
+
+The ops' own autograd formulas (``_op_formulas.register_formulas``) serve callers of the
+ops; torch.func's transforms (``grad``, ``jacrev``, ``vmap`` over a gradient) need
+Functions with ``setup_context`` and a ``vmap`` rule, which ``torch.library`` does not
+generate. These two Functions call the same ops:
+
+- ``Sqdist``: d[n, j] = sum_p (t - s)^2 (grouping "channel") or e[n, p] = sum_j (t - s)^2
+  ("spatial") of each layer, one op call for all layers of one dtype;
+- ``SqdistBackward``: dL/dt = 2 w (t - s) of each layer for upstream partial-sum
+  gradients w, whose own derivatives (d/dw = sum 2 (t - s) u, d/dt = 2 w u) are plain
+  PyTorch.
+
+The source gets no gradient. Under ``vmap`` each Function runs its ops once per batch entry.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+from ._op_formulas import _grad_of_backward
+
+__all__ = ["layer_partial_sums"]
+
+
+def _ops(backend: str):
+    return torch.ops.afa_ext_triton if backend == "triton" else torch.ops.afa_ext
+
+
+def _forward_op(backend: str, grouping: str, targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+    ops = _ops(backend)
+    if len(targets) == 1:
+        return [getattr(ops, f"{grouping}_sqdist")(targets[0], sources[0])]
+    return list(getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources))
+
+
+def _backward_op(backend: str, grouping: str, grads: List[Tensor], targets: List[Tensor],
+                 sources: List[Tensor]) -> List[Tensor]:
+    ops = _ops(backend)
+    if len(targets) == 1:
+        return [getattr(ops, f"{grouping}_sqdist_backward")(grads[0], targets[0], sources[0])]
+    return list(getattr(ops, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources))
+
+
+def _loop_over_vmapped_dim(function, info, in_dims: Sequence, tensors: Sequence[Tensor]):
+    """Run ``function(list_of_tensors) -> list_of_tensors`` once per entry of the vmapped
+    dimension and stack the results along dim 0."""
+    size = info.batch_size
+    results = []
+    for index in range(size):
+        entry = [t if dim is None else t.select(dim, index) for t, dim in zip(tensors, in_dims)]
+        results.append(function(entry))
+    outputs = [torch.stack([result[k] for result in results]) for k in range(len(results[0]))]
+    return tuple(outputs), tuple(0 for _ in outputs)
+
+
+def _make_functions(backend: str, grouping: str):
+    """The (Sqdist, SqdistBackward) Function classes of one backend and grouping; their
+    ``apply`` takes tensors only."""
+
+    class Sqdist(torch.autograd.Function):
+        """apply(*targets, *sources) -> one partial-sum tensor per layer."""
+
+        @staticmethod
+        def forward(*tensors: Tensor):
+            layers = len(tensors) // 2
+            return tuple(_forward_op(backend, grouping, list(tensors[:layers]), list(tensors[layers:])))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, *grads: Tensor):
+            saved = ctx.saved_tensors
+            d_targets = SqdistBackward.apply(*grads, *saved)
+            return (*d_targets, *([None] * (len(saved) // 2)))
+
+        @staticmethod
+        def vmap(info, in_dims, *tensors):
+            layers = len(tensors) // 2
+
+            def partial_sums(entry):
+                return _forward_op(backend, grouping, entry[:layers], entry[layers:])
+
+            return _loop_over_vmapped_dim(partial_sums, info, in_dims, tensors)
+
+    class SqdistBackward(torch.autograd.Function):
+        """apply(*grads, *targets, *sources) -> dL/dt per layer."""
+
+        @staticmethod
+        def forward(*tensors: Tensor):
+            layers = len(tensors) // 3
+            grads, targets, sources = (list(tensors[k * layers:(k + 1) * layers]) for k in range(3))
+            return tuple(_backward_op(backend, grouping, grads, targets, sources))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, *upstreams: Tensor):
+            saved = ctx.saved_tensors
+            layers = len(saved) // 3
+            d_grads, d_targets = [], []
+            for layer, upstream in enumerate(upstreams):
+                grad, target, source = saved[layer], saved[layers + layer], saved[2 * layers + layer]
+                d_grad, d_target = _grad_of_backward(grouping, grad, target, source, upstream)
+                d_grads.append(d_grad)
+                d_targets.append(d_target)
+            return (*d_grads, *d_targets, *([None] * layers))
+
+        @staticmethod
+        def vmap(info, in_dims, *tensors):
+            layers = len(tensors) // 3
+
+            def gradients(entry):
+                return _backward_op(backend, grouping, entry[:layers], entry[layers:2 * layers], entry[2 * layers:])
+
+            return _loop_over_vmapped_dim(gradients, info, in_dims, tensors)
+
+    return Sqdist, SqdistBackward
+
+
+_FUNCTIONS = {(backend, grouping): _make_functions(backend, grouping)
+              for backend in ("cpu", "cuda", "triton") for grouping in ("channel", "spatial")}
+
+
+def layer_partial_sums(backend: str, grouping: str, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> List[Tensor]:
+    """The partial sums of each layer (one op call for all), differentiable in the targets,
+    also under torch.func transforms. The sources must be detached.
+
+    Under torch.compile the ops are called directly: it traces them, with their own
+    autograd formulas, and would not trace these Functions' nested use."""
+    if torch.compiler.is_compiling():
+        return _forward_op(backend, grouping, list(targets), list(sources))
+    return list(_FUNCTIONS[backend, grouping][0].apply(*targets, *sources))

@@ -22,15 +22,16 @@ from torch import Tensor
 
 from ._op_formulas import _grad_of_backward
 
-__all__ = ["layer_partial_sums"]
+__all__ = ["layer_partial_sums", "op_library"]
 
 
-def _ops(backend: str):
+def op_library(backend: str):
+    """The torch.library namespace of a compiled backend's ops."""
     return torch.ops.afa_ext_triton if backend == "triton" else torch.ops.afa_ext
 
 
 def _forward_op(backend: str, grouping: str, targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
-    ops = _ops(backend)
+    ops = op_library(backend)
     if len(targets) == 1:
         return [getattr(ops, f"{grouping}_sqdist")(targets[0], sources[0])]
     return list(getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources))
@@ -38,20 +39,25 @@ def _forward_op(backend: str, grouping: str, targets: List[Tensor], sources: Lis
 
 def _backward_op(backend: str, grouping: str, grads: List[Tensor], targets: List[Tensor],
                  sources: List[Tensor]) -> List[Tensor]:
-    ops = _ops(backend)
+    ops = op_library(backend)
     if len(targets) == 1:
         return [getattr(ops, f"{grouping}_sqdist_backward")(grads[0], targets[0], sources[0])]
     return list(getattr(ops, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources))
 
 
-def _loop_over_vmapped_dim(function, info, in_dims: Sequence, tensors: Sequence[Tensor]):
-    """Run ``function(list_of_tensors) -> list_of_tensors`` once per entry of the vmapped
+def _split(tensors: Sequence[Tensor], parts: int) -> List[List[Tensor]]:
+    """``tensors`` cut into ``parts`` equally long lists (targets, sources, ...)."""
+    layers = len(tensors) // parts
+    return [list(tensors[k * layers:(k + 1) * layers]) for k in range(parts)]
+
+
+def _loop_over_vmapped_dim(forward, info, in_dims: Sequence, tensors: Sequence[Tensor]):
+    """Run ``forward(*tensors) -> tuple of tensors`` once per entry of the vmapped
     dimension and stack the results along dim 0."""
-    size = info.batch_size
     results = []
-    for index in range(size):
+    for index in range(info.batch_size):
         entry = [t if dim is None else t.select(dim, index) for t, dim in zip(tensors, in_dims)]
-        results.append(function(entry))
+        results.append(forward(*entry))
     outputs = [torch.stack([result[k] for result in results]) for k in range(len(results[0]))]
     return tuple(outputs), tuple(0 for _ in outputs)
 
@@ -65,8 +71,7 @@ def _make_functions(backend: str, grouping: str):
 
         @staticmethod
         def forward(*tensors: Tensor):
-            layers = len(tensors) // 2
-            return tuple(_forward_op(backend, grouping, list(tensors[:layers]), list(tensors[layers:])))
+            return tuple(_forward_op(backend, grouping, *_split(tensors, 2)))
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -80,21 +85,14 @@ def _make_functions(backend: str, grouping: str):
 
         @staticmethod
         def vmap(info, in_dims, *tensors):
-            layers = len(tensors) // 2
-
-            def partial_sums(entry):
-                return _forward_op(backend, grouping, entry[:layers], entry[layers:])
-
-            return _loop_over_vmapped_dim(partial_sums, info, in_dims, tensors)
+            return _loop_over_vmapped_dim(Sqdist.forward, info, in_dims, tensors)
 
     class SqdistBackward(torch.autograd.Function):
         """apply(*grads, *targets, *sources) -> dL/dt per layer."""
 
         @staticmethod
         def forward(*tensors: Tensor):
-            layers = len(tensors) // 3
-            grads, targets, sources = (list(tensors[k * layers:(k + 1) * layers]) for k in range(3))
-            return tuple(_backward_op(backend, grouping, grads, targets, sources))
+            return tuple(_backward_op(backend, grouping, *_split(tensors, 3)))
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -102,24 +100,17 @@ def _make_functions(backend: str, grouping: str):
 
         @staticmethod
         def backward(ctx, *upstreams: Tensor):
-            saved = ctx.saved_tensors
-            layers = len(saved) // 3
+            grads, targets, sources = _split(ctx.saved_tensors, 3)
             d_grads, d_targets = [], []
-            for layer, upstream in enumerate(upstreams):
-                grad, target, source = saved[layer], saved[layers + layer], saved[2 * layers + layer]
+            for upstream, grad, target, source in zip(upstreams, grads, targets, sources):
                 d_grad, d_target = _grad_of_backward(grouping, grad, target, source, upstream)
                 d_grads.append(d_grad)
                 d_targets.append(d_target)
-            return (*d_grads, *d_targets, *([None] * layers))
+            return (*d_grads, *d_targets, *([None] * len(sources)))
 
         @staticmethod
         def vmap(info, in_dims, *tensors):
-            layers = len(tensors) // 3
-
-            def gradients(entry):
-                return _backward_op(backend, grouping, entry[:layers], entry[layers:2 * layers], entry[2 * layers:])
-
-            return _loop_over_vmapped_dim(gradients, info, in_dims, tensors)
+            return _loop_over_vmapped_dim(SqdistBackward.forward, info, in_dims, tensors)
 
     return Sqdist, SqdistBackward
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import auto_choice, reference
 from ._validation import check_features, check_weights, spatial_positions
-from ._sqdist_function import layer_partial_sums
+from ._sqdist_function import layer_partial_sums, op_library
 from .backends import BACKEND_DEVICES, available_backends, resolve_backend
 
 # The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
@@ -45,11 +45,6 @@ __all__ = [
     "spatial_attentive_loss",
     "sqdist",
 ]
-
-
-def _op_library(backend: str):
-    """The torch.library namespace of a compiled backend's ops."""
-    return torch.ops.afa_ext_triton if backend == "triton" else torch.ops.afa_ext
 
 
 def sqdist(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, backend: str) -> List[Tensor]:
@@ -71,7 +66,7 @@ def sqdist(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, 
 def _one_pass(backend: str, targets: List[Tensor], sources: List[Tensor], grouping: str) -> None:
     """One forward and one backward of the partial sums, without autograd: what ``auto``
     times to choose a GPU backend."""
-    ops = _op_library(backend)
+    ops = op_library(backend)
     with torch.no_grad():
         partials = getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources)
         getattr(ops, f"grouped_{grouping}_sqdist_backward")(partials, targets, sources)

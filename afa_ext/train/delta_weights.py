@@ -51,7 +51,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from afa_ext.compat import channel_weights_from_scores, get_channel_weight
+from afa_ext.train import checkpoint
 from afa_ext.train.models import outermost_sequential_child
 
 __all__ = [
@@ -453,21 +453,6 @@ def _cache_path(cache_dir, method: str, layers: list[str], key_parts: dict) -> P
     return Path(cache_dir) / f"delta_weights_{method}_{key[:16]}.pt"
 
 
-def _save_atomically(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(path: Path, method: str, layers: list[str]) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("method") != method or payload.get("layers") != layers:
@@ -521,8 +506,9 @@ def compute_channel_weights(model: nn.Module, head_name: str, layer_names: Seque
     scores = _scores(method, working, layers, batches, max_rows)
     weights = [weight.float().cpu() for weight in channel_weights_from_scores(scores)]
     if path is not None:
-        _save_atomically({"weights": weights, "scores": scores, "layers": layers, "method": method,
-                          "key_parts": json.loads(_canonical_json(key_parts))}, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(path, {"weights": weights, "scores": scores, "layers": layers, "method": method,
+                               "key_parts": json.loads(_canonical_json(key_parts))})
     info = {"method": method, "seconds": time.perf_counter() - started, "cached": False,
             "path": None if path is None else str(path)}
     return weights, info

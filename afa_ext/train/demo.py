@@ -67,13 +67,19 @@ def _median_seconds(function, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _demo_source_model(cache_dir: str, seed: int):
+    """The demo's target data for a seed, its source model with a fresh 5-way head, and the
+    hooked layers."""
+    data = load_data("digits", image_size=None, val_fraction=0.1, seed=seed, shots=DEMO_SETTINGS["shots"])
+    weights = digits_source_weights(cache_dir, ARCH_PRESETS["digits_cnn"].image_size, log=lambda m: None)
+    model = build_model("digits_cnn", data.num_classes, weights, in_channels=1)
+    return data, model, list(default_layers("digits_cnn"))
+
+
 def loss_speed(cache_dir: str, seed: int, repeats: int = 20) -> List[Dict]:
     """fwd+bwd time of each feature loss over the hooked layers, fused vs pure PyTorch, on
     the features of the demo's own source model and a batch of its own training images."""
-    data = load_data("digits", image_size=None, val_fraction=0.1, seed=seed)
-    weights = digits_source_weights(cache_dir, ARCH_PRESETS["digits_cnn"].image_size, log=lambda m: None)
-    model = build_model("digits_cnn", data.num_classes, weights, in_channels=1)
-    layers = list(default_layers("digits_cnn"))
+    data, model, layers = _demo_source_model(cache_dir, seed)
     images = torch.stack([data.train[i][0] for i in range(len(data.train))])
     with FeatureHooks(model, layers) as hooks:
         model.eval()
@@ -110,10 +116,7 @@ def delta_estimates(cache_dir: str, seed: int) -> Dict:
     """Time of DELTA's removal and Taylor estimates (no cache) and the rank agreement of
     their channel weights per layer, on the demo's source model and training images."""
     config = demo_config("delta", seed, Path("."), cache_dir)
-    data = load_data("digits", image_size=None, val_fraction=0.1, seed=seed, shots=config.shots)
-    weights = digits_source_weights(cache_dir, ARCH_PRESETS["digits_cnn"].image_size, log=lambda m: None)
-    model = build_model("digits_cnn", data.num_classes, weights, in_channels=1)
-    layers = list(default_layers("digits_cnn"))
+    data, model, layers = _demo_source_model(cache_dir, seed)
     loader = torch.utils.data.DataLoader(
         data.train, batch_sampler=GlobalBatchSampler(len(data.train), config.batch_size, seed=seed, shuffle=True))
     results = {}

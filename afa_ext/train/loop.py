@@ -39,7 +39,7 @@ from .data import GlobalBatchSampler, load_data, mix_seed
 from .models import ARCH_PRESETS, FeatureHooks, build_model, default_layers, feature_shapes, head_module_name, \
     resolve_layers
 from .outputs import CHECKPOINT, CONFIG, MODEL, check_out_folder, write_metrics, write_result
-from .regularizers import feature_term, source_anchors
+from .regularizers import check_channel_weights, feature_term, source_anchors
 from .step import StepModule, step_losses
 
 __all__ = ["run", "Interrupted", "Diverged"]
@@ -161,6 +161,7 @@ class Run:
         alphas = (preset.alpha_stage1, preset.alpha_stage2) if preset else (0.1, 0.15)
         self.stages = stage_plan(config, *alphas)
         self.epochs = epochs_per_stage(config, len(self.data.train))
+        self.eval_batch_size = config.eval_batch_size or 4 * config.batch_size
         model = model.to(self.device)
         if config.sync_bn and self.dist.enabled:
             model = distributed.convert_sync_batchnorm(model, self.device)
@@ -173,8 +174,8 @@ class Run:
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.channel_weights = None
         self.delta_info: Dict = {}
-        resuming = config.resume and (self.out / CHECKPOINT).is_file()
-        if any(stage["reg"] == "delta" for stage in self.stages) and not resuming:
+        self.resuming = config.resume and (self.out / CHECKPOINT).is_file()
+        if any(stage["reg"] == "delta" for stage in self.stages) and not self.resuming:
             self.channel_weights = self._shared_delta_weights(weights)
         self.sampler = GlobalBatchSampler(len(self.data.train), config.batch_size, seed=config.seed, shuffle=True,
                                           rank=self.dist.rank, world=self.dist.world)
@@ -196,13 +197,10 @@ class Run:
                 loaded = [w.float() for w in load_channel_weights(choice)]
             except ValueError as error:
                 raise ConfigError(f"--delta-weights {choice}: {error}") from None
-            for index, (w, shape) in enumerate(zip(loaded, self.shapes)):
-                if w.shape != (shape[0],):
-                    raise ConfigError(f"--delta-weights {choice}: layer {index} ({self.layers[index]}) has "
-                                      f"{shape[0]} channels, the file gives {tuple(w.shape)} weights")
-            if len(loaded) != len(self.shapes):
-                raise ConfigError(f"--delta-weights {choice}: expected weights for {len(self.shapes)} layers, "
-                                  f"got {len(loaded)}")
+            try:
+                check_channel_weights(loaded, self.shapes)
+            except ValueError as error:
+                raise ConfigError(f"--delta-weights {choice} (layers {', '.join(self.layers)}): {error}") from None
             self.delta_info = {"method": "file", "path": choice}
             return loaded
         loader = torch.utils.data.DataLoader(
@@ -216,9 +214,9 @@ class Run:
         started = time.perf_counter()
         result, info = compute_channel_weights(
             self.model, self.head, self.layers, loader, method=choice, head_epochs=self.config.delta_head_epochs,
-            head_lr=self.config.lr or 0.01, score_batches=self.config.delta_batches, device=self.device,
+            head_lr=self.stages[0]["lr"], score_batches=self.config.delta_batches, device=self.device,
             cache_dir=self.config.cache_dir, key_parts=key_parts,
-            max_rows=self.config.eval_batch_size or 4 * self.config.batch_size)
+            max_rows=self.eval_batch_size)
         self.delta_info = dict(info, seconds=info.get("seconds", time.perf_counter() - started))
         self.log(f"DELTA channel weights ({choice}): {'cached' if info.get('cached') else 'computed'} "
                  f"in {self.delta_info['seconds']:.1f} s")
@@ -307,7 +305,7 @@ class Run:
     def run(self) -> Dict:
         config = self.config
         started = time.perf_counter()
-        if config.resume and (self.out / CHECKPOINT).is_file():
+        if self.resuming:
             state = self._restore()
             self.log(f"resuming {self.out}: stage {state['stage'] + 1}, {state['epoch']} of {self.epochs} epochs "
                      f"and {state['step']} steps done")
@@ -492,8 +490,7 @@ class Run:
         was_training = self.model.training
         self.model.eval()
         indices = list(range(self.dist.rank, len(split), self.dist.world))
-        batch_size = self.config.eval_batch_size or 4 * self.config.batch_size
-        loader = torch.utils.data.DataLoader(split, batch_size=batch_size, sampler=indices,
+        loader = torch.utils.data.DataLoader(split, batch_size=self.eval_batch_size, sampler=indices,
                                              num_workers=self.config.workers,
                                              generator=torch.Generator().manual_seed(self.config.seed))
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)

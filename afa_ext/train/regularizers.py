@@ -24,7 +24,7 @@ from torch import Tensor, nn
 import afa_ext
 from afa_ext import reference
 
-__all__ = ["FEATURE_TERMS", "BATCH_SUMS", "feature_term", "head_l2", "l2sp_term", "source_anchors"]
+__all__ = ["FEATURE_TERMS", "BATCH_SUMS", "feature_term", "check_channel_weights", "head_l2", "l2sp_term", "source_anchors"]
 
 FEATURE_TERMS = ("fea_map", "delta", "ast", "act")
 # Feature terms that sum over the batch instead of averaging (see distributed.py).
@@ -43,18 +43,23 @@ def feature_term(kind: str, *, backend: str, feature_shapes: Sequence[Tuple[int,
     if kind == "delta":
         if channel_weights is None:
             raise ValueError("feature_term: delta needs channel_weights")
-        for index, (weights, shape) in enumerate(zip(channel_weights, feature_shapes)):
-            if weights.shape != (shape[0],):
-                raise ValueError(f"DELTA channel weights of layer {index}: expected shape ({shape[0]},) for its "
-                                 f"{shape[0]} channels, got {tuple(weights.shape)}")
-        if len(channel_weights) != len(feature_shapes):
-            raise ValueError(f"DELTA channel weights: expected {len(feature_shapes)} layers, got {len(channel_weights)}")
+        check_channel_weights(channel_weights, feature_shapes)
         return afa_ext.DeltaAlignment(channel_weights, backend=backend)
     if kind == "ast":
         return afa_ext.AttentiveSpatialAlignment(backend=backend, feature_shapes=feature_shapes)
     if kind == "act":
         return afa_ext.AttentiveChannelAlignment(backend=backend, feature_shapes=feature_shapes)
     return None
+
+
+def check_channel_weights(channel_weights: Sequence[Tensor], feature_shapes: Sequence[Tuple[int, ...]]) -> None:
+    """ValueError unless there is one (C,) weight vector per hooked layer of C channels."""
+    if len(channel_weights) != len(feature_shapes):
+        raise ValueError(f"expected DELTA channel weights for {len(feature_shapes)} layers, got {len(channel_weights)}")
+    for index, (weights, shape) in enumerate(zip(channel_weights, feature_shapes)):
+        if tuple(weights.shape) != (shape[0],):
+            raise ValueError(f"layer {index} has {shape[0]} channels, so its DELTA channel weights must have shape "
+                             f"({shape[0]},), got {tuple(weights.shape)}")
 
 
 def head_parameters(model: nn.Module, head: str) -> List[Tensor]:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_subprocess import REPO, subprocess_env
 import torch
 import torchvision
 from PIL import Image
@@ -20,7 +21,6 @@ from afa_ext.train import cli
 from afa_ext.train.config import from_dict, load_toml
 from afa_ext.train.data import load_data
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["--data", "digits", "--epochs", "1", "--batch-size", "10", "--shots", "4", "--device", "cpu"]
 CLASSES = ("cat", "dog", "owl")
 
@@ -38,10 +38,8 @@ def call_main(argv, capsys):
 
 
 def run_module(argv, cache_dir, timeout=300):
-    env = dict(os.environ, AFA_EXT_CACHE=cache_dir)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "afa_ext.train", *map(str, argv)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "afa_ext.train", *map(str, argv)], cwd=REPO,
+                          env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=timeout)
 
 
 def write_png(path, seed, size=24):

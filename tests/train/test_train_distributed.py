@@ -59,6 +59,15 @@ def _finish(process, log, what: str) -> str:
     return text
 
 
+def _stop(started) -> None:
+    """Kill whatever of the (process, log) pairs still runs, and close the logs."""
+    for process, log in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+        log.close()
+
+
 def _metric_rows(out: Path):
     with open(out / "metrics.csv", newline="") as file:
         return list(csv.DictReader(file))
@@ -101,11 +110,7 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path, train_cache
         log2 = _finish(*started[0], "torchrun --nproc_per_node=2")
         _finish(*started[1], "one process")
     finally:
-        for process, log in started:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-            log.close()
+        _stop(started)
     d1, d2 = tmp_path / "D1", tmp_path / "D2"
 
     # Only rank 0 writes, and it writes everything; only rank 0 logs.
@@ -351,11 +356,7 @@ def test_cross_process_batchnorm_over_two_processes_is_batchnorm_of_the_whole_ba
         for rank, (process, log) in enumerate(processes):
             _finish(process, log, f"batch-norm worker {rank}")
     finally:
-        for process, log in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=60)
-            log.close()
+        _stop(processes)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
     reference.train()

@@ -321,7 +321,9 @@ class Run:
         with _StopFlag() as stop:
             while state["stage"] < len(self.stages):
                 self._run_stage(state, stop)
-        return self._finish(state)
+        result = self._finish(state)
+        self.dist.barrier()  # no rank leaves the process group while another still uses it
+        return result
 
     def _elapsed(self, state: Dict) -> float:
         return state["elapsed_at_start"] + time.perf_counter() - self._started

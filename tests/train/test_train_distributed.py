@@ -330,6 +330,7 @@ _BATCHNORM_WORKER = textwrap.dedent("""
     torch.save({"out": out.detach(), "x_grad": x.grad, "weight_grad": layer.weight.grad,
                 "bias_grad": layer.bias.grad, "buffers": dict(layer.named_buffers()), "eval": evaluated.detach()},
                folder + "/rank%d.pt" % rank)
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still uses it
     torch.distributed.destroy_process_group()
 """)
 

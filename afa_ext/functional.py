@@ -29,10 +29,11 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import auto_choice, reference
-from ._validation import check_features, check_weights, spatial_positions
-from ._sqdist_function import layer_partial_sums, op_library
-from .backends import BACKEND_DEVICES, available_backends, resolve_backend
+from . import reference
+from .ops import auto_choice
+from .ops.backends import BACKEND_DEVICES, available_backends, resolve_backend
+from .ops.functions import layer_partial_sums, op_library
+from .ops.validation import check_features, check_weights, spatial_positions
 
 # The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
 _GPU_CANDIDATES = tuple(name for name in ("cuda", "triton")

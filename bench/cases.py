@@ -20,7 +20,7 @@ if importlib.util.find_spec("afa_ext") is None:  # run from a checkout without i
 
 import afa_ext  # noqa: E402
 from afa_ext import functional, reference  # noqa: E402
-from afa_ext.backends import BACKEND_DEVICES  # noqa: E402
+from afa_ext.ops.backends import BACKEND_DEVICES  # noqa: E402
 
 LOSS_NAMES = ("feature_map_loss", "delta_loss", "channel_attentive_loss", "spatial_attentive_loss")
 SHORT_NAMES = {

@@ -1,20 +1,18 @@
-// The afa_ext op library (schemas only; kernels register per device) and build_info().
+// The Python module afa_ext._C: build_info() and empty_cache(). The ops' schemas are
+// declared once, in Python (afa_ext/ops/schemas.py, before this library is loaded); the
+// kernels register their implementations per device (cpu/sqdist_cpu.cpp, cuda/sqdist_cuda.cu).
 #include <Python.h>
 #include <pybind11/pybind11.h>
-#include <torch/library.h>
 #include <torch/version.h>
 
 #include <string>
 
 #include "cpu/huge_page_allocator.h"
-#include "op_schemas.h"
 
 // setup.py passes the CUDA architectures as -DAFA_EXT_CUDA_ARCHS=8.0,9.0 (no quotes, so
 // no shell quoting is needed); absent in a CPU-only build.
 #define AFA_EXT_STRINGIFY(...) #__VA_ARGS__
 #define AFA_EXT_EXPAND_STRINGIFY(...) AFA_EXT_STRINGIFY(__VA_ARGS__)
-
-TORCH_LIBRARY(afa_ext, m) { afa_ext::define_sqdist_ops(m); }
 
 namespace {
 

@@ -49,9 +49,9 @@ inline at::Tensor checked_partial_grad(const char* op, const at::Tensor& grad, c
   return grad.to(accumulate_type_of(target.scalar_type())).contiguous();
 }
 
-// The lists of a grouped op: as many sources (and grads) as targets, at least one layer,
-// every layer of the first layer's dtype and on its device. Each pair is then checked by
-// check_feature_pair and each grad by checked_partial_grad.
+// The lists of a multi-layer op (grouped_<op>): as many sources (and grads) as targets,
+// at least one layer, every layer of the first layer's dtype and on its device. Each pair
+// is then checked by check_feature_pair and each grad by checked_partial_grad.
 inline void check_layer_lists(const char* op, at::TensorList targets, at::TensorList sources,
                               c10::optional<at::TensorList> grads = c10::nullopt) {
   TORCH_CHECK(!targets.empty(), "afa_ext::", op, ": expected at least one layer, got empty lists");

@@ -1,4 +1,4 @@
-// Fused CPU kernels of the channel- and spatial-grouped squared distance (README.md,
+// Fused CPU kernels of the squared distance grouped by channel or by position (README.md,
 // "How it works").
 //
 //   forward:  partial[k] = sum over the reduced dims of (t - s)^2, k a kept index
@@ -395,8 +395,8 @@ at::Tensor spatial_sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return sqdist_backward_cpu(grad, target, source, Grouping::kSpatial);
 }
 
-// The grouped ops on the CPU: a CPU has no launch overhead to save, so layer by layer.
-std::vector<at::Tensor> grouped_sqdist_cpu(at::TensorList targets, at::TensorList sources, Grouping grouping) {
+// The multi-layer ops on the CPU: a CPU has no launch overhead to save, so layer by layer.
+std::vector<at::Tensor> sqdist_layers_cpu(at::TensorList targets, at::TensorList sources, Grouping grouping) {
   check_layer_lists(grouping == Grouping::kChannel ? "grouped_channel_sqdist" : "grouped_spatial_sqdist",
                     targets, sources);
   std::vector<at::Tensor> partials;
@@ -406,7 +406,7 @@ std::vector<at::Tensor> grouped_sqdist_cpu(at::TensorList targets, at::TensorLis
   return partials;
 }
 
-std::vector<at::Tensor> grouped_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
+std::vector<at::Tensor> sqdist_backward_layers_cpu(at::TensorList grads, at::TensorList targets,
                                                     at::TensorList sources, Grouping grouping) {
   check_layer_lists(grouping == Grouping::kChannel ? "grouped_channel_sqdist_backward"
                                                    : "grouped_spatial_sqdist_backward",
@@ -419,21 +419,21 @@ std::vector<at::Tensor> grouped_sqdist_backward_cpu(at::TensorList grads, at::Te
 }
 
 std::vector<at::Tensor> grouped_channel_sqdist_cpu(at::TensorList targets, at::TensorList sources) {
-  return grouped_sqdist_cpu(targets, sources, Grouping::kChannel);
+  return sqdist_layers_cpu(targets, sources, Grouping::kChannel);
 }
 
 std::vector<at::Tensor> grouped_spatial_sqdist_cpu(at::TensorList targets, at::TensorList sources) {
-  return grouped_sqdist_cpu(targets, sources, Grouping::kSpatial);
+  return sqdist_layers_cpu(targets, sources, Grouping::kSpatial);
 }
 
 std::vector<at::Tensor> grouped_channel_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
                                                             at::TensorList sources) {
-  return grouped_sqdist_backward_cpu(grads, targets, sources, Grouping::kChannel);
+  return sqdist_backward_layers_cpu(grads, targets, sources, Grouping::kChannel);
 }
 
 std::vector<at::Tensor> grouped_spatial_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
                                                             at::TensorList sources) {
-  return grouped_sqdist_backward_cpu(grads, targets, sources, Grouping::kSpatial);
+  return sqdist_backward_layers_cpu(grads, targets, sources, Grouping::kSpatial);
 }
 
 }  // namespace

@@ -6,7 +6,7 @@
 //   forward:  d[n, j] = sum_p (t - s)^2 (channel) or e[n, p] = sum_j (t - s)^2 (spatial)
 //   backward: dt = 2 * grad[n, j] * (t - s) or 2 * grad[n, p] * (t - s)
 //
-// Single and grouped ops share one path: each layer becomes a LayerDesc built from the
+// Single and multi-layer ops share one path: each layer becomes a LayerDesc built from the
 // ReductionPlan of its strides (channels_last, sliced and transposed features are read in
 // place), and all layers of a pass run in one launch on the current stream.
 #include <ATen/ATen.h>
@@ -30,7 +30,7 @@ struct CudaRuntime {
   using DeviceGuard = c10::cuda::CUDAGuard;
 
   template <typename scalar_t>
-  static void launch(void (*kernel)(const GroupedLaunch<scalar_t>), const std::vector<LayerDesc<scalar_t>>& layers,
+  static void launch(void (*kernel)(const MultiLayerLaunch<scalar_t>), const std::vector<LayerDesc<scalar_t>>& layers,
                      const std::vector<int64_t>& blocks) {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     for (const PlannedLaunch<scalar_t>& launch : plan_launches(layers, blocks)) {

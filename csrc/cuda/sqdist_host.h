@@ -74,7 +74,7 @@ std::vector<at::Tensor> sqdist_forward_layers(at::TensorList targets, at::Tensor
       blocks.push_back(shape_forward(layer));
       layers.push_back(layer);
     }
-    if (!layers.empty()) Runtime::launch(grouped_sqdist_forward_kernel<scalar_t>, layers, blocks);
+    if (!layers.empty()) Runtime::launch(sqdist_forward_layers_kernel<scalar_t>, layers, blocks);
   });
   return partials;
 }
@@ -106,7 +106,7 @@ std::vector<at::Tensor> sqdist_backward_layers(at::TensorList grads, at::TensorL
       blocks.push_back(shape_backward(layer));
       layers.push_back(layer);
     }
-    if (!layers.empty()) Runtime::launch(grouped_sqdist_backward_kernel<scalar_t>, layers, blocks);
+    if (!layers.empty()) Runtime::launch(sqdist_backward_layers_kernel<scalar_t>, layers, blocks);
   });
   for (auto& [grad_target, written] : copy_back) grad_target.copy_(written);
   return gradients;

@@ -1,5 +1,5 @@
 // Device side of the CUDA squared-distance kernels (README.md, "How it works"): the
-// descriptor of one layer, the parameter block of a grouped launch, and the forward and
+// descriptor of one layer, the parameter block of a multi-layer launch, and the forward and
 // backward kernels.
 //
 //   forward:  partial[k] = sum over the reduced dims of (t - s)^2      (k: a kept index)
@@ -76,9 +76,9 @@ struct LayerDesc {
   bool vectorised;  // unit inner strides, 16-byte aligned rows: 16-byte loads and stores
 };
 
-// Kernel parameter block of one grouped launch (static_assert'ed under 4 KiB on the host).
+// Kernel parameter block of one multi-layer launch (static_assert'ed under 4 KiB on the host).
 template <typename scalar_t>
-struct GroupedLaunch {
+struct MultiLayerLaunch {
   LayerDesc<scalar_t> layer[kMaxLayersPerLaunch];
   int32_t first_block[kMaxLayersPerLaunch + 1];  // prefix sums of the layers' block counts
   int32_t count;
@@ -421,7 +421,7 @@ __device__ void sqdist_backward_rows(const LayerDesc<scalar_t>& layer, int64_t b
 
 // The layer block blockIdx.x works on (a short scan: a launch holds a few layers).
 template <typename scalar_t>
-__device__ __forceinline__ int layer_of_block(const GroupedLaunch<scalar_t>& launch) {
+__device__ __forceinline__ int layer_of_block(const MultiLayerLaunch<scalar_t>& launch) {
   const int32_t block = static_cast<int32_t>(blockIdx.x);
   int layer = 0;
   while (layer + 1 < launch.count && block >= launch.first_block[layer + 1]) ++layer;
@@ -431,7 +431,7 @@ __device__ __forceinline__ int layer_of_block(const GroupedLaunch<scalar_t>& lau
 // partial[k] = sum over the reduced dims of (t - s)^2, for every layer of the launch.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
-    grouped_sqdist_forward_kernel(const __grid_constant__ GroupedLaunch<scalar_t> launch) {
+    sqdist_forward_layers_kernel(const __grid_constant__ MultiLayerLaunch<scalar_t> launch) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = vector_width<scalar_t>();
   __shared__ acc_t scratch[kThreads * V];
@@ -454,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
 // dt = 2 * weights[k] * (t - s), for every layer of the launch.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM)
-    grouped_sqdist_backward_kernel(const __grid_constant__ GroupedLaunch<scalar_t> launch) {
+    sqdist_backward_layers_kernel(const __grid_constant__ MultiLayerLaunch<scalar_t> launch) {
   constexpr int V = vector_width<scalar_t>();
   const int index = layer_of_block(launch);
   const LayerDesc<scalar_t>& layer = launch.layer[index];

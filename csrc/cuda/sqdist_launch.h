@@ -138,7 +138,7 @@ int64_t shape_backward(LayerDesc<scalar_t>& layer) {
 // The parameters and grid size of one launch.
 template <typename scalar_t>
 struct PlannedLaunch {
-  GroupedLaunch<scalar_t> params;
+  MultiLayerLaunch<scalar_t> params;
   unsigned int blocks;
 };
 
@@ -147,7 +147,7 @@ struct PlannedLaunch {
 template <typename scalar_t>
 std::vector<PlannedLaunch<scalar_t>> plan_launches(const std::vector<LayerDesc<scalar_t>>& layers,
                                                    const std::vector<int64_t>& blocks) {
-  static_assert(sizeof(GroupedLaunch<scalar_t>) <= kMaxParameterBytes, "launch parameters over 4 KiB");
+  static_assert(sizeof(MultiLayerLaunch<scalar_t>) <= kMaxParameterBytes, "launch parameters over 4 KiB");
   std::vector<PlannedLaunch<scalar_t>> launches;
   for (size_t first = 0; first < layers.size(); first += kMaxLayersPerLaunch) {
     const size_t count = std::min<size_t>(kMaxLayersPerLaunch, layers.size() - first);

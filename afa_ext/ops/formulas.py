@@ -1,14 +1,4 @@
-"""Fake (meta) kernels and autograd formulas of the squared-distance ops.
-
-Every backend library (the C++ ``afa_ext`` ops, the Triton ``afa_ext_triton`` ops) declares
-the same eight ops, for features t, s of shape (B, C, *spatial) with P spatial positions:
-
-- ``channel_sqdist(t, s) -> d``, d[n, j] = sum_p (t - s)^2, shape (B, C)
-- ``spatial_sqdist(t, s) -> e``, e[n, p] = sum_j (t - s)^2, shape (B, P)
-- ``channel_sqdist_backward(g, t, s)``, dt = 2 * g[n, j] * (t - s)
-- ``spatial_sqdist_backward(g, t, s)``, dt = 2 * g[n, p] * (t - s)
-- ``grouped_<op>``, the same over lists holding all hooked layers of a model (one dtype
-  and device, any shapes), one result per layer: one kernel launch per pass on a GPU.
+"""Fake (meta) kernels and autograd formulas of the squared-distance ops (schemas.py).
 
 d and e are float32 for half features, else the features' dtype. The source gets no
 gradient; the backward re-reads t and s instead of holding anything between passes.
@@ -16,27 +6,13 @@ gradient; the backward re-reads t and s instead of holding anything between pass
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from ._validation import FLOAT_DTYPES, spatial_positions
-
-GROUPINGS = ("channel", "spatial")
-
-# The schemas of every op library, as csrc/ops.cpp declares them for ``afa_ext``.
-OP_SCHEMAS = {
-    "channel_sqdist": "(Tensor target, Tensor source) -> Tensor",
-    "spatial_sqdist": "(Tensor target, Tensor source) -> Tensor",
-    "channel_sqdist_backward": "(Tensor grad, Tensor target, Tensor source) -> Tensor",
-    "spatial_sqdist_backward": "(Tensor grad, Tensor target, Tensor source) -> Tensor",
-    "grouped_channel_sqdist": "(Tensor[] targets, Tensor[] sources) -> Tensor[]",
-    "grouped_spatial_sqdist": "(Tensor[] targets, Tensor[] sources) -> Tensor[]",
-    "grouped_channel_sqdist_backward": "(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]",
-    "grouped_spatial_sqdist_backward": "(Tensor[] grads, Tensor[] targets, Tensor[] sources) -> Tensor[]",
-}
+from .schemas import GROUPINGS
+from .validation import FLOAT_DTYPES, spatial_positions
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,7 +52,7 @@ def check_inputs(op: str, target: Tensor, source: Tensor, grad: Optional[Tensor]
 
 
 def check_layers(op: str, targets, sources, grads=None) -> None:
-    """The list checks of the grouped ops (check_layer_lists in csrc/sqdist_checks.h)."""
+    """The list checks of the multi-layer ops (check_layer_lists in csrc/sqdist_checks.h)."""
     if len(targets) == 0:
         raise RuntimeError(f"{op}: expected at least one layer, got empty lists")
     if len(sources) != len(targets):
@@ -94,7 +70,7 @@ def check_layers(op: str, targets, sources, grads=None) -> None:
             )
 
 
-def check_grouped_inputs(op: str, targets, sources, grads=None, grouping: str = "channel") -> None:
+def check_layer_inputs(op: str, targets, sources, grads=None, grouping: str = "channel") -> None:
     """check_layers, then check_inputs for every layer."""
     check_layers(op, targets, sources, grads)
     for layer, (target, source) in enumerate(zip(targets, sources)):
@@ -120,7 +96,7 @@ def _sum_to_weights(values: Tensor, grouping: str) -> Tensor:
     return values.flatten(2).sum(2) if grouping == "channel" else values.sum(1).flatten(1)
 
 
-def _grad_of_backward(grouping: str, weights: Tensor, target: Tensor, source: Tensor, upstream: Tensor):
+def grad_of_backward(grouping: str, weights: Tensor, target: Tensor, source: Tensor, upstream: Tensor):
     """(d/dw, d/dt) of dt = 2 w (t - s) for the upstream gradient u of dt."""
     upstream = upstream.to(weights.dtype)
     diff = target.to(weights.dtype) - source.to(weights.dtype)
@@ -134,7 +110,7 @@ def register_formulas(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
     for grouping in GROUPINGS:
         _register_single(namespace, ops, grouping)
-        _register_grouped(namespace, ops, grouping)
+        _register_multi_layer(namespace, ops, grouping)
 
 
 def _register_single(namespace: str, ops, grouping: str) -> None:
@@ -159,7 +135,7 @@ def _register_single(namespace: str, ops, grouping: str) -> None:
 
     def backward_grad(ctx, upstream: Tensor):
         weights, target, source = ctx.saved_tensors
-        return (*_grad_of_backward(grouping, weights, target, source, upstream), None)
+        return (*grad_of_backward(grouping, weights, target, source, upstream), None)
 
     torch.library.register_fake(qualified, forward_fake)
     torch.library.register_fake(f"{qualified}_backward", backward_fake)
@@ -167,17 +143,17 @@ def _register_single(namespace: str, ops, grouping: str) -> None:
     torch.library.register_autograd(f"{qualified}_backward", backward_grad, setup_context=save_features)
 
 
-def _register_grouped(namespace: str, ops, grouping: str) -> None:
+def _register_multi_layer(namespace: str, ops, grouping: str) -> None:
     name = f"grouped_{grouping}_sqdist"
     qualified = f"{namespace}::{name}"
     backward_op = getattr(ops, f"{name}_backward")
 
     def forward_fake(targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
-        check_grouped_inputs(qualified, targets, sources)
+        check_layer_inputs(qualified, targets, sources)
         return [t.new_empty(partial_sum_shape(t, grouping), dtype=accumulate_dtype(t.dtype)) for t in targets]
 
     def backward_fake(grads: List[Tensor], targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
-        check_grouped_inputs(f"{qualified}_backward", targets, sources, grads, grouping)
+        check_layer_inputs(f"{qualified}_backward", targets, sources, grads, grouping)
         return [torch.empty_like(t) for t in targets]
 
     def save_lists(ctx, inputs, output) -> None:
@@ -194,7 +170,7 @@ def _register_grouped(namespace: str, ops, grouping: str) -> None:
         d_weights, d_targets = [], []
         for layer, upstream in enumerate(upstreams):
             weights, target, source = saved[layer::layers]
-            d_weight, d_target = _grad_of_backward(grouping, weights, target, source, upstream)
+            d_weight, d_target = grad_of_backward(grouping, weights, target, source, upstream)
             d_weights.append(d_weight)
             d_targets.append(d_target)
         return d_weights, d_targets, [None] * layers

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import afa_ext
-from afa_ext.backends import resolve_backend
+from afa_ext.ops.backends import resolve_backend
 from loss_cases import HAS_CPU, needs_cpu
 
 
@@ -13,7 +13,7 @@ def test_available_backends_on_this_machine():
     names = afa_ext.available_backends()
     assert names[0] == "reference"
     gpu = torch.cuda.is_available()
-    assert ("cuda" in names) <= gpu and ("triton" in names) <= (gpu or afa_ext.backends.TRITON_INTERPRETED)
+    assert ("cuda" in names) <= gpu and ("triton" in names) <= (gpu or afa_ext.ops.backends.TRITON_INTERPRETED)
     assert names == afa_ext.available_backends()
 
 
@@ -47,7 +47,7 @@ def test_build_info_names_the_instruction_set_of_the_build():
 
 @pytest.mark.skipif("cpu" not in afa_ext.available_backends(), reason="afa_ext._C not built")
 def test_a_cpu_without_the_build_instruction_set_is_refused(monkeypatch):
-    from afa_ext import _ops
+    from afa_ext.ops import extension as _ops
     from afa_ext._build_config import CPU_ISA
 
     if CPU_ISA == "default":
@@ -87,9 +87,13 @@ def test_import_without_the_extension_keeps_the_reference_backend():
 
 
 @needs_cpu
-def test_python_op_schemas_mirror_the_cpp_ones():
-    """_op_formulas.OP_SCHEMAS (the Triton library's schemas) equals csrc/op_schemas.h."""
-    from afa_ext._op_formulas import OP_SCHEMAS
+def test_every_schema_has_a_compiled_cpu_kernel():
+    """The compiled library registers a CPU kernel for each op that schemas.py declares,
+    and nothing under names it does not declare."""
+    from afa_ext.ops.schemas import OP_SCHEMAS
 
     for name, schema in OP_SCHEMAS.items():
         assert str(getattr(torch.ops.afa_ext, name).default._schema) == f"afa_ext::{name}{schema}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"afa_ext::{name}", "CPU"), name
+    registered = {op.split("::")[1] for op in torch._C._dispatch_get_all_op_names() if op.startswith("afa_ext::")}
+    assert registered == set(OP_SCHEMAS)

@@ -19,7 +19,7 @@ import float64_model
 from loss_cases import DTYPES, LAYOUT_IDS, LAYOUT_PAIRS, SHAPES, make_features, relative_error
 from op_checks import check_op_pair, forward_tolerance, grad_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GROUPINGS = ("channel", "spatial")
 # Four ResNet-like layers (C x4, side /2 per stage), scaled down.
 RESNET_LIKE = [(3, 8, 24, 24), (3, 16, 12, 12), (3, 32, 6, 6), (3, 64, 3, 3)]
@@ -33,9 +33,12 @@ def ops():
     """torch.ops.afa_ext_cuda_emulated, built on first use (cached by torch between runs)."""
     from torch.utils import cpp_extension
 
+    from afa_ext.ops.schemas import define_ops
+
+    define_ops("afa_ext_cuda_emulated")  # the schemas; the library registers the kernels
     cpp_extension.load(
         name="afa_ext_cuda_emulation",
-        sources=[str(REPO / "tests" / "cuda_emulation" / "emulated_cuda_ops.cpp")],
+        sources=[str(REPO / "tests" / "ops" / "cuda_emulation" / "emulated_cuda_ops.cpp")],
         extra_include_paths=[str(REPO / "csrc")],
         extra_cflags=["-O2", "-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"],
         is_python_module=False,
@@ -142,7 +145,7 @@ def test_two_runs_are_bitwise_equal(ops, grouping):
 
 
 def test_64_bit_offsets(ops):
-    from test_large_offsets import check_ops_read_beyond_2_31
+    from op_checks import check_ops_read_beyond_2_31
 
     check_ops_read_beyond_2_31(ops)
 

@@ -2,7 +2,7 @@
 
 ``sqdist_forward(targets, sources, grouping)`` returns the partial sums of every layer
 and ``sqdist_backward(grads, targets, sources, grouping)`` the gradients of every target,
-each in one kernel launch for all layers (triton_kernels.py). Inputs are read through
+each in one kernel launch for all layers (kernels.py). Inputs are read through
 their strides; only a layout whose dims of one axis cannot be merged into three index
 levels (a sliced 3-d or 4-d spatial map) is copied first.
 """
@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import triton_kernels as kernels
-from ._op_formulas import accumulate_dtype, partial_sum_shape
-from ._validation import spatial_positions
+from . import kernels
+from ..formulas import accumulate_dtype, partial_sum_shape
+from ..validation import spatial_positions
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # AFA_EXT_TRITON_AUTOTUNE=0 runs the first configuration of each list instead of timing
@@ -218,7 +218,7 @@ def _vector_width(aligned: Sequence[bool], itemsize: int) -> int:
 
 def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, weights: Optional[Tensor],
                splits: Tuple[int, int], workspace_offset: int, counter_offset: int, aligned: bool) -> List[int]:
-    """One layer's row of the table (columns in triton_kernels.py)."""
+    """One layer's row of the table (columns in kernels.py)."""
     def from_anchor(tensor: Tensor) -> int:
         return (tensor.data_ptr() - anchor.data_ptr()) // anchor.element_size()
 

@@ -20,9 +20,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import functional
+from .. import functional
+from ..ops.backends import check_backend_name
 from .attention import ChannelAttention, SpatialAttention
-from .backends import check_backend_name
 
 __all__ = [
     "FeatureMapAlignment",

@@ -1,6 +1,6 @@
 """The partial sums of every layer as autograd Functions that torch.func can transform.
 
-The ops' own autograd formulas (``_op_formulas.register_formulas``) serve callers of the
+The ops' own autograd formulas (``formulas.register_formulas``) serve callers of the
 ops; torch.func's transforms (``grad``, ``jacrev``, ``vmap`` over a gradient) need
 Functions with ``setup_context`` and a ``vmap`` rule, which ``torch.library`` does not
 generate. These two Functions call the same ops:
@@ -20,7 +20,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
-from ._op_formulas import _grad_of_backward
+from .formulas import grad_of_backward
 
 __all__ = ["layer_partial_sums", "op_library"]
 
@@ -103,7 +103,7 @@ def _make_functions(backend: str, grouping: str):
             grads, targets, sources = _split(ctx.saved_tensors, 3)
             d_grads, d_targets = [], []
             for upstream, grad, target, source in zip(upstreams, grads, targets, sources):
-                d_grad, d_target = _grad_of_backward(grouping, grad, target, source, upstream)
+                d_grad, d_target = grad_of_backward(grouping, grad, target, source, upstream)
                 d_grads.append(d_grad)
                 d_targets.append(d_target)
             return (*d_grads, *d_targets, *([None] * len(sources)))

@@ -25,7 +25,7 @@ def _compile(kernel_name, arch, dtype_name, rows_fast, fast_unit, align, block_r
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
 
-    from afa_ext import triton_kernels
+    from afa_ext.ops.triton import kernels as triton_kernels
 
     dtype = getattr(tl, dtype_name)
     acc = tl.float64 if dtype_name == "float64" else tl.float32

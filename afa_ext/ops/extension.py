@@ -1,8 +1,9 @@
-"""The compiled ops of afa_ext._C: loading it, and its ops' fake kernels and autograd.
+"""The compiled extension afa_ext._C: loading it, and its ops' fake kernels and autograd.
 
-The C++ library (csrc/ops.cpp) declares the eight ops of _op_formulas.py under the
-namespace ``afa_ext``, with CPU kernels (csrc/cpu) and, when built with nvcc, CUDA kernels
-(csrc/cuda). Loading afa_ext._C registers them.
+The ops of schemas.py are declared here under the namespace ``afa_ext``; loading
+afa_ext._C registers their CPU kernels (csrc/cpu) and, when built with nvcc, their CUDA
+kernels (csrc/cuda). Whether it loads is decided once, at import: a process cannot
+unload a library, so rebuilding the extension takes a new process.
 """
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._op_formulas import accumulate_dtype, register_formulas
+from .formulas import accumulate_dtype, register_formulas
+from .schemas import define_ops
 
 
 def _unsupported_cpu_isa() -> Optional[str]:
     """The instruction set afa_ext._C was compiled for when this CPU lacks it (its code
     would die on an illegal instruction, so it must not even be loaded), else None."""
     try:
-        from ._build_config import CPU_ISA
+        from .._build_config import CPU_ISA
     except ImportError:  # not built: importing _C below says so
         return None
     supported = {
@@ -37,8 +39,9 @@ if _MISSING_ISA is not None:
         "lacks; rebuild it here (AFA_EXT_CPU_ISA=default makes a build for any x86-64 CPU)"
     )
 else:
+    define_ops("afa_ext")
     try:
-        from . import _C  # noqa: F401  (loading it registers the ops)
+        from .. import _C  # noqa: F401  (loading it registers the ops' kernels)
     except ImportError as error:  # the extension is optional: the reference backend still works
         _LOAD_ERROR = f"{type(error).__name__}: {error}"
 

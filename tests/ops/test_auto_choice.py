@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from afa_ext import auto_choice
+from afa_ext.ops import auto_choice
 
 
 def _sleeper(seconds, calls):

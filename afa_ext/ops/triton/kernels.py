@@ -4,7 +4,7 @@ Each launch covers L layers. A layer is an index space of ``rows`` x ``K``: the 
 reduces along K, d[r] = sum_k (t[r, k] - s[r, k])^2, and the backward writes
 dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]). For the channel grouping the rows are (n, j)
 and K runs over the spatial positions; for the spatial grouping the rows are (n, p) and K
-runs over the channels. The host (triton_launch.py) describes every layer by one row of
+runs over the channels. The host (launch.py) describes every layer by one row of
 an int64 table: the addresses of its tensors, its sizes, and the strides of up to three
 index levels per axis for each tensor, so any strided layout is read in place. Feature
 addresses are element offsets from ``anchor`` (the first layer's target), the partial

@@ -11,12 +11,13 @@ import torch
 
 import afa_ext
 import float64_model
-from afa_ext import auto_choice, functional
+from afa_ext import functional
+from afa_ext.ops import auto_choice
 from loss_cases import LOSS_IDS, LOSSES, make_features, make_weights, relative_error, run_loss
 from op_checks import check_list_loss, layer_weights
 
 GPU_BACKENDS = [name for name in ("cuda", "triton")
-                if name in afa_ext.available_backends() and afa_ext.backends.BACKEND_DEVICES[name] == ("cuda",)]
+                if name in afa_ext.available_backends() and afa_ext.ops.backends.BACKEND_DEVICES[name] == ("cuda",)]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not GPU_BACKENDS,
                                 reason="needs a CUDA device and a GPU backend")
 LAYER_SHAPES = [(4, 16, 14, 14), (4, 32, 7, 7), (4, 64, 4, 4), (4, 128, 2, 2)]

@@ -32,16 +32,16 @@ class BackendUnavailableError(RuntimeError):
 
 def _find_reasons() -> Dict[str, Optional[str]]:
     """Backend name -> None when available, else why it is not."""
-    from . import _ops
+    from . import extension
 
     reasons: Dict[str, Optional[str]] = {"reference": None}
-    reasons["cpu"] = None if _ops.extension_error() is None else (
-        f"the compiled extension afa_ext._C did not load: {_ops.extension_error()}"
+    reasons["cpu"] = None if extension.extension_error() is None else (
+        f"the compiled extension afa_ext._C did not load: {extension.extension_error()}"
     )
     reasons["triton"] = _triton_reason()
-    if _ops.extension_error() is not None:
+    if extension.extension_error() is not None:
         reasons["cuda"] = reasons["cpu"]
-    elif not _ops.build_info().get("cuda_archs"):
+    elif not extension.build_info().get("cuda_archs"):
         reasons["cuda"] = (
             "afa_ext._C was built without CUDA kernels (no nvcc or a CPU-only torch at "
             "build time, or AFA_EXT_CUDA=0)"
@@ -60,7 +60,7 @@ def _triton_reason() -> Optional[str]:
         return ("torch sees no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU "
                 "tensors through Triton's interpreter, slowly, for testing)")
     try:
-        from . import triton_ops  # noqa: F401  (registers the afa_ext_triton ops)
+        from .triton import library  # noqa: F401  (registers the afa_ext_triton ops)
     except Exception as error:  # a broken triton install must not break the other backends
         return f"the Triton kernels did not load: {type(error).__name__}: {error}"
     return None

@@ -5,8 +5,8 @@
 // step; __syncthreads is a barrier of all of them and __shfl_xor_sync a barrier of the 32
 // threads of a warp around a shared exchange slot. It is slow and knows nothing of memory
 // coalescing: it checks what the kernels compute (indexing, vector and scalar paths, the
-// reductions, the grouped launches), not how fast. The ops are registered as
-// afa_ext_cuda_emulated::<op> for CPU tensors (tests/test_cuda_emulated.py).
+// reductions, the multi-layer launches), not how fast. The ops are registered as
+// afa_ext_cuda_emulated::<op> for CPU tensors (tests/ops/test_cuda_emulated.py).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -69,7 +69,6 @@ T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
 }
 
 #include "cuda/sqdist_host.h"
-#include "op_schemas.h"
 
 namespace afa_ext {
 namespace cuda {
@@ -103,7 +102,7 @@ struct EmulatedRuntime {
   };
 
   template <typename scalar_t>
-  static void launch(void (*kernel)(const GroupedLaunch<scalar_t>), const std::vector<LayerDesc<scalar_t>>& layers,
+  static void launch(void (*kernel)(const MultiLayerLaunch<scalar_t>), const std::vector<LayerDesc<scalar_t>>& layers,
                      const std::vector<int64_t>& blocks) {
     for (const PlannedLaunch<scalar_t>& launch : plan_launches(layers, blocks)) {
       run_blocks(kernel, launch.params, static_cast<int64_t>(launch.blocks));
@@ -126,8 +125,6 @@ std::vector<at::Tensor> backward(at::TensorList grads, at::TensorList targets, a
 
 using afa_ext::Grouping;
 namespace cuda = afa_ext::cuda;
-
-TORCH_LIBRARY(afa_ext_cuda_emulated, m) { afa_ext::define_sqdist_ops(m); }
 
 TORCH_LIBRARY_IMPL(afa_ext_cuda_emulated, CPU, m) {
   m.impl("channel_sqdist", [](const at::Tensor& t, const at::Tensor& s) {

@@ -35,9 +35,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 if "triton" in afa_ext.available_backends():
-    from afa_ext import triton_launch
+    from afa_ext.ops.triton import launch as triton_launch
 
-DEVICE = "cpu" if afa_ext.backends.TRITON_INTERPRETED else "cuda"
+DEVICE = "cpu" if afa_ext.ops.backends.TRITON_INTERPRETED else "cuda"
 OPS = torch.ops.afa_ext_triton
 GROUPINGS = ("channel", "spatial")
 # Four layers shaped like ResNet's hooked ones (C x4, side /2 per stage), scaled down.
@@ -161,7 +161,7 @@ def test_grouped_ops_refuse_bad_lists():
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="only the interpreter refuses CUDA tensors")
 def test_interpreter_names_its_device():
-    assert afa_ext.backends.BACKEND_DEVICES["triton"] == ("cpu",)
+    assert afa_ext.ops.backends.BACKEND_DEVICES["triton"] == ("cpu",)
 
 
 # --------------------------------------------------------------------------- losses and autograd
@@ -218,10 +218,10 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_64_bit_offsets():
-    """Channels more than 2^31 elements apart (test_large_offsets.py builds them cheaply)."""
+    """Channels more than 2^31 elements apart (op_checks.far_apart_features builds them cheaply)."""
     if DEVICE != "cpu":
         pytest.skip("the far-apart features are built in host memory")
-    from test_large_offsets import check_ops_read_beyond_2_31
+    from op_checks import check_ops_read_beyond_2_31
 
     # one bfloat16 ulp: Triton's interpreter rounds float32 to bfloat16 by truncation
     check_ops_read_beyond_2_31(OPS, backward_rtol=2 ** -7)

@@ -49,11 +49,11 @@ at::Tensor spatial_sqdist_cuda(const at::Tensor& target, const at::Tensor& sourc
 }
 
 at::Tensor channel_sqdist_backward_cuda(const at::Tensor& grad, const at::Tensor& target, const at::Tensor& source) {
-  return sqdist_backward_layers<CudaRuntime>(grad, target, source, Grouping::kChannel)[0];
+  return sqdist_backward_layers<CudaRuntime>("channel_sqdist_backward", grad, target, source, Grouping::kChannel)[0];
 }
 
 at::Tensor spatial_sqdist_backward_cuda(const at::Tensor& grad, const at::Tensor& target, const at::Tensor& source) {
-  return sqdist_backward_layers<CudaRuntime>(grad, target, source, Grouping::kSpatial)[0];
+  return sqdist_backward_layers<CudaRuntime>("spatial_sqdist_backward", grad, target, source, Grouping::kSpatial)[0];
 }
 
 std::vector<at::Tensor> grouped_channel_sqdist_cuda(at::TensorList targets, at::TensorList sources) {
@@ -68,14 +68,16 @@ std::vector<at::Tensor> grouped_spatial_sqdist_cuda(at::TensorList targets, at::
 
 std::vector<at::Tensor> grouped_channel_sqdist_backward_cuda(at::TensorList grads, at::TensorList targets,
                                                              at::TensorList sources) {
-  check_layer_lists("grouped_channel_sqdist_backward", targets, sources, grads);
-  return sqdist_backward_layers<CudaRuntime>(grads, targets, sources, Grouping::kChannel);
+  constexpr const char* op = "grouped_channel_sqdist_backward";
+  check_layer_lists(op, targets, sources, grads);
+  return sqdist_backward_layers<CudaRuntime>(op, grads, targets, sources, Grouping::kChannel);
 }
 
 std::vector<at::Tensor> grouped_spatial_sqdist_backward_cuda(at::TensorList grads, at::TensorList targets,
                                                              at::TensorList sources) {
-  check_layer_lists("grouped_spatial_sqdist_backward", targets, sources, grads);
-  return sqdist_backward_layers<CudaRuntime>(grads, targets, sources, Grouping::kSpatial);
+  constexpr const char* op = "grouped_spatial_sqdist_backward";
+  check_layer_lists(op, targets, sources, grads);
+  return sqdist_backward_layers<CudaRuntime>(op, grads, targets, sources, Grouping::kSpatial);
 }
 
 }  // namespace

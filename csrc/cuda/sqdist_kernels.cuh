@@ -171,6 +171,12 @@ constexpr int unroll_factor() {
 
 // V features moved as one 16-byte access: read through the read-only cache, written with
 // an explicit vector store.
+//
+// Both assume that no memory a launch reads is written by that launch. __ldg loads through
+// the non-coherent read-only cache, which does not see the launch's own stores; store_pack
+// lets loads move across it. So a gradient must share no byte with any target, source or
+// weights of its launch (of any layer, as one launch runs every layer): the host checks
+// that before each backward launch (check_gradients_apart_from_inputs, sqdist_host.h).
 template <typename T, int V>
 struct alignas(kVectorBytes) Pack {
   static_assert(sizeof(T) * V == kVectorBytes, "a Pack is one 16-byte access");
@@ -186,8 +192,8 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T* address) {
 }
 
 // An explicit vector store: left to itself, the compiler splits this one into four 4-byte
-// stores. No "memory" clobber: nothing in these kernels reads what they write, so loads
-// may move across it.
+// stores. No "memory" clobber: nothing in these kernels reads what they write (dt never
+// aliases t, s or the weights, see Pack), so loads may move across it.
 template <int V, typename T>
 __device__ __forceinline__ void store_pack(T* address, const Pack<T, V>& pack) {
   uint4 bits;
@@ -237,8 +243,16 @@ __device__ __forceinline__ acc_t sum_in_order(const acc_t (&values)[V]) {
 }
 
 // The total of `value` over the `lanes` consecutive threads of a row (a power of two, the
-// same for the whole block; every thread of the block must call this). A butterfly of
-// warp shuffles, then, for rows wider than a warp, the warp totals in warp order.
+// same for the whole block). A butterfly of warp shuffles, then, for rows wider than a
+// warp, the warp totals in warp order.
+//
+// Every thread of the block must call it, also threads without a row: the shuffles name
+// all 32 lanes of the warp, and rows wider than a warp meet at a __syncthreads. At most
+// once per block: scratch[warp] is written, the block synchronises and each thread reads
+// its row's warp totals, with no barrier after the reads. A second call would let the
+// first thread of a warp overwrite scratch[warp] while slower threads of its row still read
+// the first total; it needs a __syncthreads before it (or scratch of its own). scratch
+// holds at least kThreads / kWarpSize values.
 template <typename acc_t>
 __device__ __forceinline__ acc_t sum_across_lanes(acc_t value, int lanes, acc_t* scratch) {
   for (int offset = (lanes < kWarpSize ? lanes : kWarpSize) / 2; offset > 0; offset /= 2) {
@@ -293,6 +307,7 @@ __device__ void row_sqdist_forward(const LayerDesc<scalar_t>& layer, int64_t blo
 // Forward with a kept inner dim (spatial grouping of NCHW, channel of channels_last): each
 // thread owns V consecutive inner indices of one tile and sums one slice (a consecutive
 // range) of the reduced rows; the slices then add up in shared memory in slice order.
+// Like sum_across_lanes, it uses scratch once per block, with no barrier after the reads.
 template <int V, typename scalar_t, typename acc_t>
 __device__ void column_sqdist_forward(const LayerDesc<scalar_t>& layer, int64_t block, acc_t* scratch) {
   const int columns = layer.lanes;
@@ -341,7 +356,9 @@ __device__ void column_sqdist_forward(const LayerDesc<scalar_t>& layer, int64_t 
   }
 }
 
-// The backward's view of one row: where it starts in each tensor, and its weight.
+// The backward's view of one row: where it starts in each tensor, and its weight. The
+// __restrict__ qualifiers rest on the no-alias condition of Pack (checked on the host);
+// they also let the compiler read t, s and the weights through the read-only cache.
 template <typename scalar_t, typename acc_t>
 struct GradientRow {
   scalar_t* __restrict__ dt;
@@ -434,6 +451,8 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
     sqdist_forward_layers_kernel(const __grid_constant__ MultiLayerLaunch<scalar_t> launch) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = vector_width<scalar_t>();
+  // Used once by the block's one reduction: the row and column walks do not synchronise
+  // after reading it.
   __shared__ acc_t scratch[kThreads * V];
   const int index = layer_of_block(launch);
   const LayerDesc<scalar_t>& layer = launch.layer[index];

@@ -1,5 +1,5 @@
 """The CUDA kernels' logic on the CPU: csrc/cuda compiled by the host compiler with the
-emulation of tests/cuda_emulation/ (one thread per CUDA thread, barriers for
+emulation of tests/ops/cuda_emulation/ (one thread per CUDA thread, barriers for
 __syncthreads and the warp shuffles), checked against the float64 model.
 
 This is how a machine without a GPU (CI) tests what the CUDA kernels compute: every
@@ -17,7 +17,7 @@ import torch
 
 import float64_model
 from loss_cases import DTYPES, LAYOUT_IDS, LAYOUT_PAIRS, SHAPES, make_features, relative_error
-from op_checks import check_op_pair, forward_tolerance, grad_for
+from op_checks import backward_tolerance, check_op_pair, forward_tolerance, grad_for
 
 REPO = Path(__file__).resolve().parents[2]
 GROUPINGS = ("channel", "spatial")
@@ -92,18 +92,6 @@ def test_op_misaligned_base_pointer(ops, grouping, dtype):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_op_features_with_many_unmergeable_dims(ops, grouping):
-    """7-D features with scrambled strides: more dims than a layer descriptor holds, so the
-    host code copies them dense (and copies the gradient back into the target's layout)."""
-    order = (0, 1, 5, 3, 6, 2, 4)
-    inverse = [order.index(d) for d in range(7)]
-    target, source = _features((2, 3, 2, 3, 2, 3, 2), torch.float32, seed=12)
-    target = target.permute(order).contiguous().permute(inverse)
-    source = source.permute(order).contiguous().permute(inverse)
-    check_op_pair(ops, grouping, target, source, torch.Generator().manual_seed(13))
-
-
-@pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("count", [4, 11], ids=["4-layers", "11-layers"])
 def test_grouped_ops_match_the_model(ops, grouping, dtype, count):
@@ -156,3 +144,175 @@ def test_bad_input_raises_the_cpu_kernels_errors(ops):
         ops.channel_sqdist(target, source[:, :2])
     with pytest.raises(RuntimeError, match=r"expected grad of shape \[2, 16\]"):
         ops.spatial_sqdist_backward(torch.zeros(2, 3), target, source)
+
+
+# ------------------------------------------------- gradients written into given tensors
+
+
+def _backward_into(ops, op, grads, targets, sources, gradients):
+    ops.sqdist_backward_into(op, list(grads), list(targets), list(sources), list(gradients))
+
+
+def _check_gradient(grouping, dt, grad, target, source):
+    expected = float64_model.partial_sums_backward(grouping, grad, target, source)
+    assert relative_error(dt, expected) <= backward_tolerance(dt.dtype)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_backward_into_a_gradient_apart_from_the_inputs(ops, grouping):
+    """A gradient in a layout of its own, and one that ends where the target's storage
+    begins: both apart from every input, both get dt = 2 g (t - s)."""
+    op = f"{grouping}_sqdist_backward"
+    target, source = _features((2, 8, 6, 5), torch.float32, ("cropped", "channels_last"), seed=14)
+    grad = grad_for(grouping, target, torch.Generator().manual_seed(15))
+    transposed = torch.full((2, 8, 5, 6), float("nan")).transpose(-1, -2)
+    _backward_into(ops, op, [grad], [target], [source], [transposed])
+    _check_gradient(grouping, transposed, grad, target, source)
+
+    storage = torch.randn(2 * target.numel())
+    adjacent_target, after_target = storage[: target.numel()].view(target.shape), storage[target.numel():]
+    adjacent_target.copy_(target)
+    gradient = after_target.view(target.shape)
+    _backward_into(ops, op, [grad], [adjacent_target], [source], [gradient])
+    _check_gradient(grouping, gradient, grad, target, source)
+
+
+def _overlapping_view(tensor, shift):
+    """A view of ``tensor``'s shape starting ``shift`` elements into a storage shared with it."""
+    storage = torch.randn(tensor.numel() + abs(shift))
+    first, second = (0, shift) if shift >= 0 else (-shift, 0)
+    view = storage[first: first + tensor.numel()].view(tensor.shape)
+    view.copy_(tensor)
+    return view, storage[second: second + tensor.numel()].view(tensor.shape)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("aliased", ["target", "target-shifted-view", "source", "grad"])
+def test_backward_into_rejects_a_gradient_sharing_memory_with_an_input(ops, grouping, aliased):
+    """The kernels read the inputs through the read-only cache while storing dt: a gradient
+    that overlaps an input is refused before the launch, naming the op and the layer."""
+    op = f"{grouping}_sqdist_backward"
+    target, source = _features((2, 8, 6, 5), torch.float32, seed=16)
+    grad = grad_for(grouping, target, torch.Generator().manual_seed(17))
+    if aliased == "target":
+        gradient = target
+    elif aliased == "target-shifted-view":
+        target, gradient = _overlapping_view(target, 3)
+    elif aliased == "source":
+        source, gradient = _overlapping_view(source, -1)
+    else:
+        storage = torch.randn(target.numel())
+        storage[: grad.numel()].copy_(grad.flatten())
+        grad, gradient = storage[: grad.numel()].view(grad.shape), storage.view(target.shape)
+    name = aliased.split("-")[0]
+    with pytest.raises(RuntimeError, match=rf"afa_ext::{op}: the gradient of layer 0 overlaps the {name} of layer 0"):
+        _backward_into(ops, op, [grad], [target], [source], [gradient])
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_grouped_backward_into_rejects_a_gradient_sharing_another_layers_input(ops, grouping):
+    """One launch reads every layer: layer 1's gradient may not overlap layer 0's target."""
+    op = f"grouped_{grouping}_sqdist_backward"
+    pairs = [_features((2, 8, 6, 5), torch.float32, seed=seed) for seed in (18, 19)]
+    targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
+    grads = [grad_for(grouping, t, torch.Generator().manual_seed(20)) for t in targets]
+    gradients = [torch.empty_like(targets[0]), targets[0]]
+    with pytest.raises(RuntimeError, match=rf"afa_ext::{op}: the gradient of layer 1 overlaps the target of layer 0"):
+        _backward_into(ops, op, grads, targets, sources, gradients)
+    gradients[1] = torch.empty_like(targets[1])
+    _backward_into(ops, op, grads, targets, sources, gradients)
+    for dt, grad, target, source in zip(gradients, grads, targets, sources):
+        _check_gradient(grouping, dt, grad, target, source)
+
+
+# ----------------------------------------- features copied dense: the gradient's layout
+
+
+def _stored(values, order, cropped):
+    """``values`` in a storage whose dims go in ``order`` (outermost first), each spatial
+    dim cropped by one (NaN around it) when ``cropped``."""
+    margin = int(cropped)
+    padded = torch.full([values.shape[d] + (margin if d >= 2 else 0) for d in order], float("nan"),
+                        dtype=values.dtype, device=values.device)
+    view = padded.permute([order.index(d) for d in range(values.dim())])
+    view = view[(slice(None), slice(None)) + (slice(margin, None),) * (values.dim() - 2)]
+    view.copy_(values)
+    return view
+
+
+CHANNELS_LAST_5D, CHANNELS_LAST_6D, SCRAMBLED_7D = (0, 2, 3, 4, 1), (0, 2, 3, 4, 5, 1), (0, 1, 5, 3, 6, 2, 4)
+# (grouping, shape, target storage order, source storage order, cropped): plans with more
+# outer dims than a LayerDesc holds (cropped dims do not merge, nor do dims stored in
+# another order in the source), so the host code walks dense copies and copies dt back.
+UNFITTING_LAYERS = [
+    ("spatial", (2, 3, 3, 4, 5), CHANNELS_LAST_5D, CHANNELS_LAST_5D, True),
+    ("spatial", (2, 3, 3, 4, 5), CHANNELS_LAST_5D, tuple(range(5)), True),
+    ("channel", (2, 3, 2, 3, 2, 3), CHANNELS_LAST_6D, CHANNELS_LAST_6D, True),
+    ("spatial", (2, 3, 2, 3, 2, 3), tuple(range(6)), tuple(range(6)), True),
+    ("channel", (2, 3, 2, 3, 2, 3, 2), SCRAMBLED_7D, tuple(range(7)), False),
+    ("spatial", (2, 3, 2, 3, 2, 3, 2), SCRAMBLED_7D, tuple(range(7)), False),
+]
+
+
+def _order_name(order):
+    return "contiguous" if order == tuple(range(len(order))) else "channels_last" if order[-1] == 1 else "scrambled"
+
+
+UNFITTING_IDS = [f"{grouping}-{len(shape)}d-{_order_name(t)}-vs-{_order_name(s)}{'-cropped' if cropped else ''}"
+                 for grouping, shape, t, s, cropped in UNFITTING_LAYERS]
+
+
+def _unfitting_layer(ops, case, seed):
+    grouping, shape, target_order, source_order, cropped = case
+    generator = torch.Generator().manual_seed(seed)
+    target = _stored(torch.randn(shape, generator=generator), target_order, cropped)
+    source = _stored(torch.randn(shape, generator=generator), source_order, cropped)
+    assert not ops.plan_fits_descriptor(grouping, target, source), "the layout must need the dense copies"
+    return target, source
+
+
+def _check_fallback_gradient(grouping, dt, grad, target, source):
+    """The fake's layout (torch.empty_like(target)), the CPU kernels' values and layout, and
+    the float64 model's values."""
+    assert dt.stride() == torch.empty_like(target).stride()
+    on_cpu = getattr(torch.ops.afa_ext, f"{grouping}_sqdist_backward")(grad, target, source)
+    assert on_cpu.stride() == dt.stride() and torch.equal(on_cpu, dt)
+    _check_gradient(grouping, dt, grad, target, source)
+
+
+@pytest.mark.parametrize("case", UNFITTING_LAYERS, ids=UNFITTING_IDS)
+def test_copied_layers_keep_the_fakes_gradient_layout(ops, case):
+    grouping = case[0]
+    target, source = _unfitting_layer(ops, case, seed=21)
+    check_op_pair(ops, grouping, target, source, torch.Generator().manual_seed(22))
+    grad = grad_for(grouping, target, torch.Generator().manual_seed(23))
+    dt = getattr(ops, f"{grouping}_sqdist_backward")(grad, target, source)
+    _check_fallback_gradient(grouping, dt, grad, target, source)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_grouped_copied_layers_keep_the_fakes_gradient_layout(ops, grouping):
+    """Copied layers between layers walked in place, in one launch."""
+    cases = [case for case in UNFITTING_LAYERS if case[0] == grouping]
+    layers = [_unfitting_layer(ops, case, seed=24 + i) for i, case in enumerate(cases)]
+    layers.insert(1, _features((2, 8, 6, 5), torch.float32, ("channels_last", "cropped"), seed=30))
+    targets, sources = [t for t, _ in layers], [s for _, s in layers]
+    generator = torch.Generator().manual_seed(31)
+    grads = [grad_for(grouping, target, generator) for target in targets]
+    partials = getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources)
+    for partial, target, source in zip(partials, targets, sources):
+        assert relative_error(partial, float64_model.partial_sums(grouping, target, source)) <= forward_tolerance(
+            torch.float32)
+    gradients = getattr(ops, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources)
+    for dt, grad, target, source in zip(gradients, grads, targets, sources):
+        _check_fallback_gradient(grouping, dt, grad, target, source)
+
+
+def test_backward_into_rejects_a_gradient_unlike_the_target(ops):
+    target, source = _features((2, 3, 4, 5), torch.float32, seed=32)
+    grad = grad_for("channel", target, torch.Generator().manual_seed(33))
+    for gradient, error in [(torch.empty(2, 3, 5, 4), "expected the gradient of layer 0 to be of shape"),
+                            (torch.empty_like(target, dtype=torch.float64), "to be of shape .*, Float on cpu"),
+                            (torch.empty(2, 3, 4, 1).expand(2, 3, 4, 5), "stores some elements at one address")]:
+        with pytest.raises(RuntimeError, match=rf"afa_ext::channel_sqdist_backward: .*{error}"):
+            _backward_into(ops, "channel_sqdist_backward", [grad], [target], [source], [gradient])

@@ -13,6 +13,7 @@
 #include <barrier>
 #include <cstring>
 #include <deque>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -114,9 +115,27 @@ std::vector<at::Tensor> forward(at::TensorList targets, at::TensorList sources, 
   return sqdist_forward_layers<EmulatedRuntime>(targets, sources, grouping);
 }
 
-std::vector<at::Tensor> backward(at::TensorList grads, at::TensorList targets, at::TensorList sources,
-                                 Grouping grouping) {
-  return sqdist_backward_layers<EmulatedRuntime>(grads, targets, sources, grouping);
+std::vector<at::Tensor> backward(const char* op, at::TensorList grads, at::TensorList targets,
+                                 at::TensorList sources, Grouping grouping) {
+  return sqdist_backward_layers<EmulatedRuntime>(op, grads, targets, sources, grouping);
+}
+
+Grouping grouping_of_op(const std::string& op) {
+  return op.find("channel") != std::string::npos ? Grouping::kChannel : Grouping::kSpatial;
+}
+
+// The backward op `op` (one of the four) writing into `gradients` instead of fresh tensors.
+void backward_into(const std::string& op, at::TensorList grads, at::TensorList targets, at::TensorList sources,
+                   at::TensorList gradients) {
+  if (op.rfind("grouped_", 0) == 0) check_layer_lists(op.c_str(), targets, sources, grads);
+  sqdist_backward_layers_into<EmulatedRuntime>(op.c_str(), grads, targets, sources, grouping_of_op(op),
+                                               gradients);
+}
+
+// Whether the features of one layer are walked in place, or copied dense first because
+// their plan has more outer dims than a LayerDesc holds.
+bool plan_fits_descriptor(const std::string& grouping, const at::Tensor& target, const at::Tensor& source) {
+  return fits_descriptor(plan_of(grouping_of_op(grouping), target, source, at::empty_like(target)));
 }
 
 }  // namespace
@@ -126,6 +145,13 @@ std::vector<at::Tensor> backward(at::TensorList grads, at::TensorList targets, a
 using afa_ext::Grouping;
 namespace cuda = afa_ext::cuda;
 
+// Test-only ops; the eight standard ones are declared from Python (afa_ext.ops.schemas).
+TORCH_LIBRARY_FRAGMENT(afa_ext_cuda_emulated, m) {
+  m.def("sqdist_backward_into(str op, Tensor[] grads, Tensor[] targets, Tensor[] sources, "
+        "Tensor(a!)[] gradients) -> ()");
+  m.def("plan_fits_descriptor(str grouping, Tensor target, Tensor source) -> bool");
+}
+
 TORCH_LIBRARY_IMPL(afa_ext_cuda_emulated, CPU, m) {
   m.impl("channel_sqdist", [](const at::Tensor& t, const at::Tensor& s) {
     return cuda::forward(t, s, Grouping::kChannel)[0];
@@ -134,10 +160,10 @@ TORCH_LIBRARY_IMPL(afa_ext_cuda_emulated, CPU, m) {
     return cuda::forward(t, s, Grouping::kSpatial)[0];
   });
   m.impl("channel_sqdist_backward", [](const at::Tensor& g, const at::Tensor& t, const at::Tensor& s) {
-    return cuda::backward(g, t, s, Grouping::kChannel)[0];
+    return cuda::backward("channel_sqdist_backward", g, t, s, Grouping::kChannel)[0];
   });
   m.impl("spatial_sqdist_backward", [](const at::Tensor& g, const at::Tensor& t, const at::Tensor& s) {
-    return cuda::backward(g, t, s, Grouping::kSpatial)[0];
+    return cuda::backward("spatial_sqdist_backward", g, t, s, Grouping::kSpatial)[0];
   });
   m.impl("grouped_channel_sqdist", [](at::TensorList t, at::TensorList s) {
     afa_ext::check_layer_lists("grouped_channel_sqdist", t, s);
@@ -149,10 +175,12 @@ TORCH_LIBRARY_IMPL(afa_ext_cuda_emulated, CPU, m) {
   });
   m.impl("grouped_channel_sqdist_backward", [](at::TensorList g, at::TensorList t, at::TensorList s) {
     afa_ext::check_layer_lists("grouped_channel_sqdist_backward", t, s, g);
-    return cuda::backward(g, t, s, Grouping::kChannel);
+    return cuda::backward("grouped_channel_sqdist_backward", g, t, s, Grouping::kChannel);
   });
   m.impl("grouped_spatial_sqdist_backward", [](at::TensorList g, at::TensorList t, at::TensorList s) {
     afa_ext::check_layer_lists("grouped_spatial_sqdist_backward", t, s, g);
-    return cuda::backward(g, t, s, Grouping::kSpatial);
+    return cuda::backward("grouped_spatial_sqdist_backward", g, t, s, Grouping::kSpatial);
   });
+  m.impl("sqdist_backward_into", &cuda::backward_into);
+  m.impl("plan_fits_descriptor", &cuda::plan_fits_descriptor);
 }

@@ -31,13 +31,9 @@ from torch import Tensor
 
 from . import reference
 from .ops import auto_choice
-from .ops.backends import BACKEND_DEVICES, available_backends, resolve_backend
+from .ops.backends import gpu_candidates, resolve_backend
 from .ops.functions import layer_partial_sums, op_library
 from .ops.validation import check_features, check_weights, spatial_positions
-
-# The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
-_GPU_CANDIDATES = tuple(name for name in ("cuda", "triton")
-                        if name in available_backends() and "cuda" in BACKEND_DEVICES[name])
 
 __all__ = [
     "feature_map_loss",
@@ -76,15 +72,16 @@ def _one_pass(backend: str, targets: List[Tensor], sources: List[Tensor], groupi
 def _backend_for(backend: str, targets: List[Tensor], sources: List[Tensor], grouping: str, where: str) -> str:
     """The backend to run: ``backend`` resolved, and for ``auto`` on CUDA tensors the
     faster of the GPU backends for these layers."""
-    name = resolve_backend(backend, targets[0].device, where)
-    if backend != "auto" or name not in _GPU_CANDIDATES or len(_GPU_CANDIDATES) < 2:
+    device = targets[0].device
+    name = resolve_backend(backend, device, where)
+    if backend != "auto" or device.type != "cuda" or len({t.dtype for t in targets}) > 1:
         return name
-    if len({t.dtype for t in targets}) > 1:
+    names = gpu_candidates()
+    if name not in names or len(names) < 2:
         return name
     detached = [source.detach() for source in sources]
     candidates = {candidate: (lambda c=candidate: _one_pass(c, targets, detached, grouping))
-                  for candidate in _GPU_CANDIDATES}
-    device = targets[0].device
+                  for candidate in names}
     return auto_choice.choose_fastest(auto_choice.layers_key(grouping, targets), candidates,
                                       lambda: torch.cuda.synchronize(device))
 

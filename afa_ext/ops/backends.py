@@ -2,63 +2,142 @@
 
 A backend that is not built or cannot run here is absent from ``available_backends()``;
 asking for it by name raises an error that says why.
+
+Availability is looked up at each call of ``available_backends()`` and
+``resolve_backend()``, so it follows the state of the process (a CUDA device that torch
+stops or starts seeing, triton installed later). The lookups are cheap: the extension's
+state and triton's import are held by their modules, and ``importlib`` searches for
+triton only while it is not imported. Three things are fixed once:
+
+- whether afa_ext._C loaded, at import (a process cannot unload a library; extension.py);
+- whether the Triton kernels run in Triton's interpreter: TRITON_INTERPRET is read until
+  the Triton backend's modules are imported, and from then on their mode holds, since
+  Triton fixes it when it defines the kernels;
+- a failure to load the Triton kernels, which is not retried.
+
+While torch.compile traces, the lookups are not repeated: a trace reads the last answer
+computed eagerly (at the latest eager call; before any, what import found without
+loading the Triton kernels), a dict lookup.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
-from typing import Dict, List, Optional
+import sys
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
+
+from . import extension
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 # Fastest first: what ``auto`` tries for tensors of each device type.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-# Triton's interpreter (TRITON_INTERPRET=1) runs the Triton kernels on CPU tensors, slowly:
-# it is for testing them without a GPU, so ``auto`` never picks it.
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The device types each backend computes on.
-BACKEND_DEVICES = {
-    "reference": None,
-    "cpu": ("cpu",),
-    "triton": ("cpu",) if TRITON_INTERPRETED else ("cuda",),
-    "cuda": ("cuda",),
-}
+# The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
+GPU_CANDIDATES = ("cuda", "triton")
+_TRITON_LAUNCH_MODULE = "afa_ext.ops.triton.launch"
+
+Devices = Optional[Tuple[str, ...]]  # the device types a backend computes on; None: any
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but is not built or cannot run here."""
 
 
-def _find_reasons() -> Dict[str, Optional[str]]:
-    """Backend name -> None when available, else why it is not."""
-    from . import extension
+class Availability(NamedTuple):
+    """What one lookup found about a backend."""
 
-    reasons: Dict[str, Optional[str]] = {"reference": None}
-    reasons["cpu"] = None if extension.extension_error() is None else (
-        f"the compiled extension afa_ext._C did not load: {extension.extension_error()}"
-    )
-    reasons["triton"] = _triton_reason()
-    if extension.extension_error() is not None:
-        reasons["cuda"] = reasons["cpu"]
-    elif not extension.build_info().get("cuda_archs"):
-        reasons["cuda"] = (
-            "afa_ext._C was built without CUDA kernels (no nvcc or a CPU-only torch at "
-            "build time, or AFA_EXT_CUDA=0)"
-        )
-    elif not torch.cuda.is_available():
-        reasons["cuda"] = "afa_ext._C has CUDA kernels but torch sees no CUDA device"
-    else:
-        reasons["cuda"] = None
-    return reasons
+    reason: Optional[str]  # None when the backend can run, else why it cannot
+    devices: Devices
+
+
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1), which
+    runs them on CPU tensors, slowly: it is for testing them without a GPU, so ``auto``
+    never picks it. Once the Triton backend's modules are imported, their mode; before,
+    the environment's."""
+    launch = sys.modules.get(_TRITON_LAUNCH_MODULE)
+    interpreted = getattr(launch, "INTERPRETED", None)
+    if interpreted is not None:
+        return bool(interpreted)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_FIXED_DEVICES: Dict[str, Devices] = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",)}
+
+
+def _devices(name: str) -> Devices:
+    if name == "triton":
+        return ("cpu",) if triton_interpreted() else ("cuda",)
+    return _FIXED_DEVICES[name]
+
+
+class _BackendDevices(Mapping):
+    """Backend name -> the device types it computes on (None: any), looked up when read."""
+
+    def __getitem__(self, name: str) -> Devices:
+        if name not in BACKEND_NAMES:
+            raise KeyError(name)
+        return _devices(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BACKEND_NAMES)
+
+    def __len__(self) -> int:
+        return len(BACKEND_NAMES)
+
+
+BACKEND_DEVICES: Mapping[str, Devices] = _BackendDevices()
+
+
+def __getattr__(name: str):
+    if name == "TRITON_INTERPRETED":  # the name of this setting when it was read at import
+        return triton_interpreted()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _extension_reason() -> Optional[str]:
+    error = extension.extension_error()
+    return None if error is None else f"the compiled extension afa_ext._C did not load: {error}"
+
+
+@functools.lru_cache(maxsize=None)  # how afa_ext._C was built cannot change in a process
+def _cuda_kernels_built() -> bool:
+    return bool(extension.build_info().get("cuda_archs"))
+
+
+def _cuda_reason() -> Optional[str]:
+    extension_reason = _extension_reason()
+    if extension_reason is not None:
+        return extension_reason
+    if not _cuda_kernels_built():
+        return ("afa_ext._C was built without CUDA kernels (no nvcc or a CPU-only torch at "
+                "build time, or AFA_EXT_CUDA=0)")
+    if not torch.cuda.is_available():
+        return "afa_ext._C has CUDA kernels but torch sees no CUDA device"
+    return None
+
+
+def _triton_installed() -> bool:
+    if sys.modules.get("triton") is not None:
+        return True
+    return "triton" not in sys.modules and importlib.util.find_spec("triton") is not None
 
 
 def _triton_reason() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "the triton package is not installed"
-    if not TRITON_INTERPRETED and not torch.cuda.is_available():
+    if not triton_interpreted() and not torch.cuda.is_available():
         return ("torch sees no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU "
                 "tensors through Triton's interpreter, slowly, for testing)")
+    return _triton_load_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_load_error() -> Optional[str]:
+    """None once the Triton kernels are loaded (their ops registered), else why they
+    could not be; a failed load is remembered, not tried again."""
     try:
         from .triton import library  # noqa: F401  (registers the afa_ext_triton ops)
     except Exception as error:  # a broken triton install must not break the other backends
@@ -66,14 +145,34 @@ def _triton_reason() -> Optional[str]:
     return None
 
 
-# Decided once at import, so that torch.compile traces only a dict lookup.
-_REASONS = _find_reasons()
+_REASON_FINDERS = {
+    "reference": lambda: None,
+    "cpu": _extension_reason,
+    "triton": _triton_reason,
+    "cuda": _cuda_reason,
+}
+# The last availability computed eagerly, per backend: what a torch.compile trace reads.
+_LAST_FOUND: Dict[str, Availability] = {}
+
+
+def _availability(name: str) -> Availability:
+    """``name``'s availability, looked up now; the last eager answer while tracing."""
+    if torch.compiler.is_compiling():
+        return _LAST_FOUND[name]
+    found = Availability(_REASON_FINDERS[name](), _devices(name))
+    _LAST_FOUND[name] = found
+    return found
 
 
 def available_backends() -> List[str]:
-    """Names of the backends that can run in this installation, in a fixed order."""
-    reasons = _REASONS
-    return [name for name in BACKEND_NAMES if reasons[name] is None]
+    """Names of the backends that can run here now, in a fixed order."""
+    return [name for name in BACKEND_NAMES if _availability(name).reason is None]
+
+
+def gpu_candidates() -> Tuple[str, ...]:
+    """The available backends that ``auto`` measures against each other on CUDA tensors."""
+    found = [(name, _availability(name)) for name in GPU_CANDIDATES]
+    return tuple(name for name, (reason, devices) in found if reason is None and "cuda" in devices)
 
 
 def check_backend_name(backend, where: str) -> str:
@@ -84,21 +183,40 @@ def check_backend_name(backend, where: str) -> str:
     return backend
 
 
+def _runs_on(devices: Devices, device: torch.device) -> bool:
+    return devices is None or device.type in devices
+
+
 def resolve_backend(backend: str, device: torch.device, where: str) -> str:
     """The concrete backend for ``backend`` ("auto" or a name) and tensors on ``device``."""
     check_backend_name(backend, where)
-    reasons = _REASONS
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if reasons[name] is None:
+            reason, devices = _availability(name)
+            if reason is None and _runs_on(devices, device):
                 return name
         return "reference"
-    if reasons[backend] is not None:
-        raise BackendUnavailableError(f"{where}: backend {backend!r} is unavailable: {reasons[backend]}")
-    devices = BACKEND_DEVICES[backend]
-    if devices is not None and device.type not in devices:
+    reason, devices = _availability(backend)
+    if reason is not None:
+        raise BackendUnavailableError(f"{where}: backend {backend!r} is unavailable: {reason}")
+    if not _runs_on(devices, device):
         raise ValueError(
             f"{where}: backend {backend!r} computes on {' or '.join(devices)} tensors, "
             f"got tensors on {device}"
         )
     return backend
+
+
+def _answers_without_loading_triton() -> Dict[str, Availability]:
+    """Every backend's availability as far as it is known without importing triton (whose
+    kernels load at the first eager lookup of the triton backend): what a trace reads until
+    an eager call computes a newer answer. Importing afa_ext must not import triton."""
+    answers = {name: Availability(_REASON_FINDERS[name](), _devices(name)) for name in BACKEND_NAMES if name != "triton"}
+    reason = "the triton package is not installed" if not _triton_installed() else None
+    if reason is None and not triton_interpreted() and not torch.cuda.is_available():
+        reason = "torch sees no CUDA device"
+    answers["triton"] = Availability(reason, _devices("triton"))
+    return answers
+
+
+_LAST_FOUND.update(_answers_without_loading_triton())

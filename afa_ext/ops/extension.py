@@ -3,7 +3,9 @@
 The ops of schemas.py are declared here under the namespace ``afa_ext``; loading
 afa_ext._C registers their CPU kernels (csrc/cpu) and, when built with nvcc, their CUDA
 kernels (csrc/cuda). Whether it loads is decided once, at import: a process cannot
-unload a library, so rebuilding the extension takes a new process.
+unload a library, so rebuilding the extension takes a new process. This is the one part
+of the backends' availability (backends.py) that does not follow the process's state at
+each call: the ``cpu`` and ``cuda`` backends are as this import left them.
 """
 from __future__ import annotations
 

@@ -1,11 +1,18 @@
 """What this installation reports about its backends and build."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import types
+
 import pytest
 import torch
 
 import afa_ext
-from afa_ext.ops.backends import resolve_backend
+from afa_ext import functional
+from afa_ext.ops import auto_choice, backends, extension
+from afa_ext.ops.backends import BackendUnavailableError, resolve_backend
 from loss_cases import HAS_CPU, needs_cpu
 
 
@@ -13,7 +20,7 @@ def test_available_backends_on_this_machine():
     names = afa_ext.available_backends()
     assert names[0] == "reference"
     gpu = torch.cuda.is_available()
-    assert ("cuda" in names) <= gpu and ("triton" in names) <= (gpu or afa_ext.ops.backends.TRITON_INTERPRETED)
+    assert ("cuda" in names) <= gpu and ("triton" in names) <= (gpu or backends.TRITON_INTERPRETED)
     assert names == afa_ext.available_backends()
 
 
@@ -21,6 +28,70 @@ def test_auto_picks_cpu_when_built():
     picked = resolve_backend("auto", torch.device("cpu"), "test")
     assert picked == ("cpu" if HAS_CPU else "reference")
     assert resolve_backend("auto", torch.device("meta"), "test") == "reference"
+
+
+@pytest.mark.skipif(not afa_ext.build_info().get("cuda_archs"), reason="afa_ext._C has no CUDA kernels")
+def test_availability_follows_the_cuda_device_between_calls(monkeypatch):
+    if "triton" not in sys.modules:
+        monkeypatch.setitem(sys.modules, "triton", None)  # triton then reads as not installed, and stays unimported
+    cuda = torch.device("cuda")
+    for present in (True, False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: present)
+        assert ("cuda" in afa_ext.available_backends()) == present
+        assert (resolve_backend("auto", cuda, "test") == "cuda") == present
+        if present:
+            assert resolve_backend("cuda", cuda, "test") == "cuda"
+        else:
+            with pytest.raises(BackendUnavailableError, match="torch sees no CUDA device"):
+                resolve_backend("cuda", cuda, "test")
+    monkeypatch.undo()
+    assert ("cuda" in afa_ext.available_backends()) == torch.cuda.is_available()
+
+
+def test_the_auto_cuda_pin_is_read_at_each_call(monkeypatch):
+    calls = []
+    candidates = {"cuda": lambda: calls.append("cuda"), "triton": lambda: calls.append("triton")}
+    key = ("test", "pin read at each call")
+    monkeypatch.setenv("AFA_EXT_AUTO_CUDA", "triton")
+    assert auto_choice.choose_fastest(key, candidates, lambda: None) == "triton"
+    monkeypatch.setenv("AFA_EXT_AUTO_CUDA", "cuda")
+    assert auto_choice.choose_fastest(key, candidates, lambda: None) == "cuda"
+    assert auto_choice.PINNED == "cuda"
+    assert calls == [] and key not in auto_choice.measured_choices()
+    monkeypatch.delenv("AFA_EXT_AUTO_CUDA")
+    assert auto_choice.choose_fastest(key, candidates, lambda: None) in candidates
+    assert len(calls) == 2 * (auto_choice.REPEATS + 1)
+
+
+def test_triton_devices_follow_the_environment_until_the_kernels_load(monkeypatch):
+    launch = "afa_ext.ops.triton.launch"
+    monkeypatch.delitem(sys.modules, launch, raising=False)
+    for interpreted, devices in (("1", ("cpu",)), ("0", ("cuda",))):
+        monkeypatch.setenv("TRITON_INTERPRET", interpreted)
+        assert backends.BACKEND_DEVICES["triton"] == devices
+        assert backends.TRITON_INTERPRETED == (interpreted == "1")
+    monkeypatch.setitem(sys.modules, launch, types.SimpleNamespace(INTERPRETED=True))
+    assert backends.BACKEND_DEVICES["triton"] == ("cpu",), "loaded kernels keep the mode they were defined in"
+
+
+def test_a_compiled_auto_loss_reads_the_last_eager_availability(monkeypatch):
+    """torch.compile(fullgraph=True) traces a loss with backend="auto" on CPU tensors, and
+    the trace does not look availability up again: it takes the last eager answer."""
+    generator = torch.Generator().manual_seed(5)
+    t, s = torch.randn(2, 3, 4, 4, generator=generator), torch.randn(2, 3, 4, 4, generator=generator)
+    expected = 0.5 * ((t - s) ** 2).sum()
+    torch.testing.assert_close(functional.feature_map_loss(t, s), expected)
+    lookups = []
+    error = extension.extension_error()
+    monkeypatch.setattr(extension, "extension_error", lambda: lookups.append(1) or error)
+
+    def loss(target, source):
+        return functional.feature_map_loss(target, source, backend="auto")
+
+    torch.testing.assert_close(torch.compile(loss, fullgraph=True, backend="eager")(t, s), expected)
+    assert lookups == []
+    functional.feature_map_loss(t, s)
+    assert lookups, "an eager call looks availability up"
 
 
 @needs_cpu
@@ -97,3 +168,23 @@ def test_every_schema_has_a_compiled_cpu_kernel():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"afa_ext::{name}", "CPU"), name
     registered = {op.split("::")[1] for op in torch._C._dispatch_get_all_op_names() if op.startswith("afa_ext::")}
     assert registered == set(OP_SCHEMAS)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"])
+@pytest.mark.parametrize("gpu", [False, True])
+def test_importing_afa_ext_and_a_cpu_loss_do_not_import_triton(interpret, gpu):
+    """Triton loads only when the triton backend is first looked up, also where a GPU is
+    seen (faked here) or the interpreter is on; available_backends() then loads it."""
+    script = (
+        "import sys, torch\n"
+        f"torch.cuda.is_available = lambda: {gpu}\n"
+        "import afa_ext\n"
+        "assert 'triton' not in sys.modules, 'import afa_ext imported triton'\n"
+        "t = torch.randn(2, 3, 4, 4)\n"
+        "afa_ext.functional.spatial_attentive_loss(t, t + 1, torch.rand(2, 16))\n"
+        "assert 'triton' not in sys.modules, 'a CPU loss imported triton'\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET=interpret)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -21,7 +21,7 @@ test: $(BUILD_STAMP)
 	$(VPY) -m pytest tests -q
 	@# The Triton kernels once more through Triton's interpreter, on CPU tensors (on a GPU
 	@# machine the run above already ran them on the GPU).
-	TRITON_INTERPRET=1 $(VPY) -m pytest tests/ops/triton/test_triton_backend.py -q
+	TRITON_INTERPRET=1 $(VPY) -m pytest tests/ops/triton/test_triton_backend.py tests/ops/triton/test_launch_state.py -q
 	$(VPY) -m pytest bench -q --benchmark-disable  # each benchmark case once, checked
 
 demo: $(BUILD_STAMP)

@@ -2,28 +2,31 @@
 
 Each launch covers L layers. A layer is an index space of ``rows`` x ``K``: the forward
 reduces along K, d[r] = sum_k (t[r, k] - s[r, k])^2, and the backward writes
-dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]). For the channel grouping the rows are (n, j)
-and K runs over the spatial positions; for the spatial grouping the rows are (n, p) and K
-runs over the channels. The host (launch.py) describes every layer by one row of
-an int64 table: the addresses of its tensors, its sizes, and the strides of up to three
-index levels per axis for each tensor, so any strided layout is read in place. Feature
-addresses are element offsets from ``anchor`` (the first layer's target), the partial
-sums' and weights' are plain addresses.
+dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]). As in the C++ planner
+(csrc/common/reduction_plan.h), the dims of a layer are "kept" (they index the partial
+sums) or "reduced" (summed over): rows is the product of the kept dims, K that of the
+reduced ones. For the channel grouping the kept dims are (n, j) and the reduced ones the
+spatial dims; for the spatial grouping the kept dims are (n, *spatial) and the reduced
+one the channels. The host (launch.py) describes every layer by one row of an int64
+table: the addresses of its tensors, its sizes, and the strides of up to three index
+levels of the kept dims and of the reduced dims for each tensor, so any strided layout
+is read in place. Feature addresses are element offsets from ``anchor`` (the first
+layer's target), the partial sums' and weights' are plain addresses.
 
-The rows of a layer are (group, inner) with ``inner`` the innermost row level: a program
-owns BLOCK_R consecutive inner rows of one group and one of the layer's ``splits`` slices
-of K, so that its rows are contiguous whenever the innermost row level is. In the forward
-a layer with splits > 1 writes float32 (float64 for float64) partial sums to a workspace;
-the last program of a row block to finish, counted with an integer atomic, adds the
-splits up in split order and resets its counter: deterministic, one launch, no float
-atomics. The tile is laid out with the memory-contiguous axis last (ROWS_FAST says which)
-so that neighbouring threads read neighbouring addresses; FAST_UNIT says that axis has
-unit stride in every layer. ALIGN (16 bytes in elements, or 1) is the vector width for
-the layers whose ALIGNED column says that every address, every stride off the fast axis
-and every length along it is a multiple of ALIGN: those take a copy of the loop compiled
-with alignment hints (16-byte loads), the others a plain copy, chosen per program at run
-time, so one unaligned layer (a 7x7 map) does not cost the others their vector loads.
-``shape_class`` only keys the autotuner.
+The rows of a layer are (group, inner) with ``inner`` the innermost kept level: a
+program owns BLOCK_R consecutive inner rows of one group and one of the layer's
+``splits`` slices of K, so that its rows are contiguous whenever the innermost kept
+level is. In the forward a layer with splits > 1 writes float32 (float64 for float64)
+partial sums to a workspace; the last program of a row block to finish, counted with an
+integer atomic on a counter the host zeroes for every launch, adds the splits up in
+split order: deterministic, one launch, no float atomics. The tile is laid out with the
+memory-contiguous axis last (ROWS_FAST says which) so that neighbouring threads read
+neighbouring addresses; FAST_UNIT says that axis has unit stride in every layer. ALIGN
+(16 bytes in elements, or 1) is the vector width for the layers whose ALIGNED column
+says that every address, every stride off the fast axis and every length along it is a
+multiple of ALIGN: those take a copy of the loop compiled with alignment hints (16-byte
+loads), the others a plain copy, chosen per program at run time, so one unaligned layer
+(a 7x7 map) does not cost the others their vector loads.
 """
 from __future__ import annotations
 
@@ -34,10 +37,10 @@ import triton.language as tl
 TARGET, SOURCE, OUTPUT, WEIGHTS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 ROWS, K, SPLITS, K_PER_SPLIT = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 WORKSPACE, COUNTERS = tl.constexpr(8), tl.constexpr(9)  # element offsets into the shared buffers
-ROW_SIZES = tl.constexpr(10)  # sizes of the middle and inner row levels (the outer one is implied)
-K_SIZES = tl.constexpr(12)  # sizes of the middle and inner K levels
-ROW_STRIDES = tl.constexpr(14)  # (outer, middle, inner) row strides of target, source, output
-K_STRIDES = tl.constexpr(23)  # (outer, middle, inner) strides along K of target, source, output
+KEPT_SIZES = tl.constexpr(10)  # sizes of the middle and inner kept levels (the outer one is implied)
+REDUCED_SIZES = tl.constexpr(12)  # sizes of the middle and inner reduced levels
+KEPT_STRIDES = tl.constexpr(14)  # (outer, middle, inner) kept-level strides of target, source, output
+REDUCED_STRIDES = tl.constexpr(23)  # (outer, middle, inner) reduced-level strides of target, source, output
 ALIGNED = tl.constexpr(32)  # 1: the layer may be read 16 bytes at a time (see ALIGN), else 0
 FIELDS = tl.constexpr(33)
 
@@ -64,9 +67,9 @@ def _pointer(layer_row, FIELD: tl.constexpr, DTYPE: tl.constexpr):
 @triton.jit
 def _row_offsets(layer_row, group, inner_index, tensor: tl.constexpr, UNIT: tl.constexpr):
     """Offsets of rows (group, inner_index) in one tensor (0 target, 1 source, 2 output):
-    the group splits into (outer, middle) levels, the inner index has its own stride."""
-    middle = tl.load(layer_row + ROW_SIZES)
-    strides = layer_row + ROW_STRIDES + 3 * tensor
+    the group splits into (outer, middle) kept levels, the inner index has its own stride."""
+    middle = tl.load(layer_row + KEPT_SIZES)
+    strides = layer_row + KEPT_STRIDES + 3 * tensor
     base = (group // middle) * tl.load(strides) + (group % middle) * tl.load(strides + 1)
     if UNIT:
         offsets = base + inner_index
@@ -77,13 +80,13 @@ def _row_offsets(layer_row, group, inner_index, tensor: tl.constexpr, UNIT: tl.c
 
 @triton.jit
 def _k_offsets(layer_row, ks, tensor: tl.constexpr, UNIT: tl.constexpr):
-    """Offsets along K in one tensor, K split into (outer, middle, inner) levels."""
+    """Offsets along K in one tensor, K split into (outer, middle, inner) reduced levels."""
     if UNIT:
         offsets = ks
     else:
-        middle = tl.load(layer_row + K_SIZES)
-        inner = tl.load(layer_row + K_SIZES + 1)
-        strides = layer_row + K_STRIDES + 3 * tensor
+        middle = tl.load(layer_row + REDUCED_SIZES)
+        inner = tl.load(layer_row + REDUCED_SIZES + 1)
+        strides = layer_row + REDUCED_STRIDES + 3 * tensor
         rest = ks // inner
         offsets = (rest // middle) * tl.load(strides) + (rest % middle) * tl.load(strides + 1) + \
             (ks % inner) * tl.load(strides + 2)
@@ -119,7 +122,7 @@ def _tile_mask(row_mask, k_mask, ROWS_FAST: tl.constexpr):
 @triton.jit
 def _programs_of(layer_row, BLOCK_R: tl.constexpr):
     """groups * cdiv(inner, BLOCK_R) * splits: the programs one layer takes."""
-    inner = tl.load(layer_row + ROW_SIZES + 1)
+    inner = tl.load(layer_row + KEPT_SIZES + 1)
     return (tl.load(layer_row + ROWS) // inner) * tl.cdiv(inner, BLOCK_R) * tl.load(layer_row + SPLITS)
 
 
@@ -146,7 +149,7 @@ def _program_tile(table, NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr):
     splits = tl.load(layer_row + SPLITS)
     row_block = local // splits
     split = local % splits
-    inner = tl.load(layer_row + ROW_SIZES + 1)
+    inner = tl.load(layer_row + KEPT_SIZES + 1)
     blocks_per_group = tl.cdiv(inner, BLOCK_R)
     group = row_block // blocks_per_group
     inner_index = (row_block % blocks_per_group) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
@@ -159,7 +162,7 @@ def _program_tile(table, NUM_LAYERS: tl.constexpr, BLOCK_R: tl.constexpr):
 def _bounds(layer_row, inner_index, k_begin, ROWS_FAST: tl.constexpr, ALIGN: tl.constexpr):
     """(row mask, end of this program's slice of K), with the fast axis's bound declared
     a multiple of ALIGN, so that masked loads can still be vectorised."""
-    inner = tl.load(layer_row + ROW_SIZES + 1)
+    inner = tl.load(layer_row + KEPT_SIZES + 1)
     k_end = tl.minimum(k_begin + tl.load(layer_row + K_PER_SPLIT), tl.load(layer_row + K))
     if ALIGN > 1:
         if ROWS_FAST:
@@ -224,7 +227,7 @@ def _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE
 
 
 @triton.jit
-def sqdist_forward_kernel(anchor, table, workspace, counters, shape_class, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
+def sqdist_forward_kernel(anchor, table, workspace, counters, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
                           ACC: tl.constexpr, ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[r] = sum_k (t[r, k] - s[r, k])^2 for every layer of the table, in ACC."""
@@ -258,11 +261,10 @@ def sqdist_forward_kernel(anchor, table, workspace, counters, shape_class, NUM_L
             for index in range(0, splits):
                 total += tl.load(slices + index * row_count + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
             tl.store(output + rows, total, mask=row_mask)
-            tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def sqdist_backward_kernel(anchor, table, shape_class, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+def sqdist_backward_kernel(anchor, table, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                            ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]) for every layer of the table."""

@@ -2,17 +2,36 @@
 
 ``sqdist_forward(targets, sources, grouping)`` returns the partial sums of every layer
 and ``sqdist_backward(grads, targets, sources, grouping)`` the gradients of every target,
-each in one kernel launch for all layers (kernels.py). Inputs are read through
-their strides; only a layout whose dims of one axis cannot be merged into three index
-levels (a sliced 3-d or 4-d spatial map) is copied first.
+each in one kernel launch for all layers (kernels.py). A layer's dims are kept (they
+index the partial sums; rows = their product) or reduced (summed over; K = their
+product), as in the C++ planner. Inputs are read through their strides; only a layout
+whose kept or reduced dims cannot be merged into three index levels (a sliced 3-d or
+4-d spatial map) is copied first, and the gradient copied back into the layout the fake
+kernel promises.
+
+Block sizes are chosen per launch key by a small tuner (``_chosen_config``): with
+AFA_EXT_TRITON_AUTOTUNE=0 the first configuration of the list, untimed (results then
+repeat bit for bit across processes); otherwise each configuration timed by ``timer``
+and the fastest kept, rank 0 deciding for every rank of a torch.distributed job
+(rank_zero.py). The setting is read at every tuning; it is on by default on a GPU and
+off under the interpreter. TRITON_INTERPRET, in contrast, is read once at import:
+triton.jit decides at decoration time whether a kernel is compiled or interpreted, so
+changing it later would not change how the kernels of kernels.py run.
+
+No buffer a kernel reads is shared between streams or launches: layer tables are cached
+per stream (and not at all while a CUDA graph is captured), and the counters of a split
+forward are zeroed for every launch, so that an aborted launch leaves nothing behind.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -21,12 +40,10 @@ from torch import Tensor
 
 from . import kernels
 from ..formulas import accumulate_dtype, partial_sum_shape
+from ..rank_zero import decided_by_rank_zero
 from ..validation import spatial_positions
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# AFA_EXT_TRITON_AUTOTUNE=0 runs the first configuration of each list instead of timing
-# them: results then repeat bit for bit across processes, not only within one.
-AUTOTUNE = not INTERPRETED and os.environ.get("AFA_EXT_TRITON_AUTOTUNE", "1") != "0"
 
 TRITON_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32,
                  torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -59,34 +76,30 @@ def _multiprocessors(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def _configs(rows_fast: bool) -> List[triton.Config]:
+@dataclass(frozen=True)
+class BlockConfig:
+    """A tile of block_r rows by block_k elements of K, run by num_warps warps."""
+
+    block_r: int
+    block_k: int
+    num_warps: int
+
+
+def configs(rows_fast: bool) -> List[BlockConfig]:
     """Block sizes with the contiguous axis long; the first one is the default."""
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_R": 8, "BLOCK_K": 16})] if not rows_fast else [
-            triton.Config({"BLOCK_R": 16, "BLOCK_K": 8})]
-    if rows_fast:
+    if INTERPRETED:  # small tiles; two, so that the tuner has a choice to make
+        shapes = [(16, 8, 4), (32, 4, 4)] if rows_fast else [(8, 16, 4), (16, 8, 4)]
+    elif rows_fast:
         shapes = [(128, 16, 4), (64, 32, 4), (256, 8, 8), (128, 32, 8)]
     else:
         shapes = [(8, 128, 4), (4, 256, 4), (16, 64, 4), (16, 128, 8)]
-    return [triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in shapes]
+    return [BlockConfig(r, k, w) for r, k, w in shapes]
 
 
 # The fewest rows a program of any configuration owns, per orientation: the host sizes
-# the split counters and estimates program counts with it before the autotuner picks.
-SMALLEST_BLOCK_ROWS = {rows_fast: min(config.kwargs["BLOCK_R"] for config in _configs(rows_fast))
+# the split counters and estimates program counts with it before the tuner picks.
+SMALLEST_BLOCK_ROWS = {rows_fast: min(config.block_r for config in configs(rows_fast))
                        for rows_fast in (False, True)}
-
-
-def _tuned(kernel, rows_fast: bool):
-    configs = _configs(rows_fast)
-    if not AUTOTUNE:
-        configs = configs[:1]
-    keys = ["shape_class", "NUM_LAYERS", "DTYPE", "ROWS_FAST", "FAST_UNIT"]
-    return triton.autotune(configs=configs, key=keys)(kernel)
-
-
-_FORWARD = {rows_fast: _tuned(kernels.sqdist_forward_kernel, rows_fast) for rows_fast in (False, True)}
-_BACKWARD = {rows_fast: _tuned(kernels.sqdist_backward_kernel, rows_fast) for rows_fast in (False, True)}
 
 
 def _merge_levels(dims: Sequence[Level]) -> Optional[List[Level]]:
@@ -108,8 +121,8 @@ def _merge_levels(dims: Sequence[Level]) -> Optional[List[Level]]:
     return padding + merged
 
 
-def _axes(grouping: str, tensors: Sequence[Tensor]):
-    """(row dims, K dims) of a layer, each a list of (size, strides in ``tensors``)."""
+def _kept_and_reduced_dims(grouping: str, tensors: Sequence[Tensor]):
+    """(kept dims, reduced dims) of a layer, each a list of (size, strides in ``tensors``)."""
     dims = [(size, tuple(t.stride(d) for t in tensors)) for d, size in enumerate(tensors[0].shape)]
     if grouping == "channel":
         return dims[:2], dims[2:]
@@ -118,29 +131,39 @@ def _axes(grouping: str, tensors: Sequence[Tensor]):
 
 @dataclass
 class LayerPlan:
-    """One layer of a launch: its tensors and how the kernels index them."""
+    """One layer of a launch: its tensors and how the kernels index them. ``output`` is
+    what the backward's kernel writes, ``destination`` the gradient the caller gets: the
+    same tensor unless the layout had to be copied (see ``deliver``)."""
 
     target: Tensor
     source: Tensor
     output: Optional[Tensor]
     rows: int
     k: int
-    row_levels: List[Level]
-    k_levels: List[Level]
+    kept_levels: List[Level]
+    reduced_levels: List[Level]
+    destination: Optional[Tensor]
+
+    def deliver(self) -> Optional[Tensor]:
+        """The backward's gradient in the caller's layout, copied there from the dense
+        output the kernel wrote if the layout was copied."""
+        if self.destination is not self.output:
+            self.destination.copy_(self.output)
+        return self.destination
 
     @property
     def rows_fast(self) -> bool:
         """The rows, not K, are the target's unit-stride axis."""
-        return self.row_levels[-1][1][0] == 1 and self.k_levels[-1][1][0] != 1
+        return self.kept_levels[-1][1][0] == 1 and self.reduced_levels[-1][1][0] != 1
 
     def fast_axis_is_unit(self, rows_fast: bool) -> bool:
         """The axis laid out last in the tile has unit stride in every tensor: the innermost
-        row level, or K as a single level."""
+        kept level, or K as a single reduced level."""
         tensors = 3 if self.output is not None else 2
         if rows_fast:
-            return all(s == 1 for s in self.row_levels[-1][1][:tensors])
-        single = all(size == 1 for size, _ in self.k_levels[:-1])
-        return single and all(s == 1 for s in self.k_levels[-1][1][:tensors])
+            return all(s == 1 for s in self.kept_levels[-1][1][:tensors])
+        single = all(size == 1 for size, _ in self.reduced_levels[:-1])
+        return single and all(s == 1 for s in self.reduced_levels[-1][1][:tensors])
 
 
 def rows_and_k(target: Tensor, grouping: str) -> Tuple[int, int]:
@@ -152,28 +175,32 @@ def rows_and_k(target: Tensor, grouping: str) -> Tuple[int, int]:
 
 
 def plan_layer(target: Tensor, source: Tensor, output: Optional[Tensor], grouping: str) -> LayerPlan:
-    """The layer's index levels. Target and source (and the backward's output) are copied
-    only if one axis cannot be indexed in LEVELS levels (a sliced 3-d spatial map)."""
+    """The layer's index levels. Target and source are copied only if the kept or the
+    reduced dims cannot be indexed in LEVELS levels (a sliced 3-d spatial map); the
+    backward then writes a dense output, which ``LayerPlan.deliver`` copies into
+    ``output``."""
     tensors = [target, source] + ([output] if output is not None else [])
-    row_dims, k_dims = _axes(grouping, tensors)
-    row_levels, k_levels = _merge_levels(row_dims), _merge_levels(k_dims)
-    if row_levels is None or k_levels is None:
+    kept_dims, reduced_dims = _kept_and_reduced_dims(grouping, tensors)
+    kept_levels, reduced_levels = _merge_levels(kept_dims), _merge_levels(reduced_dims)
+    if kept_levels is None or reduced_levels is None:
         dense_output = None if output is None else torch.empty_like(target, memory_format=torch.contiguous_format)
-        return plan_layer(target.contiguous(), source.contiguous(), dense_output, grouping)
+        dense = plan_layer(target.contiguous(), source.contiguous(), dense_output, grouping)
+        dense.destination = output
+        return dense
     if output is None:  # the forward writes its partial sums densely, by flat row
-        row_levels = [(size, strides + (0,)) for size, strides in row_levels]
-        k_levels = [(size, strides + (0,)) for size, strides in k_levels]
+        kept_levels = [(size, strides + (0,)) for size, strides in kept_levels]
+        reduced_levels = [(size, strides + (0,)) for size, strides in reduced_levels]
     rows, k = rows_and_k(target, grouping)
-    return LayerPlan(target, source, output, rows, k, row_levels, k_levels)
+    return LayerPlan(target, source, output, rows, k, kept_levels, reduced_levels, output)
 
 
 def _groups(plan: LayerPlan) -> int:
     """Row groups: the rows of a layer are (group, inner) with inner the innermost level."""
-    return plan.rows // plan.row_levels[-1][0]
+    return plan.rows // plan.kept_levels[-1][0]
 
 
 def _row_blocks(plan: LayerPlan, block_rows: int) -> int:
-    return _groups(plan) * triton.cdiv(plan.row_levels[-1][0], block_rows)
+    return _groups(plan) * triton.cdiv(plan.kept_levels[-1][0], block_rows)
 
 
 def _splits(plans: Sequence[LayerPlan], rows_fast: bool, policy: SplitPolicy) -> List[Tuple[int, int]]:
@@ -202,10 +229,10 @@ def _aligned_layers(plans: Sequence[LayerPlan], splits, rows_fast: bool, fast_un
         tensors = [plan.target, plan.source] + ([plan.output] if plan.output is not None else [])
         count = len(tensors)
         if rows_fast:
-            slow = [s for _, strides in plan.row_levels[:-1] + plan.k_levels for s in strides[:count]]
-            lengths = [plan.row_levels[-1][0]]
+            slow = [s for _, strides in plan.kept_levels[:-1] + plan.reduced_levels for s in strides[:count]]
+            lengths = [plan.kept_levels[-1][0]]
         else:
-            slow = [s for _, strides in plan.row_levels for s in strides[:count]]
+            slow = [s for _, strides in plan.kept_levels for s in strides[:count]]
             lengths = [plan.k, k_per_split if split_count > 1 else plan.k]
         flags.append(not any(t.data_ptr() % 16 for t in tensors) and not any(v % vec for v in slow + lengths))
     return flags
@@ -227,52 +254,82 @@ def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, weights: Optiona
            from_anchor(output) if features_out else output.data_ptr(),
            weights.data_ptr() if weights is not None else 0,
            plan.rows, plan.k, splits[0], splits[1], workspace_offset, counter_offset,
-           plan.row_levels[1][0], plan.row_levels[2][0], plan.k_levels[1][0], plan.k_levels[2][0]]
-    for levels in (plan.row_levels, plan.k_levels):
+           plan.kept_levels[1][0], plan.kept_levels[2][0], plan.reduced_levels[1][0], plan.reduced_levels[2][0]]
+    for levels in (plan.kept_levels, plan.reduced_levels):
         row += [levels[level][1][tensor] for tensor in range(3) for level in range(LEVELS)]
     row.append(int(aligned))
     assert len(row) == kernels.FIELDS.value
     return row
 
 
+def _current_stream(device: torch.device) -> int:
+    """The stream that work for ``device`` is queued on now (0 off CUDA)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _capturing(device: torch.device) -> bool:
+    """The current stream is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _host_table(rows: List[List[int]], device: torch.device) -> Tensor:
+    """The table in host memory, pinned when it is to be copied to a GPU."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    return table.pin_memory() if device.type == "cuda" else table
+
+
+def _copied_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` on ``device``, copied without a sync on the current stream. The pinned
+    source is freed after the call; PyTorch's pinned allocator holds it back until the
+    copy has run (an event on this stream)."""
+    return host.to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 _TABLES: "OrderedDict[tuple, Tensor]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
+# Pinned sources of the tables copied during CUDA graph captures: every replay repeats the
+# copy from them, so they are never freed (a few hundred bytes per captured launch).
+_CAPTURED_HOST_TABLES: List[Tensor] = []
+_TABLES_LOCK = threading.Lock()
 
 
 def _device_table(rows: List[List[int]], device: torch.device) -> Tensor:
-    """The layer table on ``device``; recent tables are kept (training steps usually see the
-    same addresses again), a new one is copied from pinned memory without a sync."""
-    key = (str(device),) + tuple(value for row in rows for value in row)
-    table = _TABLES.get(key)
-    if table is not None:
+    """The layer table on ``device``, ready for a kernel on the current stream.
+
+    Recent tables are kept per stream (training steps usually see the same addresses
+    again): a table is made on the stream that reads it, so its copy is ordered before the
+    kernels, and once evicted its memory goes back to that stream's pool of the caching
+    allocator, reused only by work queued after those kernels. Under CUDA graph capture
+    nothing is reused or kept (see ``_captured_table``)."""
+    if _capturing(device):
+        return _captured_table(rows, device)
+    key = (str(device), _current_stream(device)) + tuple(value for row in rows for value in row)
+    with _TABLES_LOCK:
+        table = _TABLES.get(key)
+        if table is not None:
+            _TABLES.move_to_end(key)
+            return table
+    table = _copied_to_device(_host_table(rows, device), device)
+    with _TABLES_LOCK:
+        _TABLES[key] = table
         _TABLES.move_to_end(key)
-        return table
-    table = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        table = table.pin_memory().to(device, non_blocking=True)
-    _TABLES[key] = table
-    if len(_TABLES) > _TABLE_CACHE_SIZE:
-        _TABLES.popitem(last=False)
+        while len(_TABLES) > _TABLE_CACHE_SIZE:
+            _TABLES.popitem(last=False)
     return table
 
 
-_COUNTERS: Dict[tuple, Tensor] = {}
-
-
-def _counters(device: torch.device, size: int) -> Tensor:
-    """Zeroed int32 counters, one per row block of a split forward, reused across launches
-    on one stream: the last program of each block resets its counter."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < size:
-        counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = counters
-    return counters
+def _captured_table(rows: List[List[int]], device: torch.device) -> Tensor:
+    """A fresh table for a launch captured into a CUDA graph. A cached one could be
+    evicted and freed while the graph still replays reads of it; this one lives in the
+    graph's memory pool, and its pinned source is kept for the replays' copies."""
+    host = _host_table(rows, device)
+    with _TABLES_LOCK:
+        _CAPTURED_HOST_TABLES.append(host)
+    return _copied_to_device(host, device)
 
 
 def _shape_class(plans: Sequence[LayerPlan]) -> int:
-    """The autotuner's key: the launch's element count and longest K, powers of two."""
+    """The tuner's key: the launch's element count and longest K, powers of two."""
     elements = sum(plan.rows * plan.k for plan in plans)
     return triton.next_power_of_2(elements) * 64 + triton.next_power_of_2(max(p.k for p in plans)).bit_length()
 
@@ -283,15 +340,11 @@ def _launch_flags(plans: Sequence[LayerPlan]) -> Tuple[bool, bool]:
     return rows_fast, all(plan.fast_axis_is_unit(rows_fast) for plan in plans)
 
 
-def _grid(plans: Sequence[LayerPlan], splits: Sequence[Tuple[int, int]]):
-    def grid(meta):
-        return (sum(_row_blocks(p, meta["BLOCK_R"]) * s for p, (s, _) in zip(plans, splits)),)
-
-    return grid
-
-
 def _device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+MAX_GRID_PROGRAMS = 2 ** 31 - 1  # a grid's first dimension holds no more (CUDA's gridDim.x)
 
 
 @dataclass
@@ -308,11 +361,20 @@ class Launch:
     def anchor(self) -> Tensor:
         return self.plans[0].target
 
+    def program_count(self, block_rows: int) -> int:
+        """The grid: one program per row block of ``block_rows`` rows and split of every layer."""
+        return sum(_row_blocks(plan, block_rows) * splits for plan, (splits, _) in zip(self.plans, self.splits))
+
     def constexprs(self, dtype: torch.dtype) -> dict:
-        """The kernels' compile-time arguments (the autotuner adds the block sizes)."""
+        """The kernels' compile-time arguments but the block sizes (the tuner's choice)."""
         return dict(NUM_LAYERS=len(self.plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[accumulate_dtype(dtype)],
                     ROWS_FAST=self.rows_fast, FAST_UNIT=self.fast_unit,
                     ALIGN=_vector_width(self.aligned, self.anchor.element_size()))
+
+    def tuning_key(self, kernel_name: str, dtype: torch.dtype) -> tuple:
+        """What the tuner decides once for: the kernel, the size class, the layer count,
+        the dtype and the tile orientation."""
+        return (kernel_name, _shape_class(self.plans), len(self.plans), str(dtype), self.rows_fast, self.fast_unit)
 
 
 def plan_launch(plans: List[LayerPlan], policy: SplitPolicy) -> Launch:
@@ -322,9 +384,97 @@ def plan_launch(plans: List[LayerPlan], policy: SplitPolicy) -> Launch:
     return Launch(plans, rows_fast, fast_unit, splits, aligned)
 
 
+def launchable_configs(op: str, launch: Launch) -> List[BlockConfig]:
+    """The configurations whose grid fits in MAX_GRID_PROGRAMS programs, in list order;
+    a RuntimeError naming ``op`` and the numbers if none does."""
+    candidates = configs(launch.rows_fast)
+    fitting = [config for config in candidates if launch.program_count(config.block_r) <= MAX_GRID_PROGRAMS]
+    if not fitting:
+        fewest = min(launch.program_count(config.block_r) for config in candidates)
+        raise RuntimeError(f"{op}: the features need {fewest} Triton programs in one launch, more than the "
+                           f"{MAX_GRID_PROGRAMS} a grid's first dimension holds")
+    return fitting
+
+
+def autotuning() -> bool:
+    """AFA_EXT_TRITON_AUTOTUNE, read at every tuning: anything but "0" times the
+    configurations; unset, on for a GPU and off under the interpreter."""
+    return os.environ.get("AFA_EXT_TRITON_AUTOTUNE", "0" if INTERPRETED else "1") != "0"
+
+
+def _measure_milliseconds(config: BlockConfig, run: Callable[[], None]) -> float:
+    """How long ``run()`` (a launch with ``config``) takes: triton.testing.do_bench on a
+    GPU, one wall-clock run under the interpreter."""
+    if INTERPRETED:
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) * 1e3
+    return triton.testing.do_bench(run)
+
+
+# What the tuner times each configuration with; tests put a fake here.
+timer: Callable[[BlockConfig, Callable[[], None]], float] = _measure_milliseconds
+
+_CHOSEN: Dict[tuple, BlockConfig] = {}
+_CHOSEN_LOCK = threading.Lock()
+
+
+def _fastest(candidates: List[BlockConfig], run: Callable[[BlockConfig], None]) -> int:
+    """The index of the candidate that ``timer`` measures fastest."""
+    times = [timer(config, functools.partial(run, config)) for config in candidates]
+    return times.index(min(times))
+
+
+def _chosen_config(key: tuple, candidates: List[BlockConfig], run: Callable[[BlockConfig], None],
+                   device: torch.device) -> BlockConfig:
+    """The configuration to launch with: the first candidate, untimed, unless autotuning;
+    then the fastest, timed once per key and taken from rank 0 by every rank. A launch
+    being captured into a CUDA graph cannot be timed (timing synchronises): it takes the
+    key's earlier choice, or else the first candidate."""
+    if not autotuning():
+        return candidates[0]
+    key = key + tuple(candidates)
+    with _CHOSEN_LOCK:
+        chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
+    if _capturing(device):
+        return candidates[0]
+    chosen = candidates[decided_by_rank_zero(functools.partial(_fastest, candidates, run))]
+    with _CHOSEN_LOCK:
+        _CHOSEN[key] = chosen
+    return chosen
+
+
+def _launch_kernel(kernel, config: BlockConfig, grid_size: int, args: tuple, constexprs: dict) -> None:
+    """One launch of ``kernel`` over ``grid_size`` programs with ``config``'s block sizes."""
+    kernel[(grid_size,)](*args, **constexprs, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+                         num_warps=config.num_warps)
+
+
+def _launch_tuned(kernel_name: str, kernel, launch: Launch, candidates: List[BlockConfig], dtype: torch.dtype,
+                  args: tuple, prepare: Callable[[], None]) -> None:
+    """Launches ``kernel`` once with the tuner's choice among ``candidates``; ``prepare()``
+    runs before every launch, the timed ones included."""
+    constexprs = launch.constexprs(dtype)
+
+    def run(config: BlockConfig) -> None:
+        prepare()
+        _launch_kernel(kernel, config, launch.program_count(config.block_r), args, constexprs)
+
+    device = launch.anchor.device
+    run(_chosen_config(launch.tuning_key(kernel_name, dtype), candidates, run, device))
+
+
+def _nothing() -> None:
+    pass
+
+
 def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str,
-                   policy: Optional[SplitPolicy] = None) -> List[Tensor]:
-    """d = sum over K of (t - s)^2 for every layer, in one launch (inputs already checked)."""
+                   policy: Optional[SplitPolicy] = None, op: Optional[str] = None) -> List[Tensor]:
+    """d = sum over K of (t - s)^2 for every layer, in one launch (inputs already checked;
+    ``op`` names the caller in errors)."""
+    op = op or f"afa_ext_triton::grouped_{grouping}_sqdist"
     dtype, device = targets[0].dtype, targets[0].device
     acc = accumulate_dtype(dtype)
     outputs, plans, live = [], [], []
@@ -339,23 +489,29 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
     if not plans:
         return outputs
     launch = plan_launch(plans, policy or default_policy(device))
+    candidates = launchable_configs(op, launch)
     table_rows, workspace_size, counter_size = [], 0, 0
     for plan, output, split, aligned in zip(plans, live, launch.splits, launch.aligned):
         table_rows.append(_table_row(plan, launch.anchor, output, None, split, workspace_size, counter_size, aligned))
         if split[0] > 1:
             workspace_size += plan.rows * split[0]
+            # sized for the smallest blocks, so that every configuration's row blocks fit
             counter_size += _row_blocks(plan, SMALLEST_BLOCK_ROWS[launch.rows_fast])
     workspace = torch.empty(max(workspace_size, 1), dtype=acc, device=device)
+    counters = torch.empty(max(counter_size, 1), dtype=torch.int32, device=device)
     with _device_context(device):
-        _FORWARD[launch.rows_fast][_grid(plans, launch.splits)](
-            launch.anchor, _device_table(table_rows, device), workspace, _counters(device, counter_size),
-            _shape_class(plans), **launch.constexprs(dtype))
+        args = (launch.anchor, _device_table(table_rows, device), workspace, counters)
+        _launch_tuned("forward", kernels.sqdist_forward_kernel, launch, candidates, dtype, args,
+                      counters.zero_ if counter_size else _nothing)
     return outputs
 
 
 def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources: Sequence[Tensor],
-                    grouping: str, policy: Optional[SplitPolicy] = None) -> List[Tensor]:
-    """dt = 2 * w * (t - s) for every layer, in one launch (inputs already checked)."""
+                    grouping: str, policy: Optional[SplitPolicy] = None,
+                    op: Optional[str] = None) -> List[Tensor]:
+    """dt = 2 * w * (t - s) for every layer, in one launch, each shaped and strided as
+    torch.empty_like(t) (inputs already checked; ``op`` names the caller in errors)."""
+    op = op or f"afa_ext_triton::grouped_{grouping}_sqdist_backward"
     dtype, device = targets[0].dtype, targets[0].device
     acc = accumulate_dtype(dtype)
     outputs, plans, weights = [], [], []
@@ -364,14 +520,17 @@ def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources:
             outputs.append(torch.empty_like(target))
             continue
         plans.append(plan_layer(target, source, torch.empty_like(target), grouping))
-        outputs.append(plans[-1].output)
+        outputs.append(plans[-1].destination)
         weights.append(grad.to(acc).contiguous())
     if not plans:
         return outputs
     launch = plan_launch(plans, policy or default_policy(device))
+    candidates = launchable_configs(op, launch)
     table_rows = [_table_row(plan, launch.anchor, plan.output, weight, split, 0, 0, aligned)
                   for plan, weight, split, aligned in zip(plans, weights, launch.splits, launch.aligned)]
     with _device_context(device):
-        _BACKWARD[launch.rows_fast][_grid(plans, launch.splits)](
-            launch.anchor, _device_table(table_rows, device), _shape_class(plans), **launch.constexprs(dtype))
+        args = (launch.anchor, _device_table(table_rows, device))
+        _launch_tuned("backward", kernels.sqdist_backward_kernel, launch, candidates, dtype, args, _nothing)
+        for plan in plans:
+            plan.deliver()
     return outputs

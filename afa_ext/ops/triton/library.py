@@ -37,7 +37,7 @@ def _forward_ops(grouping: str):
     def layers_op(targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
         check_layer_inputs(op, targets, sources)
         _check_device(op, targets)
-        return launch.sqdist_forward(list(targets), list(sources), grouping)
+        return launch.sqdist_forward(list(targets), list(sources), grouping, op=op)
 
     def single_op(target: Tensor, source: Tensor) -> Tensor:
         return layers_op([target], [source])[0]
@@ -52,7 +52,7 @@ def _backward_ops(grouping: str):
     def layers_op(grads: List[Tensor], targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
         check_layer_inputs(op, targets, sources, grads, grouping)
         _check_device(op, targets)
-        return launch.sqdist_backward(list(grads), list(targets), list(sources), grouping)
+        return launch.sqdist_backward(list(grads), list(targets), list(sources), grouping, op=op)
 
     def single_op(grad: Tensor, target: Tensor, source: Tensor) -> Tensor:
         return layers_op([grad], [target], [source])[0]

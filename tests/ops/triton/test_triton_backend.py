@@ -96,6 +96,44 @@ def test_op_empty_inputs(grouping):
         assert getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, target).shape == shape
 
 
+def _sliced_channels_last_3d(generator):
+    """Channels-last 3-d features cropped in every spatial dim: (B, D, H, W) cannot be
+    merged into three row levels."""
+    base = torch.randn(2, 6, 5, 4, 6, generator=generator).to(memory_format=torch.channels_last_3d)
+    return base[:, 1:5, 1:4, 1:3, 1:5]
+
+
+def _permuted_dense_6d(generator):
+    """Dense features whose four spatial dims lie in memory in another order: neither
+    they nor (B, *spatial) merge into three levels."""
+    return torch.randn(2, 3, 4, 5, 6, 7, generator=generator).permute(0, 1, 3, 2, 5, 4)
+
+
+# (grouping, features) that only a copy into a dense layout can index
+UNINDEXABLE_IN_PLACE = [("spatial", _sliced_channels_last_3d), ("spatial", _permuted_dense_6d),
+                        ("channel", _permuted_dense_6d)]
+
+
+@pytest.mark.parametrize("grouping, make_target", UNINDEXABLE_IN_PLACE,
+                         ids=lambda value: value if isinstance(value, str) else value.__name__.strip("_"))
+def test_a_copied_layout_gives_the_gradient_the_fake_kernel_promises(grouping, make_target):
+    """The backward of a layout the kernels cannot index in place has the strides of
+    torch.empty_like(target) (the fake kernel's), in the single and the multi-layer op."""
+    generator = torch.Generator().manual_seed(21)
+    target = make_target(generator).to(DEVICE)
+    source = torch.randn(target.shape, generator=generator).to(DEVICE)
+    assert triton_launch.plan_layer(target, source, torch.empty_like(target), grouping).target is not target
+    other_target, other_source = _features((2, 3, 4, 4), torch.float32, seed=22)
+    grads = [_grad_for(grouping, t, generator) for t in (target, other_target)]
+    single = getattr(OPS, f"{grouping}_sqdist_backward")(grads[0], target, source)
+    layers = getattr(OPS, f"grouped_{grouping}_sqdist_backward")(grads, [target, other_target], [source, other_source])
+    for gradient, grad, t, s in [(single, grads[0], target, source), (layers[0], grads[0], target, source),
+                                 (layers[1], grads[1], other_target, other_source)]:
+        assert gradient.stride() == torch.empty_like(t).stride()
+        expected = float64_model.partial_sums_backward(grouping, grad, t, s)
+        assert relative_error(gradient.cpu(), expected) <= 2e-6
+
+
 # --------------------------------------------------------------------------- grouped launches
 
 
@@ -255,10 +293,10 @@ def test_alignment_promises_hold(grouping, layouts, dtype):
         align = 16 // target.element_size()
         tensors = 3 if output is not None else 2
         assert all(t.data_ptr() % 16 == 0 for t in (plan.target, plan.source, plan.output) if t is not None)
-        slow = plan.k_levels + plan.row_levels[:-1] if rows_fast else plan.row_levels
+        slow = plan.reduced_levels + plan.kept_levels[:-1] if rows_fast else plan.kept_levels
         for tensor in range(tensors):
             assert all(offset % align == 0 for offset in _offsets_of(slow, tensor))
-        fast_length = plan.row_levels[-1][0] if rows_fast else plan.k
+        fast_length = plan.kept_levels[-1][0] if rows_fast else plan.k
         assert fast_length % align == 0 and (rows_fast or splits[0][1] % align == 0 or splits[0][0] == 1)
 
 

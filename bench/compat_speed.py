@@ -3,13 +3,13 @@
 The workload is the AFA trainer's: each regulariser summed over ResNet-50's four hooked
 layers, (C, H, W) = (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7) at batch
 --batch, float32, target maps requiring grad, source maps frozen. "original" is a
-transcription of the published AFA code (xiezheng-cs/AFA): per layer, the difference
-map, its scaled copies and torch.norm, accumulated into a zero tensor; "afa_ext.compat"
-is the drop-in replacement on the given backend (one grouped call for all layers). The
-attentive losses include their attention modules (the same weights in both) and the
-backward into their parameters. Methods are timed round-robin in one process; the table
-gives medians, the speed-up, and each loss value's relative error against the
-transcription run in float64.
+transcription of the published AFA code (xiezheng-cs/AFA; bench/original_losses.py): per
+layer, the difference map, its scaled copies and torch.norm, accumulated into a zero
+tensor; "afa_ext.compat" is the drop-in replacement on the given backend (one grouped
+call for all layers). The attentive losses include their attention modules (the same
+weights in both) and the backward into their parameters. Methods are timed round-robin
+in one process; the table gives medians, the speed-up, and each loss value's relative
+error against the transcription run in float64.
 
     python bench/compat_speed.py                 # batch 16, cpu backend
     python bench/compat_speed.py --batch 64 --budget 20
@@ -34,98 +34,14 @@ import cases  # noqa: E402  (first: it puts the repository on sys.path when need
 import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import compat  # noqa: E402
+from original_losses import (ORIGINAL_LOSSES, OriginalChannelAttention,  # noqa: E402
+                             OriginalPixelAttention)
 
 RESNET50_LAYERS = ((256, 56), (512, 28), (1024, 14), (2048, 7))  # (C, side) at 224 px input
 LOSSES = ("reg_fea_map", "reg_att_fea_map", "reg_pixel_att_fea_map_learn", "reg_channel_att_fea_map_learn")
 ORIGINAL, COMPAT = "original", "afa_ext.compat"
 
 
-# --------------------------------------------------------------------------- the "before"
-
-
-def _flat(maps: torch.Tensor) -> torch.Tensor:
-    return maps.reshape(maps.shape[0], maps.shape[1], maps.shape[2] * maps.shape[3])
-
-
-class OriginalPixelAttention(nn.Module):
-    """The published pixel attention: mean over C, Linear(P, k), ReLU, Linear(k, P), softmax."""
-
-    def __init__(self, in_channels: int, feature_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(feature_size * feature_size, feature_size, bias=False)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(feature_size, feature_size * feature_size, bias=True)
-        self.softmax = nn.Softmax(dim=1)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = maps.shape
-        logits = self.fc2(self.relu1(self.fc1(torch.mean(maps.view(b, c, h * w), dim=1))))
-        return self.softmax(logits.view(b, h * w)).reshape(b, 1, h * w)
-
-
-class OriginalChannelAttention(nn.Module):
-    """The published channel attention: Linear(P, k), ReLU, Linear(k, 1) per channel, + bias, softmax."""
-
-    def __init__(self, in_channels: int, feature_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(feature_size * feature_size, feature_size, bias=False)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.fc2 = nn.Linear(feature_size, 1, bias=False)
-        self.bias = nn.Parameter(torch.zeros(in_channels))
-        self.softmax = nn.Softmax(dim=1)
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = maps.shape
-        logits = self.fc2(self.relu1(self.fc1(maps.view(b, c, h * w))))
-        return self.softmax(logits.view(b, c) + self.bias)
-
-
-# The accumulators start from new_zeros(()): the original's torch.tensor(0.) for float32
-# maps, and float64 for the float64 value the errors are measured against.
-
-
-def original_reg_fea_map(sources, targets):
-    loss = targets[0].new_zeros(())
-    for source, target in zip(sources, targets):
-        loss += 0.5 * torch.norm(target - source.detach()) ** 2
-    return loss
-
-
-def original_reg_att_fea_map(sources, targets, channel_weights):
-    loss = targets[0].new_zeros(())
-    for index, (source, target) in enumerate(zip(sources, targets)):
-        b, c, h, w = source.shape
-        distance = torch.norm(_flat(target) - _flat(source).detach(), 2, 2)
-        loss += 0.5 * torch.sum(c * torch.mul(channel_weights[index], distance ** 2) / (h * w))
-    return loss
-
-
-def original_reg_pixel_att_fea_map_learn(sources, targets, criterions):
-    loss = targets[0].new_zeros(())
-    for source, target, criterion in zip(sources, targets, criterions):
-        attention = criterion(source)
-        b, c, h, w = source.shape
-        diff = torch.mul(attention, _flat(target) - _flat(source).detach()) * (h * w)
-        loss += 0.5 * torch.sum(torch.norm(diff, 2, 1) ** 2) / b
-    return loss
-
-
-def original_reg_channel_att_fea_map_learn(sources, targets, criterions):
-    loss = targets[0].new_zeros(1)
-    for source, target, criterion in zip(sources, targets, criterions):
-        attention = criterion(source)
-        b, c, h, w = source.shape
-        distance = torch.norm(_flat(target) - _flat(source).detach(), 2, 2)
-        loss += 0.5 * torch.sum(torch.mul(attention, distance ** 2) * c) / b
-    return loss
-
-
-ORIGINAL_LOSSES = {
-    "reg_fea_map": original_reg_fea_map,
-    "reg_att_fea_map": original_reg_att_fea_map,
-    "reg_pixel_att_fea_map_learn": original_reg_pixel_att_fea_map_learn,
-    "reg_channel_att_fea_map_learn": original_reg_channel_att_fea_map_learn,
-}
 ATTENTION_MODULES = {
     "reg_pixel_att_fea_map_learn": (OriginalPixelAttention, compat.pixel_attention),
     "reg_channel_att_fea_map_learn": (OriginalChannelAttention, compat.channel_attention),

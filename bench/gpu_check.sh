@@ -2,7 +2,8 @@
 # The one command to run on a machine with an NVIDIA GPU (H100, H200, A100) and its own
 # PyTorch and Triton: builds and installs afa_ext against that torch (CUDA kernels for
 # sm_80 and sm_90), runs the whole test suite (the Triton and CUDA tests run on the GPU),
-# then the GPU benchmarks, and writes a short report.
+# then the GPU benchmarks (the losses, and a whole training step: bench/train_step.py), and
+# writes a short report.
 #
 #   bash bench/gpu_check.sh                 # everything; report in bench/out/gpu_check/report.md
 #   bash bench/gpu_check.sh --quick         # smaller benchmark budget
@@ -54,9 +55,16 @@ stage "backends" backends.log $PY -c "import afa_ext; print(afa_ext.available_ba
   --budget $BUDGET --out "$OUT"
 [[ $BENCH == 1 ]] && stage "per-shape benchmark" report.log $PY bench/report.py --preset resnet101-b64 --device cuda \
   --dtypes float32 bfloat16 --budget $BUDGET --out "$OUT"
+# One whole AFA training step (ResNet-50 and MobileNetV2; ast, act, delta; original,
+# original+compile, fused) at batch 64. Its history starts as a copy of the committed one, so
+# that $OUT/train_step.csv (with train_step.png and the table in train_step.md) can replace
+# bench/data/train_step.csv and its report be regenerated with `bench/train_step.py --report`.
+[[ $BENCH == 1 ]] && stage "training step benchmark" train_step.log bash -c "[[ -f '$OUT/train_step.csv' ]] \
+  || cp bench/data/train_step.csv '$OUT/train_step.csv'; $PY bench/train_step.py --device cuda --full \
+  --budget $((BUDGET * 3)) --history '$OUT/train_step.csv' --plot '$OUT/train_step.png' --results '$OUT/train_step.md'"
 
 # A stage skipped now keeps the log of an earlier call into the same OUT (the report says so).
-touch "$OUT/tests.log" "$OUT/cuda_resources.md" "$OUT/multilayer.md" "$OUT/report.log"
+touch "$OUT/tests.log" "$OUT/cuda_resources.md" "$OUT/multilayer.md" "$OUT/report.log" "$OUT/train_step.md"
 {
   echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo; echo '```'; cat "$OUT/machine.log" "$OUT/backends.log"; echo '```'
@@ -65,6 +73,7 @@ touch "$OUT/tests.log" "$OUT/cuda_resources.md" "$OUT/multilayer.md" "$OUT/repor
   echo; echo "## CUDA kernels: registers and spills"; echo; cat "$OUT/cuda_resources.md"
   echo; echo "## Four-layer losses, fwd+bwd"; echo; cat "$OUT/multilayer.md"
   echo; echo "## Per layer shape"; echo; sed -n '/^|/,$p' "$OUT/report.log"
+  echo; echo "## A whole training step"; echo; sed -n '/<!-- train_step:begin -->/,/<!-- train_step:end -->/p' "$OUT/train_step.md"
 } > "$OUT/report.md"
 echo "report: $OUT/report.md (exit $status)"
 exit $status

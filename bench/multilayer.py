@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="timed rounds (default: fit --budget, 5 to 100)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per case")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile of the reference out")
+    parser.add_argument("--settle", type=int, default=1,
+                        help="untimed calls of a method right before each timed one (default 1; see timing.interleaved_times)")
     parser.add_argument("--quick", action="store_true", help="batch 2, short budget: a smoke test")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -131,8 +133,8 @@ def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
     errors = {name: cases.relative_error(step(), expected) for name, step in steps.items()}  # also warms up
     timing.warm_up(steps, device, 2)
     one_round = sum(timing.time_once(step, device) for step in steps.values())
-    rounds = args.rounds or timing.rounds_for_budget(one_round, args.budget, 5, 100)
-    samples = timing.interleaved_times(steps, device, rounds)
+    rounds = args.rounds or timing.rounds_for_budget(one_round * (1 + args.settle), args.budget, 5, 100)
+    samples = timing.interleaved_times(steps, device, rounds, settle=args.settle)
     memory = {name: timing.peak_memory_growth(step, device) for name, step in steps.items()}
     elements = sum(cases.numel(shape) for shape in shapes)
     floor = timing.traffic_floor_seconds(elements, torch.empty((), dtype=dtype).element_size(), bandwidth)

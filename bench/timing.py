@@ -66,18 +66,27 @@ def interleaved_times(
     device: torch.device,
     rounds: int,
     on_round: Optional[Callable[[], None]] = None,
+    settle: int = 0,
 ) -> Dict[str, List[float]]:
     """Seconds per call of each method, sampled round-robin so that drift in the
     machine's speed hits every method alike. Each round runs the methods in a fresh
     (seeded) random order: a fixed rotation would always run a method right after the
     same neighbour, and one that floods the caches or the allocator (the eager loss)
-    would slow down whichever method follows it."""
+    would slow down whichever method follows it.
+
+    ``settle`` untimed calls of a method come right before each timed one, so that a
+    sample is the method in its steady state (as in a loop that calls it every step)
+    rather than the first call after a neighbour: on the 2-core VMs, the first call after
+    the eager loss's hundreds of MB of temporaries runs up to 2x slower whatever it is,
+    and after an idle moment the second core wakes milliseconds late."""
     names = list(methods)
     order = random.Random(0)
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for _ in range(rounds):
         order.shuffle(names)
         for name in names:
+            for _ in range(settle):
+                methods[name]()
             samples[name].append(time_once(methods[name], device))
         if on_round is not None:
             on_round()

@@ -61,7 +61,7 @@ def build_info() -> dict:
 def empty_cache() -> int:
     """Hands the CPU backward's cached gradient blocks back to the system.
 
-    The cpu backend keeps the storage of dead gradients above 32 MiB (up to 1 GiB in all)
+    The cpu backend keeps the storage of dead gradients above 4 MiB (up to 1 GiB in all)
     to write the next step's gradient into memory that is already mapped. Returns the
     number of bytes freed (0 when afa_ext._C is not loaded).
     """

@@ -257,28 +257,35 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
   const bool contiguous = plan.inner_contiguous(false);
 
   at::parallel_for(0, items.count, items.grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> block(inner.kept ? items.tile : 0);
-    std::vector<total_t> total(block.size());
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t length = 0;
-      const Offsets base = items.start(plan, item, &length);
+    if (!inner.kept) {
+      // One partial sum per item (tiles == 1). The walkers are made once per chunk, not
+      // once per item: a 7x7 map has 49 elements per item, fewer than it costs to make one.
+      RowWalker kept(plan.kept, begin);
       RowWalker rows(plan.reduced, 0);
-      if (!inner.kept) {
+      for (int64_t item = begin; item < end; ++item, kept.next()) {
+        const Offsets& base = kept.offsets();
         total_t sum = 0;
         for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
           const scalar_t* tr = t + base.target + rows.offsets().target;
           const scalar_t* sr = s + base.source + rows.offsets().source;
           if (contiguous) {
-            sum += contiguous_row_sqdist(tr, sr, length);
+            sum += contiguous_row_sqdist(tr, sr, inner.size);
           } else {
-            for (int64_t i = 0; i < length; ++i) {
+            for (int64_t i = 0; i < inner.size; ++i) {
               sum += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
             }
           }
         }
         partial[base.partial] = static_cast<acc_t>(sum);
-        continue;
       }
+      return;
+    }
+    std::vector<acc_t> block(items.tile);
+    std::vector<total_t> total(block.size());
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t length = 0;
+      const Offsets base = items.start(plan, item, &length);
+      RowWalker rows(plan.reduced, 0);
       std::fill(total.begin(), total.begin() + length, total_t(0));
       for (int64_t r = 0; r < items.rows;) {
         std::fill(block.begin(), block.begin() + length, acc_t(0));

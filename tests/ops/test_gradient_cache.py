@@ -7,21 +7,25 @@ import afa_ext
 
 pytestmark = pytest.mark.skipif("cpu" not in afa_ext.available_backends(), reason="afa_ext._C not built")
 
-# 2 * 64 * 256 * 260 float32 elements: 34 MB, above the 32 MiB where caching starts.
+# 2 * 64 * 256 * 260 float32 elements: 34 MB, above 32 MiB, where glibc always maps afresh.
 LARGE_SHAPE = (2, 64, 256, 260)
+# 13 MB: the size of ResNet-101's last hooked layer's gradient at batch 32, which glibc
+# may map afresh at every step too; blocks above 4 MiB are cached.
+MIDDLE_SHAPE = (2, 64, 112, 224)
 
 
 def expected_gradient(grad, target, source):
     return (2.0 * grad.double()[:, :, None, None] * (target.double() - source.double())).float()
 
 
-def test_reused_gradient_blocks_hold_the_new_values():
+@pytest.mark.parametrize("shape", [LARGE_SHAPE, MIDDLE_SHAPE], ids=["34MB", "13MB"])
+def test_reused_gradient_blocks_hold_the_new_values(shape):
     afa_ext.empty_cache()
     generator = torch.Generator().manual_seed(3)
-    target = torch.randn(LARGE_SHAPE, generator=generator)
-    source = torch.randn(LARGE_SHAPE, generator=generator)
+    target = torch.randn(shape, generator=generator)
+    source = torch.randn(shape, generator=generator)
     for step in range(3):
-        grad = torch.rand(LARGE_SHAPE[:2], generator=generator) + step
+        grad = torch.rand(shape[:2], generator=generator) + step
         dt = torch.ops.afa_ext.channel_sqdist_backward(grad, target, source)
         torch.testing.assert_close(dt, expected_gradient(grad, target, source), rtol=1e-6, atol=1e-6)
         del dt  # back into the cache for the next step

@@ -38,6 +38,8 @@ constexpr int64_t kMinTile = 256;
 constexpr int64_t kItemsPerThread = 4;
 // Rows summed into one float block before it is added to the running total (accuracy).
 constexpr int64_t kRowsPerBlock = 256;
+// Rows of a kept inner dim added into its sums per pass over them (register blocking).
+constexpr int kRowsAtOnce = 4;
 // Elements of one row summed in vector registers before a horizontal add (accuracy).
 constexpr int64_t kRowBlock = 4096;
 // The running total across blocks and rows: double, so that long reductions of float
@@ -177,19 +179,32 @@ int64_t for_each_vector_step(const scalar_t* t, const scalar_t* s, int64_t n, co
   return vector_end;
 }
 
-// sums[i] += (t[i] - s[i])^2 over a contiguous row.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void accumulate_contiguous_row(acc_t* sums, const scalar_t* t, const scalar_t* s, int64_t n) {
+// sums[i] += (t_r[i] - s_r[i])^2 for the kRows contiguous rows r = 0, 1, ... in turn: each
+// vector of sums is loaded and stored once per kRows rows instead of once per row. The
+// additions per element happen in the same order as row by row, so the result is the same.
+template <int kRows, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void accumulate_contiguous_rows(acc_t* sums, const scalar_t* const* t, const scalar_t* const* s, int64_t n) {
   using L = AccLanes<scalar_t>;
   using AccVec = typename L::AccVec;
-  int64_t i = for_each_vector_step(t, s, n, [&](int64_t at, AccVec* tv, AccVec* sv) {
-    for (int p = 0; p < L::kParts; ++p) {
-      acc_t* slot = sums + at + p * AccVec::size();
-      const AccVec diff = tv[p] - sv[p];
-      at::vec::fmadd(diff, diff, AccVec::loadu(slot)).store(slot);
+  const int64_t vector_end = n - n % L::kStep;
+  int64_t i = 0;
+  for (; i < vector_end; i += L::kStep) {
+    AccVec acc[L::kParts];
+    for (int p = 0; p < L::kParts; ++p) acc[p] = AccVec::loadu(sums + i + p * AccVec::size());
+    for (int r = 0; r < kRows; ++r) {
+      AccVec tv[L::kParts], sv[L::kParts];
+      L::load(t[r] + i, tv);
+      L::load(s[r] + i, sv);
+      for (int p = 0; p < L::kParts; ++p) {
+        const AccVec diff = tv[p] - sv[p];
+        acc[p] = at::vec::fmadd(diff, diff, acc[p]);
+      }
     }
-  });
-  for (; i < n; ++i) sums[i] += squared_difference<acc_t>(t[i], s[i]);
+    for (int p = 0; p < L::kParts; ++p) acc[p].store(sums + i + p * AccVec::size());
+  }
+  for (; i < n; ++i) {
+    for (int r = 0; r < kRows; ++r) sums[i] += squared_difference<acc_t>(t[r][i], s[r][i]);
+  }
 }
 
 // dt[i] = 2 * w_i * (t[i] - s[i]) over a contiguous row, with w_i = weights[i] when the
@@ -290,12 +305,25 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
       for (int64_t r = 0; r < items.rows;) {
         std::fill(block.begin(), block.begin() + length, acc_t(0));
         const int64_t block_end = std::min(items.rows, r + kRowsPerBlock);
-        for (; r < block_end; ++r, rows.next()) {
-          const scalar_t* tr = t + base.target + rows.offsets().target;
-          const scalar_t* sr = s + base.source + rows.offsets().source;
-          if (contiguous) {
-            accumulate_contiguous_row(block.data(), tr, sr, length);
-          } else {
+        if (contiguous) {
+          while (r < block_end) {
+            const scalar_t* tr[kRowsAtOnce];
+            const scalar_t* sr[kRowsAtOnce];
+            int count = 0;
+            for (; count < kRowsAtOnce && r < block_end; ++count, ++r, rows.next()) {
+              tr[count] = t + base.target + rows.offsets().target;
+              sr[count] = s + base.source + rows.offsets().source;
+            }
+            if (count == kRowsAtOnce) {
+              accumulate_contiguous_rows<kRowsAtOnce>(block.data(), tr, sr, length);
+            } else {
+              for (int k = 0; k < count; ++k) accumulate_contiguous_rows<1>(block.data(), tr + k, sr + k, length);
+            }
+          }
+        } else {
+          for (; r < block_end; ++r, rows.next()) {
+            const scalar_t* tr = t + base.target + rows.offsets().target;
+            const scalar_t* sr = s + base.source + rows.offsets().source;
             for (int64_t i = 0; i < length; ++i) {
               block[i] += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
             }

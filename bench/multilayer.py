@@ -9,9 +9,12 @@ and dtype this times, side by side in one process, round-robin, median of the ro
   - <backend>:        the functional loss given the lists of all layers (one grouped op)
   - <backend>/layer:  the same backend called layer by layer and summed (what the
                       grouped launch saves)
-and reports each as ms, as a multiple of the 5N floor (5 * sum_l N_l * itemsize over the
-device's measured copy bandwidth), as speed-ups over eager and compile, its peak extra
-memory, and its loss's relative error against the float64 reference.
+and reports each as ms, as a multiple of the 5N floor, as speed-ups over eager and
+compile, its peak extra memory, and its loss's relative error against the float64
+reference. The floor is measured, not computed from a bandwidth taken once: a copy that
+moves 5 * sum_l N_l elements (read + write) is timed in the same interleaved rounds as
+the losses, so it meets the same state of the machine (on the 2-core VMs the copy
+bandwidth reads anywhere from 22 to 36 GB/s from one measurement to the next).
 
 Writes <out>/multilayer.csv and <out>/multilayer.png, prints a markdown table.
 
@@ -125,19 +128,32 @@ def float64_loss(loss_name: str, layers: List[cases.LossInputs]) -> torch.Tensor
     return forward_backward(summed_reference(loss_name), converted)
 
 
+FLOOR_COPY = "5N copy"
+
+
+def floor_copy(elements: int, dtype: torch.dtype, device: torch.device) -> Callable[[], object]:
+    """dst.copy_(src) over 2.5 N elements: 5 N elements of memory traffic (read + write),
+    the floor of a fwd+bwd pair, to be timed beside the losses in the same rounds."""
+    numel = (5 * elements + 1) // 2
+    source = torch.ones(numel, dtype=dtype, device=device)
+    destination = torch.empty_like(source)
+    return functools.partial(destination.copy_, source)
+
+
 def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
     layers = make_layers(loss_name, shapes, dtype, device)
     methods = methods_for(loss_name, device, not args.no_compile)
     steps = {name: functools.partial(forward_backward, fn, layers) for name, fn in methods.items()}
     expected = float64_loss(loss_name, layers)
     errors = {name: cases.relative_error(step(), expected) for name, step in steps.items()}  # also warms up
-    timing.warm_up(steps, device, 2)
-    one_round = sum(timing.time_once(step, device) for step in steps.values())
-    rounds = args.rounds or timing.rounds_for_budget(one_round * (1 + args.settle), args.budget, 5, 100)
-    samples = timing.interleaved_times(steps, device, rounds, settle=args.settle)
-    memory = {name: timing.peak_memory_growth(step, device) for name, step in steps.items()}
     elements = sum(cases.numel(shape) for shape in shapes)
-    floor = timing.traffic_floor_seconds(elements, torch.empty((), dtype=dtype).element_size(), bandwidth)
+    timed = dict(steps, **{FLOOR_COPY: floor_copy(elements, dtype, device)})
+    timing.warm_up(timed, device, 2)
+    one_round = sum(timing.time_once(step, device) for step in timed.values())
+    rounds = args.rounds or timing.rounds_for_budget(one_round * (1 + args.settle), args.budget, 5, 100)
+    samples = timing.interleaved_times(timed, device, rounds, settle=args.settle)
+    memory = {name: timing.peak_memory_growth(step, device) for name, step in steps.items()}
+    floor = timing.median(samples.pop(FLOOR_COPY))
     medians = {name: timing.median(values) for name, values in samples.items()}
     rows = []
     for name, seconds in medians.items():
@@ -149,8 +165,16 @@ def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
             "speedup_vs_compile": medians[cases.COMPILE] / seconds if cases.COMPILE in medians else None,
             "peak_extra_mb": None if memory[name] is None else memory[name] / 2**20,
             "loss_rel_error": errors[name], "rounds": rounds,
+            "floor_bandwidth_gbs": 5 * elements * torch.empty((), dtype=dtype).element_size() / floor / 1e9,
         })
     return rows
+
+
+def floor_bandwidths(rows: List[dict]) -> str:
+    """The bandwidth each case's floor copy reached, e.g. "ACT float32: 31.2 GB/s"."""
+    firsts = [r for r in rows if r["method"] == cases.EAGER]
+    return ", ".join(f"{cases.SHORT_NAMES.get(r['loss'], r['loss'])} {r['dtype']}: {r['floor_bandwidth_gbs']:.1f} GB/s"
+                     for r in firsts)
 
 
 def markdown(rows: List[dict]) -> str:
@@ -189,7 +213,7 @@ def main(argv=None) -> int:
     bandwidth = timing.copy_bandwidth(device)
     description = timing.machine_description(device)
     print(f"machine: {timing.machine_line(description)}", file=sys.stderr)
-    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
+    print(f"copy bandwidth before the cases: {bandwidth / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
     rows = []
     work = [(loss, cases.DTYPES[name]) for loss in args.losses for name in args.dtypes]
     for loss_name, dtype in tqdm(work, desc="cases", file=sys.stderr):
@@ -201,7 +225,8 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     plot(rows, args.out / "multilayer.png")
     print(f"{args.model} hooked layers at batch {args.batch}: {' + '.join(cases.shape_text(s) for s in shapes)}; "
-          f"{description.get('gpu', description['cpu'])}; copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+          f"{description.get('gpu', description['cpu'])}; copy bandwidth {bandwidth / 1e9:.1f} GB/s before the cases; "
+          f"each case's 5N floor is a copy of 5N elements' traffic timed in its rounds ({floor_bandwidths(rows)})\n")
     print(markdown(rows))
     return 0
 

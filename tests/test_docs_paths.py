@@ -13,7 +13,7 @@ DOCS = ["README.md", "bench/RESULTS.md"]
 # A repository path in backticks: `afa_ext/ops/schemas.py`, `tests/ops/`, `csrc/cuda`.
 PATH_IN_BACKTICKS = re.compile(r"`((?:csrc|afa_ext|bench|tests)/[\w./-]*)`")
 # Written by a run or a build, not tracked.
-GENERATED = ("bench/out", "bench/data/", "runs/")
+GENERATED = ("bench/out", "runs/")
 
 
 def _named_paths(doc: str):

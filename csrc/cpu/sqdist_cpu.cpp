@@ -446,9 +446,11 @@ std::vector<at::Tensor> sqdist_backward_layers_cpu(at::TensorList grads, at::Ten
   check_layer_lists(grouping == Grouping::kChannel ? "grouped_channel_sqdist_backward"
                                                    : "grouped_spatial_sqdist_backward",
                     targets, sources, grads);
-  std::vector<at::Tensor> gradients;
-  for (size_t layer = 0; layer < targets.size(); ++layer) {
-    gradients.push_back(sqdist_backward_cpu(grads[layer], targets[layer], sources[layer], grouping));
+  // Last layer first: the forward read the layers in order, so the last ones' features are
+  // the likeliest still to be in the cache when the backward reads them again.
+  std::vector<at::Tensor> gradients(targets.size());
+  for (size_t layer = targets.size(); layer-- > 0;) {
+    gradients[layer] = sqdist_backward_cpu(grads[layer], targets[layer], sources[layer], grouping);
   }
   return gradients;
 }

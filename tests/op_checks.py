@@ -128,3 +128,41 @@ def check_ops_read_beyond_2_31(ops, backward_rtol=0.0):
     dt = ops.channel_sqdist_backward(grad, target, source)
     expected = (2 * grad[:, :, None].double() * diff).bfloat16().double()
     torch.testing.assert_close(dt.double(), expected, rtol=backward_rtol, atol=0)
+
+
+# ----------------------------------------- layouts beyond the CUDA kernels' layer descriptor
+
+
+def stored_in_order(values, order, cropped):
+    """``values`` in a storage whose dims go in ``order`` (outermost first), each spatial
+    dim cropped by one (NaN around it) when ``cropped``."""
+    margin = int(cropped)
+    padded = torch.full([values.shape[d] + (margin if d >= 2 else 0) for d in order], float("nan"),
+                        dtype=values.dtype, device=values.device)
+    view = padded.permute([order.index(d) for d in range(values.dim())])
+    view = view[(slice(None), slice(None)) + (slice(margin, None),) * (values.dim() - 2)]
+    view.copy_(values)
+    return view
+
+
+CHANNELS_LAST_5D, CHANNELS_LAST_6D, SCRAMBLED_7D = (0, 2, 3, 4, 1), (0, 2, 3, 4, 5, 1), (0, 1, 5, 3, 6, 2, 4)
+# (grouping, shape, target storage order, source storage order, cropped): plans with more
+# outer dims than a CUDA LayerDesc holds (cropped dims do not merge, nor do dims stored in
+# another order in the source), so the host code walks dense copies and copies dt back
+# into empty_like(target)'s layout (tests/ops/test_cuda_emulated.py checks each does).
+UNFITTING_LAYERS = [
+    ("spatial", (2, 3, 3, 4, 5), CHANNELS_LAST_5D, CHANNELS_LAST_5D, True),
+    ("spatial", (2, 3, 3, 4, 5), CHANNELS_LAST_5D, tuple(range(5)), True),
+    ("channel", (2, 3, 2, 3, 2, 3), CHANNELS_LAST_6D, CHANNELS_LAST_6D, True),
+    ("spatial", (2, 3, 2, 3, 2, 3), tuple(range(6)), tuple(range(6)), True),
+    ("channel", (2, 3, 2, 3, 2, 3, 2), SCRAMBLED_7D, tuple(range(7)), False),
+    ("spatial", (2, 3, 2, 3, 2, 3, 2), SCRAMBLED_7D, tuple(range(7)), False),
+]
+
+
+def _order_name(order):
+    return "contiguous" if order == tuple(range(len(order))) else "channels_last" if order[-1] == 1 else "scrambled"
+
+
+UNFITTING_IDS = [f"{grouping}-{len(shape)}d-{_order_name(t)}-vs-{_order_name(s)}{'-cropped' if cropped else ''}"
+                 for grouping, shape, t, s, cropped in UNFITTING_LAYERS]

@@ -35,12 +35,6 @@ def pinned_choice() -> Optional[str]:
     return os.environ.get(PIN_VARIABLE) or None
 
 
-def __getattr__(name: str):
-    if name == "PINNED":  # the name of this setting when it was read at import
-        return pinned_choice()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def measured_choices() -> Dict[Hashable, str]:
     """What ``auto`` has measured so far: key -> backend name (a copy)."""
     return dict(_CHOICES)

@@ -91,12 +91,6 @@ class _BackendDevices(Mapping):
 BACKEND_DEVICES: Mapping[str, Devices] = _BackendDevices()
 
 
-def __getattr__(name: str):
-    if name == "TRITON_INTERPRETED":  # the name of this setting when it was read at import
-        return triton_interpreted()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _extension_reason() -> Optional[str]:
     error = extension.extension_error()
     return None if error is None else f"the compiled extension afa_ext._C did not load: {error}"
@@ -125,13 +119,18 @@ def _triton_installed() -> bool:
     return "triton" not in sys.modules and importlib.util.find_spec("triton") is not None
 
 
-def _triton_reason() -> Optional[str]:
+def _triton_reason_before_loading() -> Optional[str]:
+    """Why the triton backend cannot run, as far as is known without loading its kernels."""
     if not _triton_installed():
         return "the triton package is not installed"
     if not triton_interpreted() and not torch.cuda.is_available():
         return ("torch sees no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU "
                 "tensors through Triton's interpreter, slowly, for testing)")
-    return _triton_load_error()
+    return None
+
+
+def _triton_reason() -> Optional[str]:
+    return _triton_reason_before_loading() or _triton_load_error()
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,10 +211,7 @@ def _answers_without_loading_triton() -> Dict[str, Availability]:
     kernels load at the first eager lookup of the triton backend): what a trace reads until
     an eager call computes a newer answer. Importing afa_ext must not import triton."""
     answers = {name: Availability(_REASON_FINDERS[name](), _devices(name)) for name in BACKEND_NAMES if name != "triton"}
-    reason = "the triton package is not installed" if not _triton_installed() else None
-    if reason is None and not triton_interpreted() and not torch.cuda.is_available():
-        reason = "torch sees no CUDA device"
-    answers["triton"] = Availability(reason, _devices("triton"))
+    answers["triton"] = Availability(_triton_reason_before_loading(), _devices("triton"))
     return answers
 
 

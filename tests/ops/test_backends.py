@@ -20,7 +20,7 @@ def test_available_backends_on_this_machine():
     names = afa_ext.available_backends()
     assert names[0] == "reference"
     gpu = torch.cuda.is_available()
-    assert ("cuda" in names) <= gpu and ("triton" in names) <= (gpu or backends.TRITON_INTERPRETED)
+    assert ("cuda" in names) <= gpu and ("triton" in names) <= (gpu or backends.triton_interpreted())
     assert names == afa_ext.available_backends()
 
 
@@ -56,7 +56,7 @@ def test_the_auto_cuda_pin_is_read_at_each_call(monkeypatch):
     assert auto_choice.choose_fastest(key, candidates, lambda: None) == "triton"
     monkeypatch.setenv("AFA_EXT_AUTO_CUDA", "cuda")
     assert auto_choice.choose_fastest(key, candidates, lambda: None) == "cuda"
-    assert auto_choice.PINNED == "cuda"
+    assert auto_choice.pinned_choice() == "cuda"
     assert calls == [] and key not in auto_choice.measured_choices()
     monkeypatch.delenv("AFA_EXT_AUTO_CUDA")
     assert auto_choice.choose_fastest(key, candidates, lambda: None) in candidates
@@ -69,7 +69,7 @@ def test_triton_devices_follow_the_environment_until_the_kernels_load(monkeypatc
     for interpreted, devices in (("1", ("cpu",)), ("0", ("cuda",))):
         monkeypatch.setenv("TRITON_INTERPRET", interpreted)
         assert backends.BACKEND_DEVICES["triton"] == devices
-        assert backends.TRITON_INTERPRETED == (interpreted == "1")
+        assert backends.triton_interpreted() == (interpreted == "1")
     monkeypatch.setitem(sys.modules, launch, types.SimpleNamespace(INTERPRETED=True))
     assert backends.BACKEND_DEVICES["triton"] == ("cpu",), "loaded kernels keep the mode they were defined in"
 

@@ -17,7 +17,8 @@ import torch
 
 import float64_model
 from loss_cases import DTYPES, LAYOUT_IDS, LAYOUT_PAIRS, SHAPES, make_features, relative_error
-from op_checks import backward_tolerance, check_op_pair, forward_tolerance, grad_for
+from op_checks import (UNFITTING_IDS, UNFITTING_LAYERS, backward_tolerance, check_op_pair, forward_tolerance, grad_for,
+                       stored_in_order)
 
 REPO = Path(__file__).resolve().parents[2]
 GROUPINGS = ("channel", "spatial")
@@ -228,45 +229,11 @@ def test_grouped_backward_into_rejects_a_gradient_sharing_another_layers_input(o
 # ----------------------------------------- features copied dense: the gradient's layout
 
 
-def _stored(values, order, cropped):
-    """``values`` in a storage whose dims go in ``order`` (outermost first), each spatial
-    dim cropped by one (NaN around it) when ``cropped``."""
-    margin = int(cropped)
-    padded = torch.full([values.shape[d] + (margin if d >= 2 else 0) for d in order], float("nan"),
-                        dtype=values.dtype, device=values.device)
-    view = padded.permute([order.index(d) for d in range(values.dim())])
-    view = view[(slice(None), slice(None)) + (slice(margin, None),) * (values.dim() - 2)]
-    view.copy_(values)
-    return view
-
-
-CHANNELS_LAST_5D, CHANNELS_LAST_6D, SCRAMBLED_7D = (0, 2, 3, 4, 1), (0, 2, 3, 4, 5, 1), (0, 1, 5, 3, 6, 2, 4)
-# (grouping, shape, target storage order, source storage order, cropped): plans with more
-# outer dims than a LayerDesc holds (cropped dims do not merge, nor do dims stored in
-# another order in the source), so the host code walks dense copies and copies dt back.
-UNFITTING_LAYERS = [
-    ("spatial", (2, 3, 3, 4, 5), CHANNELS_LAST_5D, CHANNELS_LAST_5D, True),
-    ("spatial", (2, 3, 3, 4, 5), CHANNELS_LAST_5D, tuple(range(5)), True),
-    ("channel", (2, 3, 2, 3, 2, 3), CHANNELS_LAST_6D, CHANNELS_LAST_6D, True),
-    ("spatial", (2, 3, 2, 3, 2, 3), tuple(range(6)), tuple(range(6)), True),
-    ("channel", (2, 3, 2, 3, 2, 3, 2), SCRAMBLED_7D, tuple(range(7)), False),
-    ("spatial", (2, 3, 2, 3, 2, 3, 2), SCRAMBLED_7D, tuple(range(7)), False),
-]
-
-
-def _order_name(order):
-    return "contiguous" if order == tuple(range(len(order))) else "channels_last" if order[-1] == 1 else "scrambled"
-
-
-UNFITTING_IDS = [f"{grouping}-{len(shape)}d-{_order_name(t)}-vs-{_order_name(s)}{'-cropped' if cropped else ''}"
-                 for grouping, shape, t, s, cropped in UNFITTING_LAYERS]
-
-
 def _unfitting_layer(ops, case, seed):
     grouping, shape, target_order, source_order, cropped = case
     generator = torch.Generator().manual_seed(seed)
-    target = _stored(torch.randn(shape, generator=generator), target_order, cropped)
-    source = _stored(torch.randn(shape, generator=generator), source_order, cropped)
+    target = stored_in_order(torch.randn(shape, generator=generator), target_order, cropped)
+    source = stored_in_order(torch.randn(shape, generator=generator), source_order, cropped)
     assert not ops.plan_fits_descriptor(grouping, target, source), "the layout must need the dense copies"
     return target, source
 

@@ -23,7 +23,7 @@ from loss_cases import (
     relative_error,
 )
 from op_checks import backward_tolerance as _backward_tolerance
-from op_checks import check_op_pair, grad_for
+from op_checks import UNFITTING_IDS, UNFITTING_LAYERS, check_op_pair, grad_for, stored_in_order
 from op_checks import forward_tolerance as _forward_tolerance
 
 OP_NAMES = [f"{group}{grouping}_sqdist{backward}" for group in ("", "grouped_")
@@ -142,38 +142,14 @@ def test_op_misaligned_base_pointer(grouping, dtype):
     _check_op_pair(grouping, target, _misaligned(source))
 
 
-def _stored(values, order, cropped):
-    """``values`` in a storage whose dims go in ``order`` (outermost first), each spatial
-    dim cropped by one (NaN around it) when ``cropped``."""
-    margin = int(cropped)
-    padded = torch.full([values.shape[d] + (margin if d >= 2 else 0) for d in order], float("nan"),
-                        dtype=values.dtype, device=values.device)
-    view = padded.permute([order.index(d) for d in range(values.dim())])
-    view = view[(slice(None), slice(None)) + (slice(margin, None),) * (values.dim() - 2)]
-    view.copy_(values)
-    return view
-
-
-# (grouping, shape, target storage order, source storage order, cropped): plans with more
-# outer dims than a LayerDesc holds (test_cuda_emulated.py checks that of each), walked
-# through dense copies; dt is copied back into empty_like(target)'s layout.
-COPIED_LAYERS = [
-    ("spatial", (2, 3, 3, 4, 5), (0, 2, 3, 4, 1), (0, 2, 3, 4, 1), True),
-    ("channel", (2, 3, 2, 3, 2, 3), (0, 2, 3, 4, 5, 1), (0, 2, 3, 4, 5, 1), True),
-    ("spatial", (2, 3, 2, 3, 2, 3), tuple(range(6)), tuple(range(6)), True),
-    ("channel", (2, 3, 2, 3, 2, 3, 2), (0, 1, 5, 3, 6, 2, 4), tuple(range(7)), False),
-    ("spatial", (2, 3, 2, 3, 2, 3, 2), (0, 1, 5, 3, 6, 2, 4), tuple(range(7)), False),
-]
-
-
 def _copied_layer(case, seed=0):
     _, shape, target_order, source_order, cropped = case
     target, source = _features(shape, torch.float32, seed=seed)
-    return _stored(target, target_order, cropped), _stored(source, source_order, cropped)
+    return stored_in_order(target, target_order, cropped), stored_in_order(source, source_order, cropped)
 
 
 @needs_cuda
-@pytest.mark.parametrize("case", COPIED_LAYERS, ids=[f"{c[0]}-{len(c[1])}d" for c in COPIED_LAYERS])
+@pytest.mark.parametrize("case", UNFITTING_LAYERS, ids=UNFITTING_IDS)
 def test_op_features_with_many_unmergeable_dims(case):
     """More outer dims than a layer descriptor holds: the dense copies' gradient comes back
     in the fake's layout, torch.empty_like(target)."""
@@ -183,7 +159,7 @@ def test_op_features_with_many_unmergeable_dims(case):
 @needs_cuda
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_grouped_ops_with_copied_layers(grouping):
-    layers = [_copied_layer(case, seed) for seed, case in enumerate(COPIED_LAYERS) if case[0] == grouping]
+    layers = [_copied_layer(case, seed) for seed, case in enumerate(UNFITTING_LAYERS) if case[0] == grouping]
     layers.insert(1, _features((2, 8, 6, 5), torch.float32, ("channels_last", "cropped"), seed=9))
     targets, sources = [t for t, _ in layers], [s for _, s in layers]
     grads = [_grad_for(grouping, target, seed) for seed, target in enumerate(targets)]

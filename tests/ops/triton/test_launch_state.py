@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 
 from afa_ext.ops.triton import launch  # noqa: E402  (after the importorskip)
 
-INTERPRETED = afa_ext.ops.backends.TRITON_INTERPRETED
+INTERPRETED = afa_ext.ops.backends.triton_interpreted()
 DEVICE = "cpu" if INTERPRETED else "cuda"
 needs_kernels = pytest.mark.skipif(
     "triton" not in afa_ext.available_backends(),

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 if "triton" in afa_ext.available_backends():
     from afa_ext.ops.triton import launch as triton_launch
 
-DEVICE = "cpu" if afa_ext.ops.backends.TRITON_INTERPRETED else "cuda"
+DEVICE = "cpu" if afa_ext.ops.backends.triton_interpreted() else "cuda"
 OPS = torch.ops.afa_ext_triton
 GROUPINGS = ("channel", "spatial")
 # Four layers shaped like ResNet's hooked ones (C x4, side /2 per stage), scaled down.

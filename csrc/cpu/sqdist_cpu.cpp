@@ -17,7 +17,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "../common/reduction_plan.h"
 #include "../common/sqdist_math.h"
@@ -31,8 +36,9 @@ using at::vec::Vectorized;
 
 // Elements per parallel work item, below which splitting further costs more than it saves.
 constexpr int64_t kGrainElements = 32768;
-// Bounds on the slice of a kept inner dim one work item sums (two float arrays in L1).
-constexpr int64_t kMaxTile = 2048;
+// Bounds on the slice of a kept inner dim one work item sums: its float block stays in L1,
+// its double totals (touched once per kRowsPerBlock rows) in L2.
+constexpr int64_t kMaxTile = 4096;
 constexpr int64_t kMinTile = 256;
 // Work items per thread the forward aims for when a kept inner dim can be cut finer.
 constexpr int64_t kItemsPerThread = 4;
@@ -42,6 +48,9 @@ constexpr int64_t kRowsPerBlock = 256;
 constexpr int kRowsAtOnce = 4;
 // Elements of one row summed in vector registers before a horizontal add (accuracy).
 constexpr int64_t kRowBlock = 4096;
+// Gradients at least this large are written with streaming stores (see StreamingStores).
+constexpr int64_t kStreamBytes = int64_t(2) << 20;
+constexpr int64_t kCacheLine = 64;
 // The running total across blocks and rows: double, so that long reductions of float
 // partial sums lose nothing more than one rounding per block.
 using total_t = double;
@@ -78,6 +87,41 @@ struct AccLanes {
     acc_t sum = 0;
     for (int64_t k = 0; k < AccVec::size(); ++k) sum += lanes[k];
     return sum;
+  }
+};
+
+// Non-temporal stores for a gradient far larger than the caches: a plain store first reads
+// the line it writes (a read for ownership), so writing N bytes costs 2N of memory traffic;
+// a streaming store writes whole lines straight to memory and costs N. Used only where
+// every row of the gradient starts on a cache line and fills whole lines, so no line is
+// written partly by a streaming store. stream() needs a 32-byte-aligned address; fence()
+// orders a thread's streaming stores before the work it hands back.
+template <typename scalar_t>
+struct StreamingStores {
+  using Vec = Vectorized<scalar_t>;
+
+  static void stream(scalar_t* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+    static_assert(sizeof(Vec) == 32, "an AVX2 vector is 32 bytes");
+    __m256i bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
+#elif defined(__SSE2__) && !defined(CPU_CAPABILITY_AVX512)
+    static_assert(sizeof(Vec) % 16 == 0, "a vector is whole 16-byte halves");
+    for (size_t k = 0; k < sizeof(Vec) / 16; ++k) {
+      __m128i bits;
+      std::memcpy(&bits, reinterpret_cast<const char*>(&v) + 16 * k, sizeof(bits));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p) + k, bits);
+    }
+#else
+    v.store(p);
+#endif
+  }
+
+  static void fence() {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
   }
 };
 
@@ -209,7 +253,8 @@ void accumulate_contiguous_rows(acc_t* sums, const scalar_t* const* t, const sca
 
 // dt[i] = 2 * w_i * (t[i] - s[i]) over a contiguous row, with w_i = weights[i] when the
 // weights run along the row, else weights[0] for the whole row.
-template <bool kWeightPerElement, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// With kStream the row must start on a cache line and fill whole lines (StreamingStores).
+template <bool kWeightPerElement, bool kStream, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void gradient_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t* t, const scalar_t* s,
                              int64_t n) {
   using L = AccLanes<scalar_t>;
@@ -224,7 +269,15 @@ void gradient_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t*
       }
       tv[p] = weight * (tv[p] - sv[p]);
     }
-    L::store(dt + at, tv);
+    if constexpr (kStream) {
+      if constexpr (L::kParts == 1) {
+        StreamingStores<scalar_t>::stream(dt + at, Vectorized<scalar_t>(tv[0]));
+      } else {
+        StreamingStores<scalar_t>::stream(dt + at, at::vec::convert_from_float<scalar_t>(tv[0], tv[1]));
+      }
+    } else {
+      L::store(dt + at, tv);
+    }
   });
   for (; i < n; ++i) {
     const acc_t weight = kWeightPerElement ? weights[i] : weights[0];
@@ -338,6 +391,19 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
   });
 }
 
+// Whether every row of the inner dim of dt starts on a cache line and fills whole lines and
+// whole vectors: what streaming its gradient asks (StreamingStores).
+template <typename scalar_t>
+bool rows_fill_cache_lines(const std::vector<PlanDim>& outer, const PlanDim& inner, const scalar_t* dt) {
+  constexpr int64_t kSize = sizeof(scalar_t);
+  const auto on_lines = [](int64_t bytes) { return bytes % kCacheLine == 0; };
+  if (reinterpret_cast<uintptr_t>(dt) % kCacheLine != 0 || !on_lines(inner.size * kSize) ||
+      inner.size % Vectorized<scalar_t>::size() != 0) {
+    return false;
+  }
+  return std::all_of(outer.begin(), outer.end(), [&](const PlanDim& dim) { return on_lines(dim.grad * kSize); });
+}
+
 // The backward has nothing to reduce: it walks every row of the inner dim in memory order.
 template <typename scalar_t>
 void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<scalar_t>* grad,
@@ -351,6 +417,8 @@ void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<sca
                    [](const PlanDim& a, const PlanDim& b) { return a.target > b.target; });
   const int64_t rows = product_of_sizes(outer);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / inner.size);
+  const bool stream = contiguous && rows_fill_cache_lines(outer, inner, dt) &&
+                      rows * inner.size * int64_t(sizeof(scalar_t)) >= kStreamBytes;
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     RowWalker walker(outer, begin);
@@ -360,10 +428,14 @@ void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<sca
       const scalar_t* tr = t + at.target;
       const scalar_t* sr = s + at.source;
       scalar_t* dr = dt + at.grad;
-      if (contiguous && inner.kept) {
-        gradient_contiguous_row<true>(dr, weights, tr, sr, inner.size);
+      if (stream && inner.kept) {
+        gradient_contiguous_row<true, true>(dr, weights, tr, sr, inner.size);
+      } else if (stream) {
+        gradient_contiguous_row<false, true>(dr, weights, tr, sr, inner.size);
+      } else if (contiguous && inner.kept) {
+        gradient_contiguous_row<true, false>(dr, weights, tr, sr, inner.size);
       } else if (contiguous) {
-        gradient_contiguous_row<false>(dr, weights, tr, sr, inner.size);
+        gradient_contiguous_row<false, false>(dr, weights, tr, sr, inner.size);
       } else {
         for (int64_t i = 0; i < inner.size; ++i) {
           const acc_t weight = inner.kept ? weights[i * inner.partial] : weights[0];
@@ -372,6 +444,7 @@ void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<sca
         }
       }
     }
+    if (stream) StreamingStores<scalar_t>::fence();
   });
 }
 

@@ -10,8 +10,9 @@ and dtype this times, side by side in one process, round-robin, median of the ro
   - <backend>/layer:  the same backend called layer by layer and summed (what the
                       grouped launch saves)
 and reports each as ms, as a multiple of the 5N floor, as speed-ups over eager and
-compile, its peak extra memory, and its loss's relative error against the float64
-reference. The floor is measured, not computed from a bandwidth taken once: a copy that
+compile, its peak extra memory, the page faults of one call (CPU: memory the OS maps
+afresh, a fault and a zeroed page per 4 KiB, paid inside the call), and its loss's
+relative error against the float64 reference. The floor is measured, not computed from a bandwidth taken once: a copy that
 moves 5 * sum_l N_l elements (read + write) is timed in the same interleaved rounds as
 the losses, so it meets the same state of the machine (on the 2-core VMs the copy
 bandwidth reads anywhere from 22 to 36 GB/s from one measurement to the next).
@@ -153,6 +154,7 @@ def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
     rounds = args.rounds or timing.rounds_for_budget(one_round * (1 + args.settle), args.budget, 5, 100)
     samples = timing.interleaved_times(timed, device, rounds, settle=args.settle)
     memory = {name: timing.peak_memory_growth(step, device) for name, step in steps.items()}
+    faults = {name: timing.page_faults_per_call(step, device) for name, step in steps.items()}
     floor = timing.median(samples.pop(FLOOR_COPY))
     medians = {name: timing.median(values) for name, values in samples.items()}
     rows = []
@@ -164,6 +166,7 @@ def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
             "speedup_vs_eager": medians[cases.EAGER] / seconds,
             "speedup_vs_compile": medians[cases.COMPILE] / seconds if cases.COMPILE in medians else None,
             "peak_extra_mb": None if memory[name] is None else memory[name] / 2**20,
+            "page_faults": faults[name],
             "loss_rel_error": errors[name], "rounds": rounds,
             "floor_bandwidth_gbs": 5 * elements * torch.empty((), dtype=dtype).element_size() / floor / 1e9,
         })
@@ -178,10 +181,12 @@ def floor_bandwidths(rows: List[dict]) -> str:
 
 
 def markdown(rows: List[dict]) -> str:
-    headers = ["loss", "dtype", "method", "ms", "x 5N floor", "vs eager", "vs compile", "peak extra MB", "loss rel. err"]
+    headers = ["loss", "dtype", "method", "ms", "x 5N floor", "vs eager", "vs compile", "peak extra MB",
+               "page faults", "loss rel. err"]
     body = [[cases.SHORT_NAMES.get(r["loss"], r["loss"]), r["dtype"], r["method"], f"{r['median_ms']:.3f}",
              f"{r['x_floor']:.2f}", tables.ratio(r["speedup_vs_eager"]), tables.ratio(r["speedup_vs_compile"]),
              tables.megabytes(None if r["peak_extra_mb"] is None else r["peak_extra_mb"] * 2**20),
+             "-" if r["page_faults"] is None else str(r["page_faults"]),
              tables.scientific(r["loss_rel_error"])] for r in rows]
     return tables.markdown_table(headers, body, right_align_from=3)
 

@@ -318,15 +318,34 @@ struct ForwardItems {
   }
 };
 
+// One layer's forward: its plan, work items and tensors.
 template <typename scalar_t>
-void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const scalar_t* s,
-                           at::opmath_type<scalar_t>* partial) {
+struct ForwardLayer {
+  ReductionPlan plan;
+  ForwardItems items;
+  const scalar_t* t;
+  const scalar_t* s;
+  at::opmath_type<scalar_t>* partial;
+
+  ForwardLayer(ReductionPlan plan_, const scalar_t* t_, const scalar_t* s_, at::opmath_type<scalar_t>* partial_)
+      : plan(std::move(plan_)), items(plan), t(t_), s(s_), partial(partial_) {}
+
+  // Elements one work item reads from each tensor (the last tile of a row may read fewer).
+  int64_t item_elements() const { return items.rows * (plan.inner.kept ? items.tile : plan.inner.size); }
+};
+
+// The partial sums of work items [begin, end) of one layer.
+template <typename scalar_t>
+void forward_items(const ForwardLayer<scalar_t>& layer, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  const ForwardItems items(plan);
+  const ReductionPlan& plan = layer.plan;
+  const ForwardItems& items = layer.items;
   const PlanDim& inner = plan.inner;
   const bool contiguous = plan.inner_contiguous(false);
-
-  at::parallel_for(0, items.count, items.grain, [&](int64_t begin, int64_t end) {
+  const scalar_t* t = layer.t;
+  const scalar_t* s = layer.s;
+  acc_t* partial = layer.partial;
+  {
     if (!inner.kept) {
       // One partial sum per item (tiles == 1). The walkers are made once per chunk, not
       // once per item: a 7x7 map has 49 elements per item, fewer than it costs to make one.
@@ -388,6 +407,28 @@ void sqdist_forward_kernel(const ReductionPlan& plan, const scalar_t* t, const s
       }
       for (int64_t i = 0; i < length; ++i) {
         partial[base.partial + i * inner.partial] = static_cast<acc_t>(total[i]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void sqdist_forward_kernel(const ForwardLayer<scalar_t>& layer) {
+  at::parallel_for(0, layer.items.count, layer.items.grain,
+                   [&](int64_t begin, int64_t end) { forward_items(layer, begin, end); });
+}
+
+// Every layer's forward in one parallel region, each thread taking its share of every
+// layer's work items in turn.
+template <typename scalar_t>
+void sqdist_forward_layers_kernel(const std::vector<ForwardLayer<scalar_t>>& layers) {
+  const int64_t shares = at::get_num_threads();
+  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t share = begin; share < end; ++share) {
+      for (const auto& layer : layers) {
+        const int64_t count = layer.items.count;
+        const int64_t first = count * share / shares, last = count * (share + 1) / shares;
+        if (first < last) forward_items(layer, first, last);
       }
     }
   });
@@ -452,19 +493,31 @@ void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<sca
 
 std::vector<int64_t> as_vector(at::IntArrayRef values) { return {values.begin(), values.end()}; }
 
+// The partial sums' tensor of a layer, (B, C) or (B, P), in the accumulation type.
+at::Tensor empty_partial_sums(const at::Tensor& target, Grouping grouping) {
+  return at::empty(partial_sum_shape(target, grouping), target.options().dtype(accumulate_type_of(target.scalar_type())));
+}
+
+ReductionPlan forward_plan(const at::Tensor& target, const at::Tensor& source, Grouping grouping) {
+  return make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),
+                             as_vector(source.strides()), as_vector(target.strides()));
+}
+
+template <typename scalar_t>
+ForwardLayer<scalar_t> forward_layer(const at::Tensor& target, const at::Tensor& source, at::Tensor& partial,
+                                     Grouping grouping) {
+  return ForwardLayer<scalar_t>(forward_plan(target, source, grouping), target.const_data_ptr<scalar_t>(),
+                                source.const_data_ptr<scalar_t>(),
+                                partial.mutable_data_ptr<at::opmath_type<scalar_t>>());
+}
+
 at::Tensor sqdist_forward_cpu(const at::Tensor& target, const at::Tensor& source, Grouping grouping) {
   const char* op = grouping == Grouping::kChannel ? "channel_sqdist" : "spatial_sqdist";
   check_feature_pair(op, target, source, at::kCPU);
-  at::Tensor partial = at::empty(partial_sum_shape(target, grouping),
-                                 target.options().dtype(accumulate_type_of(target.scalar_type())));
+  at::Tensor partial = empty_partial_sums(target, grouping);
   if (target.numel() == 0) return partial.zero_();
-  const ReductionPlan plan =
-      make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),
-                          as_vector(source.strides()), as_vector(target.strides()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "afa_ext_sqdist_cpu", [&] {
-    sqdist_forward_kernel<scalar_t>(plan, target.const_data_ptr<scalar_t>(),
-                                    source.const_data_ptr<scalar_t>(),
-                                    partial.mutable_data_ptr<at::opmath_type<scalar_t>>());
+    sqdist_forward_kernel(forward_layer<scalar_t>(target, source, partial, grouping));
   });
   return partial;
 }
@@ -505,14 +558,25 @@ at::Tensor spatial_sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor&
   return sqdist_backward_cpu(grad, target, source, Grouping::kSpatial);
 }
 
-// The multi-layer ops on the CPU: a CPU has no launch overhead to save, so layer by layer.
+// The multi-layer forward on the CPU: one parallel region for all layers (see
+// sqdist_forward_layers_kernel).
 std::vector<at::Tensor> sqdist_layers_cpu(at::TensorList targets, at::TensorList sources, Grouping grouping) {
-  check_layer_lists(grouping == Grouping::kChannel ? "grouped_channel_sqdist" : "grouped_spatial_sqdist",
-                    targets, sources);
+  const char* op = grouping == Grouping::kChannel ? "grouped_channel_sqdist" : "grouped_spatial_sqdist";
+  check_layer_lists(op, targets, sources);
   std::vector<at::Tensor> partials;
   for (size_t layer = 0; layer < targets.size(); ++layer) {
-    partials.push_back(sqdist_forward_cpu(targets[layer], sources[layer], grouping));
+    check_feature_pair(op, targets[layer], sources[layer], at::kCPU);
+    partials.push_back(empty_partial_sums(targets[layer], grouping));
+    if (targets[layer].numel() == 0) partials.back().zero_();
   }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, targets[0].scalar_type(), "afa_ext_sqdist_cpu", [&] {
+    std::vector<ForwardLayer<scalar_t>> layers;
+    for (size_t layer = 0; layer < targets.size(); ++layer) {
+      if (targets[layer].numel() == 0) continue;
+      layers.push_back(forward_layer<scalar_t>(targets[layer], sources[layer], partials[layer], grouping));
+    }
+    if (!layers.empty()) sqdist_forward_layers_kernel(layers);
+  });
   return partials;
 }
 

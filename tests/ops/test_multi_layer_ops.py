@@ -12,6 +12,9 @@ pytestmark = needs_cpu
 OPS = torch.ops.afa_ext
 GROUPINGS = ("channel", "spatial")
 SHAPES = [(2, 8, 6, 6), (2, 16, 3, 3), (2, 4, 5), (2, 32, 1, 1)]
+# The four hooked ResNet layers' shapes at a quarter of their channels, with an empty layer
+# among them: the multi-layer forward splits every layer's work items among the threads.
+LARGE_SHAPES = [(3, 64, 56, 56), (3, 128, 28, 28), (3, 0, 14, 14), (3, 256, 14, 14), (3, 512, 7, 7)]
 
 
 def _layers(dtype=torch.float32, shapes=SHAPES, seed=0):
@@ -22,10 +25,11 @@ def _layers(dtype=torch.float32, shapes=SHAPES, seed=0):
     return targets, sources
 
 
+@pytest.mark.parametrize("shapes", [SHAPES, LARGE_SHAPES], ids=["small", "large"])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_grouped_ops_equal_the_single_ops(grouping, dtype):
-    targets, sources = _layers(dtype)
+def test_grouped_ops_equal_the_single_ops(grouping, dtype, shapes):
+    targets, sources = _layers(dtype, shapes)
     partials = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
     generator = torch.Generator().manual_seed(1)
     grads = [grad_for(grouping, t, generator) for t in targets]

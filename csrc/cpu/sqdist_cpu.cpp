@@ -4,9 +4,10 @@
 //   forward:  partial[k] = sum over the reduced dims of (t - s)^2, k a kept index
 //   backward: dt = 2 * grad[k] * (t - s)
 //
-// One pass over t and s each way; nothing N-sized is held between the passes. Every
-// partial sum is computed by one thread in an order fixed by the shapes and strides
-// alone, so the results are bitwise-identical from run to run and across thread counts.
+// One pass over t and s each way; nothing N-sized is held between the passes, and large
+// gradients are streamed past the caches (StreamingStores). Every partial sum is computed
+// by one thread in an order fixed by the shapes and strides alone, so the results are
+// bitwise-identical from run to run and across thread counts.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -329,9 +330,6 @@ struct ForwardLayer {
 
   ForwardLayer(ReductionPlan plan_, const scalar_t* t_, const scalar_t* s_, at::opmath_type<scalar_t>* partial_)
       : plan(std::move(plan_)), items(plan), t(t_), s(s_), partial(partial_) {}
-
-  // Elements one work item reads from each tensor (the last tile of a row may read fewer).
-  int64_t item_elements() const { return items.rows * (plan.inner.kept ? items.tile : plan.inner.size); }
 };
 
 // The partial sums of work items [begin, end) of one layer.
@@ -345,69 +343,67 @@ void forward_items(const ForwardLayer<scalar_t>& layer, int64_t begin, int64_t e
   const scalar_t* t = layer.t;
   const scalar_t* s = layer.s;
   acc_t* partial = layer.partial;
-  {
-    if (!inner.kept) {
-      // One partial sum per item (tiles == 1). The walkers are made once per chunk, not
-      // once per item: a 7x7 map has 49 elements per item, fewer than it costs to make one.
-      RowWalker kept(plan.kept, begin);
-      RowWalker rows(plan.reduced, 0);
-      for (int64_t item = begin; item < end; ++item, kept.next()) {
-        const Offsets& base = kept.offsets();
-        total_t sum = 0;
-        for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
+  if (!inner.kept) {
+    // One partial sum per item (tiles == 1). The walkers are made once per chunk, not
+    // once per item: a 7x7 map has 49 elements per item, fewer than it costs to make one.
+    RowWalker kept(plan.kept, begin);
+    RowWalker rows(plan.reduced, 0);
+    for (int64_t item = begin; item < end; ++item, kept.next()) {
+      const Offsets& base = kept.offsets();
+      total_t sum = 0;
+      for (int64_t r = 0; r < items.rows; ++r, rows.next()) {
+        const scalar_t* tr = t + base.target + rows.offsets().target;
+        const scalar_t* sr = s + base.source + rows.offsets().source;
+        if (contiguous) {
+          sum += contiguous_row_sqdist(tr, sr, inner.size);
+        } else {
+          for (int64_t i = 0; i < inner.size; ++i) {
+            sum += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
+          }
+        }
+      }
+      partial[base.partial] = static_cast<acc_t>(sum);
+    }
+    return;
+  }
+  std::vector<acc_t> block(items.tile);
+  std::vector<total_t> total(block.size());
+  for (int64_t item = begin; item < end; ++item) {
+    int64_t length = 0;
+    const Offsets base = items.start(plan, item, &length);
+    RowWalker rows(plan.reduced, 0);
+    std::fill(total.begin(), total.begin() + length, total_t(0));
+    for (int64_t r = 0; r < items.rows;) {
+      std::fill(block.begin(), block.begin() + length, acc_t(0));
+      const int64_t block_end = std::min(items.rows, r + kRowsPerBlock);
+      if (contiguous) {
+        while (r < block_end) {
+          const scalar_t* tr[kRowsAtOnce];
+          const scalar_t* sr[kRowsAtOnce];
+          int count = 0;
+          for (; count < kRowsAtOnce && r < block_end; ++count, ++r, rows.next()) {
+            tr[count] = t + base.target + rows.offsets().target;
+            sr[count] = s + base.source + rows.offsets().source;
+          }
+          if (count == kRowsAtOnce) {
+            accumulate_contiguous_rows<kRowsAtOnce>(block.data(), tr, sr, length);
+          } else {
+            for (int k = 0; k < count; ++k) accumulate_contiguous_rows<1>(block.data(), tr + k, sr + k, length);
+          }
+        }
+      } else {
+        for (; r < block_end; ++r, rows.next()) {
           const scalar_t* tr = t + base.target + rows.offsets().target;
           const scalar_t* sr = s + base.source + rows.offsets().source;
-          if (contiguous) {
-            sum += contiguous_row_sqdist(tr, sr, inner.size);
-          } else {
-            for (int64_t i = 0; i < inner.size; ++i) {
-              sum += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
-            }
+          for (int64_t i = 0; i < length; ++i) {
+            block[i] += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
           }
         }
-        partial[base.partial] = static_cast<acc_t>(sum);
       }
-      return;
+      for (int64_t i = 0; i < length; ++i) total[i] += block[i];
     }
-    std::vector<acc_t> block(items.tile);
-    std::vector<total_t> total(block.size());
-    for (int64_t item = begin; item < end; ++item) {
-      int64_t length = 0;
-      const Offsets base = items.start(plan, item, &length);
-      RowWalker rows(plan.reduced, 0);
-      std::fill(total.begin(), total.begin() + length, total_t(0));
-      for (int64_t r = 0; r < items.rows;) {
-        std::fill(block.begin(), block.begin() + length, acc_t(0));
-        const int64_t block_end = std::min(items.rows, r + kRowsPerBlock);
-        if (contiguous) {
-          while (r < block_end) {
-            const scalar_t* tr[kRowsAtOnce];
-            const scalar_t* sr[kRowsAtOnce];
-            int count = 0;
-            for (; count < kRowsAtOnce && r < block_end; ++count, ++r, rows.next()) {
-              tr[count] = t + base.target + rows.offsets().target;
-              sr[count] = s + base.source + rows.offsets().source;
-            }
-            if (count == kRowsAtOnce) {
-              accumulate_contiguous_rows<kRowsAtOnce>(block.data(), tr, sr, length);
-            } else {
-              for (int k = 0; k < count; ++k) accumulate_contiguous_rows<1>(block.data(), tr + k, sr + k, length);
-            }
-          }
-        } else {
-          for (; r < block_end; ++r, rows.next()) {
-            const scalar_t* tr = t + base.target + rows.offsets().target;
-            const scalar_t* sr = s + base.source + rows.offsets().source;
-            for (int64_t i = 0; i < length; ++i) {
-              block[i] += squared_difference<acc_t>(tr[i * inner.target], sr[i * inner.source]);
-            }
-          }
-        }
-        for (int64_t i = 0; i < length; ++i) total[i] += block[i];
-      }
-      for (int64_t i = 0; i < length; ++i) {
-        partial[base.partial + i * inner.partial] = static_cast<acc_t>(total[i]);
-      }
+    for (int64_t i = 0; i < length; ++i) {
+      partial[base.partial + i * inner.partial] = static_cast<acc_t>(total[i]);
     }
   }
 }

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import random
 import sys
 import tempfile
 from pathlib import Path

@@ -15,7 +15,6 @@ The source gets no gradient. Under ``vmap`` each Function runs its ops once per 
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Sequence
 
 import torch
@@ -46,12 +45,11 @@ def _backward_op(backend: str, grouping: str, grads: List[Tensor], targets: List
     return list(getattr(ops, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources))
 
 
-def _below_autograd(op_call, *lists: List[Tensor]) -> List[Tensor]:
-    """``op_call(*lists)`` dispatched straight to the backend's kernel: inside a Function's
+def _below_autograd():
+    """A context in which op calls go straight to the backend's kernel: inside a Function's
     forward the Function is the autograd node, and the ops' own autograd kernels (written in
     Python by torch.library) would only check that and redispatch, at tens of us a call."""
-    with torch._C._AutoDispatchBelowADInplaceOrView():
-        return op_call(*lists)
+    return torch._C._AutoDispatchBelowADInplaceOrView()
 
 
 def _split(tensors: Sequence[Tensor], parts: int) -> List[List[Tensor]]:
@@ -80,7 +78,8 @@ def _make_functions(backend: str, grouping: str):
 
         @staticmethod
         def forward(*tensors: Tensor):
-            return tuple(_below_autograd(functools.partial(_forward_op, backend, grouping), *_split(tensors, 2)))
+            with _below_autograd():
+                return tuple(_forward_op(backend, grouping, *_split(tensors, 2)))
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -101,7 +100,8 @@ def _make_functions(backend: str, grouping: str):
 
         @staticmethod
         def forward(*tensors: Tensor):
-            return tuple(_below_autograd(functools.partial(_backward_op, backend, grouping), *_split(tensors, 3)))
+            with _below_autograd():
+                return tuple(_backward_op(backend, grouping, *_split(tensors, 3)))
 
         @staticmethod
         def setup_context(ctx, inputs, output):

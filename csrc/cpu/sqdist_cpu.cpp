@@ -319,7 +319,7 @@ struct ForwardItems {
   }
 };
 
-// One layer's forward: its plan, work items and tensors.
+// One layer's forward: its plan, work items and tensors, and the elements it reads from each.
 template <typename scalar_t>
 struct ForwardLayer {
   ReductionPlan plan;
@@ -327,9 +327,11 @@ struct ForwardLayer {
   const scalar_t* t;
   const scalar_t* s;
   at::opmath_type<scalar_t>* partial;
+  int64_t elements;
 
-  ForwardLayer(ReductionPlan plan_, const scalar_t* t_, const scalar_t* s_, at::opmath_type<scalar_t>* partial_)
-      : plan(std::move(plan_)), items(plan), t(t_), s(s_), partial(partial_) {}
+  ForwardLayer(ReductionPlan plan_, const scalar_t* t_, const scalar_t* s_, at::opmath_type<scalar_t>* partial_,
+               int64_t elements_)
+      : plan(std::move(plan_)), items(plan), t(t_), s(s_), partial(partial_), elements(elements_) {}
 };
 
 // The partial sums of work items [begin, end) of one layer.
@@ -415,10 +417,13 @@ void sqdist_forward_kernel(const ForwardLayer<scalar_t>& layer) {
 }
 
 // Every layer's forward in one parallel region, each thread taking its share of every
-// layer's work items in turn.
+// layer's work items in turn; as one layer's forward, no more threads than the layers
+// have kGrainElements of work for.
 template <typename scalar_t>
 void sqdist_forward_layers_kernel(const std::vector<ForwardLayer<scalar_t>>& layers) {
-  const int64_t shares = at::get_num_threads();
+  int64_t elements = 0;
+  for (const auto& layer : layers) elements += layer.elements;
+  const int64_t shares = std::clamp<int64_t>(elements / kGrainElements, 1, at::get_num_threads());
   at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
     for (int64_t share = begin; share < end; ++share) {
       for (const auto& layer : layers) {
@@ -504,7 +509,7 @@ ForwardLayer<scalar_t> forward_layer(const at::Tensor& target, const at::Tensor&
                                      Grouping grouping) {
   return ForwardLayer<scalar_t>(forward_plan(target, source, grouping), target.const_data_ptr<scalar_t>(),
                                 source.const_data_ptr<scalar_t>(),
-                                partial.mutable_data_ptr<at::opmath_type<scalar_t>>());
+                                partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), target.numel());
 }
 
 at::Tensor sqdist_forward_cpu(const at::Tensor& target, const at::Tensor& source, Grouping grouping) {

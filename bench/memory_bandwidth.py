@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
 import afa_ext  # noqa: E402
 import multilayer  # noqa: E402
 import tables  # noqa: E402
@@ -160,14 +161,13 @@ def interleaved_medians(methods: Dict[str, Callable[[], object]], rounds: int) -
     return {name: timing.median(values) for name, values in samples.items()}
 
 
-def backend_ops(args, element: int) -> Dict[str, tuple]:
-    """The cpu backend's four-layer spatial ops on features of the hooked layers' shapes."""
+def backend_ops(shapes, element: int) -> Dict[str, tuple]:
+    """The cpu backend's multi-layer spatial ops on features of ``shapes``."""
     ops = torch.ops.afa_ext
-    shapes = [(args.batch,) + layer for layer in multilayer.LAYERS[args.model]]
     targets = [torch.rand(shape) for shape in shapes]
     sources = [torch.rand(shape) for shape in shapes]
     grads = ops.grouped_spatial_sqdist(targets, sources)
-    n = sum(t.numel() for t in targets)
+    n = sum(cases.numel(shape) for shape in shapes)
 
     def both():
         ops.grouped_spatial_sqdist_backward(ops.grouped_spatial_sqdist(targets, sources), targets, sources)
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     if not has_avx2():
         raise SystemExit("memory_bandwidth.py needs an x86-64 CPU with AVX2")
     kernels = build_kernels()
-    n = sum(args.batch * torch.Size(layer).numel() for layer in multilayer.LAYERS[args.model])
+    shapes = [(args.batch,) + layer for layer in multilayer.LAYERS[args.model]]
+    n = sum(cases.numel(shape) for shape in shapes)
     a, b = torch.rand(n), torch.rand(n)
     c = torch.empty(n)
     copy_source = torch.ones((5 * n + 1) // 2)
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
         "torch copy_ (5N floor)": (functools.partial(copy_target.copy_, copy_source), 2 * copy_source.numel() * element),
     }
     if "cpu" in afa_ext.available_backends():
-        methods.update(backend_ops(args, element))
+        methods.update(backend_ops(shapes, element))
     description = timing.machine_description(torch.device("cpu"))
     print(f"machine: {timing.machine_line(description)}", file=sys.stderr)
     medians = interleaved_medians({name: call for name, (call, _) in methods.items()}, args.rounds)

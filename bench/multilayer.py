@@ -165,11 +165,10 @@ def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
     eager_rounds = args.rounds or timing.rounds_for_budget(timing.time_once(eager[cases.EAGER], device),
                                                            args.budget / 4, 3, 20)
     samples.update(timing.interleaved_times(eager, device, eager_rounds))
-    samples = {name: samples[name] for name in list(steps) + [FLOOR_COPY]}  # eager first again
     memory = {name: timing.peak_memory_growth(step, device) for name, step in steps.items()}
     faults = {name: timing.page_faults_per_call(step, device) for name, step in steps.items()}
-    floor = timing.median(samples.pop(FLOOR_COPY))
-    medians = {name: timing.median(values) for name, values in samples.items()}
+    floor = timing.median(samples[FLOOR_COPY])
+    medians = {name: timing.median(samples[name]) for name in steps}
     rows = []
     for name, seconds in medians.items():
         rows.append({

@@ -200,15 +200,16 @@ def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> Option
 
 
 def page_faults_per_call(fn: Callable[[], object], device: torch.device, calls: int = 3) -> Optional[int]:
-    """The process's minor page faults during one call of ``fn`` (median of ``calls``, each
-    right after an untimed call), on the CPU; None on other devices or without getrusage.
-    A fault is a page the kernel maps on first touch: freshly mapped memory costs a fault
-    and a page of zeroing per 4 KiB, which shows up in the time of whatever allocates it."""
+    """The process's minor page faults during one call of ``fn`` (median of ``calls``
+    calls in a row, after one untimed call), on the CPU; None on other devices or without
+    getrusage. A fault is a page the kernel maps on first touch: freshly mapped memory
+    costs a fault and a page of zeroing per 4 KiB, which shows up in the time of whatever
+    allocates it."""
     if device.type != "cpu" or resource is None:
         return None
+    fn()
     counts = []
     for _ in range(calls):
-        fn()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         fn()
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)

@@ -9,6 +9,8 @@ import torch
 
 import afa_ext
 from float64_model import partial_sums_backward
+from loss_cases import make_features
+from op_checks import grad_for
 
 pytestmark = pytest.mark.skipif("cpu" not in afa_ext.available_backends(), reason="afa_ext._C not built")
 
@@ -24,18 +26,14 @@ SHAPES = {
 DTYPES = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float64: (1e-12, 1e-12)}
 
 
-def features(shape, dtype, seed):
+def features(shape, dtype, seed, layout="contiguous"):
     generator = torch.Generator().manual_seed(seed)
-    target = torch.randn(shape, generator=generator).to(dtype)
-    source = (target.float() + 0.5 * torch.randn(shape, generator=generator)).to(dtype)
-    return target, source
+    target, source = make_features(shape, dtype, layout, layout, generator)
+    return target.detach(), source.detach()
 
 
 def upstream(grouping, target, seed):
-    generator = torch.Generator().manual_seed(seed)
-    kept = target.shape[1] if grouping == "channel" else target[0, 0].numel()
-    return torch.rand((target.shape[0], kept), generator=generator, dtype=torch.float64).to(
-        torch.float64 if target.dtype == torch.float64 else torch.float32)
+    return grad_for(grouping, target, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=lambda d: str(d).split(".")[-1])
@@ -59,9 +57,7 @@ def test_a_large_gradient_matches_the_model_and_its_entries_bit_for_bit(grouping
 
 @pytest.mark.parametrize("grouping", ["channel", "spatial"])
 def test_a_large_channels_last_gradient_matches_the_model(grouping):
-    target, source = features((8, 64, 32, 64), torch.float32, seed=3)
-    target = target.contiguous(memory_format=torch.channels_last)
-    source = source.contiguous(memory_format=torch.channels_last)
+    target, source = features((8, 64, 32, 64), torch.float32, seed=3, layout="channels_last")
     grad = upstream(grouping, target, seed=4)
     whole = getattr(ops, f"{grouping}_sqdist_backward")(grad, target, source)
     torch.testing.assert_close(whole.double(), partial_sums_backward(grouping, grad, target, source),

@@ -65,7 +65,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import cases  # noqa: E402,F401  (first: it puts the repository on sys.path when needed)
+import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
 import afa_ext  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
@@ -375,10 +375,7 @@ def relative_difference(value: Optional[torch.Tensor], expected: Optional[torch.
     """||value - expected|| / ||expected|| in float64 (absolute where expected is 0; 0 when both are None)."""
     if value is None or expected is None:
         return 0.0 if value is None and expected is None else float("inf")
-    value, expected = value.detach().double(), expected.detach().double()
-    scale = torch.linalg.vector_norm(expected).item()
-    error = torch.linalg.vector_norm(value - expected).item()
-    return error / scale if scale > 0 else error
+    return cases.relative_error(value, expected)
 
 
 def gradient_split_error(step: TrainStep, split: List, plain: List) -> float:

@@ -10,17 +10,17 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import DELTA_ESTIMATES, REGULARIZERS, ConfigError, TrainConfig, from_dict, load_toml
+from .config import DELTA_ESTIMATES, REGULARIZERS, STAGE_COUNTS, ConfigError, TrainConfig, from_dict, load_toml
 
-__all__ = ["main", "parse_config", "build_parser"]
+__all__ = ["main", "parse_config", "given_settings", "build_parser"]
 
 
 def _layer_list(text: str) -> List[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(
         prog="afa-train",
         description="Fine-tune a pretrained CNN on a target data set with a feature-alignment regulariser "
                     "(AFA, DELTA, feature-map L2, L2-SP), the feature terms computed by afa_ext's fused losses.",
@@ -35,11 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weights", help="imagenet | none | PATH of a state_dict or checkpoint (default: imagenet; digits_cnn: "
                           "the cached model pretrained on digits 0-4)")
     add("--reg", choices=REGULARIZERS, help="regulariser (default afa: AST stage, then ACT stage)")
+    add("--stages", type=int, choices=STAGE_COUNTS,
+        help="2: AFA's two-stage schedule with any regulariser (stage 2 from the best stage-1 model, which "
+             "becomes the source, at --stage2-lr); default 2 for afa, else 1")
     add("--alpha", type=float, help="weight of the regulariser (stage 1 of afa)")
     add("--beta", type=float, help="weight of the head L2 term 0.5*||W_head||^2 (default 0.01)")
     add("--lr", type=float, help="learning rate (stage 1 of afa; default 0.01)")
-    add("--stage2-alpha", dest="stage2_alpha", type=float, help="afa stage 2 (ACT) alpha (default: the arch's)")
-    add("--stage2-lr", dest="stage2_lr", type=float, help="afa stage 2 learning rate (default 0.001)")
+    add("--stage2-alpha", dest="stage2_alpha", type=float, help="stage-2 alpha (afa: ACT's, default the arch's; other regularisers with --stages 2: "
+                                                     "default --alpha)")
+    add("--stage2-lr", dest="stage2_lr", type=float, help="stage-2 learning rate (default 0.001)")
     add("--batch-size", dest="batch_size", type=int, help="global batch size, whatever the number of processes")
     add("--eval-batch-size", dest="eval_batch_size", type=int, help="batch size of evaluation and of DELTA's batched channel removal (default 4x --batch-size)")
     add("--max-iter", dest="max_iter", type=int, help="iterations per stage, turned into epochs (default 4500)")
@@ -69,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
+def given_settings(argv: List[str], parser_class=argparse.ArgumentParser) -> dict:
+    """The settings the flags give (no defaults), by config key."""
+    return vars(build_parser(parser_class).parse_args(argv))
+
+
+def parse_config(argv: Optional[List[str]] = None, parser_class=argparse.ArgumentParser) -> TrainConfig:
     """Defaults < --config file < flags."""
-    given = vars(build_parser().parse_args(argv))
+    given = vars(build_parser(parser_class).parse_args(argv))
     values = {}
     config_file = given.pop("config", None)
     if config_file is not None:

@@ -11,7 +11,11 @@ architecture and regulariser when the run is resolved (``resolve``):
   stage 2 of ``afa`` and ``act`` its stage-2 alpha (0.15; MobileNetV2 0.04); ``l2sp``,
   ``fea_map`` and ``delta`` 0.01; beta 0.01 (head L2) for every regulariser;
 - epochs per stage = round(max_iter * batch_size / training images), at least 1, unless
-  ``epochs`` is given (the original: 4500 iterations at batch 64).
+  ``epochs`` is given (the original: 4500 iterations at batch 64);
+- stages: 2 for ``afa`` (AST, then ACT), else 1. ``stages = 2`` with another regulariser
+  runs it on AFA's two-stage schedule: stage 2 starts from the best stage-1 model (which
+  also becomes the source model) at ``stage2_lr``, with ``stage2_alpha`` (default: the
+  stage-1 alpha). ``none`` with 2 stages is plain fine-tuning with AFA's number of steps.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import List, Optional
 
 REGULARIZERS = ("none", "l2sp", "fea_map", "delta", "ast", "act", "afa")
+STAGE_COUNTS = (1, 2)
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 AMP_DTYPES = ("bf16", "fp16")
 DELTA_ESTIMATES = ("removal", "taylor")
@@ -45,6 +50,7 @@ class TrainConfig:
     layers: Optional[List[str]] = None    # the architecture's preset
     weights: Optional[str] = None         # imagenet | none | PATH; digits_cnn: the cached digits 0-4 model
     reg: str = "afa"
+    stages: Optional[int] = None          # 2 for afa, else 1
     alpha: Optional[float] = None
     beta: float = 0.01
     lr: Optional[float] = None
@@ -139,13 +145,22 @@ def default_cache_dir() -> str:
     return os.environ.get("AFA_EXT_CACHE") or str(Path.home() / ".cache" / "afa_ext")
 
 
+def default_stages(reg: str) -> int:
+    return 2 if reg == "afa" else 1
+
+
 def stage_plan(config: TrainConfig, alpha_stage1: float, alpha_stage2: float) -> List[dict]:
-    """The stages of the run: (regulariser, lr, alpha) of each; ``afa`` has two."""
+    """The stages of the run: (regulariser, lr, alpha) of each.
+
+    ``afa`` is AST at (lr, alpha), then ACT at (stage2_lr, stage2_alpha). Any other
+    regulariser runs once at (lr, alpha), and with ``stages = 2`` a second time at
+    (stage2_lr, stage2_alpha, which defaults to the stage-1 alpha).
+    """
     lr = DEFAULT_LR if config.lr is None else config.lr
+    lr2 = DEFAULT_STAGE2_LR if config.stage2_lr is None else config.stage2_lr
     if config.reg == "afa":
         alpha1 = alpha_stage1 if config.alpha is None else config.alpha
         alpha2 = alpha_stage2 if config.stage2_alpha is None else config.stage2_alpha
-        lr2 = DEFAULT_STAGE2_LR if config.stage2_lr is None else config.stage2_lr
         return [{"reg": "ast", "lr": lr, "alpha": alpha1}, {"reg": "act", "lr": lr2, "alpha": alpha2}]
     if config.alpha is not None:
         alpha = config.alpha
@@ -155,7 +170,11 @@ def stage_plan(config: TrainConfig, alpha_stage1: float, alpha_stage2: float) ->
         alpha = alpha_stage2
     else:
         alpha = SINGLE_STAGE_ALPHA[config.reg]
-    return [{"reg": config.reg, "lr": lr, "alpha": alpha}]
+    plan = [{"reg": config.reg, "lr": lr, "alpha": alpha}]
+    if (config.stages or default_stages(config.reg)) == 2:
+        alpha2 = alpha if config.stage2_alpha is None else config.stage2_alpha
+        plan.append({"reg": config.reg, "lr": lr2, "alpha": alpha2})
+    return plan
 
 
 def epochs_per_stage(config: TrainConfig, train_images: int) -> int:
@@ -167,7 +186,7 @@ def epochs_per_stage(config: TrainConfig, train_images: int) -> int:
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"--{name.replace('_', '-')}: expected one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"--{name.replace('_', '-')}: expected one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def _check_number(name: str, value, *, minimum=None, maximum=None, integer=False, open_min=False) -> None:
@@ -192,6 +211,12 @@ def validate(config: TrainConfig) -> None:
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"--{name.replace('_', '-')}: expected a string, got {value!r}")
     _check_choice("reg", config.reg, REGULARIZERS)
+    if config.stages is not None:
+        _check_number("stages", config.stages, integer=True)
+        _check_choice("stages", config.stages, STAGE_COUNTS)
+        if config.reg == "afa" and config.stages != 2:
+            raise ConfigError(f"--stages {config.stages}: afa is two stages (AST, then ACT); "
+                              f"use --reg ast for one AST stage")
     _check_choice("backend", config.backend, BACKENDS)
     if config.amp is not None:
         _check_choice("amp", config.amp, AMP_DTYPES)
@@ -247,9 +272,12 @@ def with_defaults(config: TrainConfig, cuda_available: bool) -> TrainConfig:
         resolved.device = "cuda" if cuda_available else "cpu"
     if resolved.cache_dir is None:
         resolved.cache_dir = default_cache_dir()
+    if resolved.stages is None and resolved.reg in REGULARIZERS:
+        resolved.stages = default_stages(resolved.reg)
     if resolved.out is None:
         data_name = "digits" if resolved.data == "digits" else Path(resolved.data).name
-        resolved.out = str(Path("runs") / f"{data_name}-{resolved.arch}-{resolved.reg}-seed{resolved.seed}")
+        method = resolved.reg if resolved.stages == default_stages(resolved.reg) else f"{resolved.reg}-x{resolved.stages}"
+        resolved.out = str(Path("runs") / f"{data_name}-{resolved.arch}-{method}-seed{resolved.seed}")
     return resolved
 
 
@@ -263,6 +291,8 @@ __all__ = [
     "validate",
     "with_defaults",
     "stage_plan",
+    "default_stages",
+    "STAGE_COUNTS",
     "epochs_per_stage",
     "config_keys",
 ]

@@ -1,8 +1,10 @@
 """The training run: stages, epochs, evaluation, checkpoints and the files of ``--out``.
 
-A run has one stage per regulariser, or two for ``afa``: stage 1 trains with AST from the
-pretrained source model; stage 2 trains with ACT from the best stage-1 model, and that
-model also replaces the source model (whose features the feature terms align to). Each
+A run has one stage, or two for ``afa`` (and for any regulariser with ``stages = 2``):
+stage 1 trains with AST from the pretrained source model; stage 2 trains with ACT from
+the best stage-1 model, and that model also replaces the source model (whose features
+the feature terms align to). Two stages of another regulariser follow the same schedule
+with that regulariser in both. Each
 stage selects its best epoch on the validation split only; the stage-2 start (the best
 stage-1 model) is a candidate too, so stage 2 never hands back a model that does worse
 on validation than the one it started from. The test split is evaluated once, on the
@@ -32,13 +34,13 @@ from torch import nn
 
 import afa_ext
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, plots
 from .config import ConfigError, TrainConfig, epochs_per_stage, from_dict, load_toml, stage_plan, to_toml, \
     validate, with_defaults, RESUME_FREE
 from .data import GlobalBatchSampler, load_data, mix_seed
 from .models import ARCH_PRESETS, FeatureHooks, build_model, default_layers, feature_shapes, head_module_name, \
-    resolve_layers
-from .outputs import CHECKPOINT, CONFIG, MODEL, check_out_folder, write_metrics, write_result
+    preset_alphas, resolve_layers
+from .outputs import CHECKPOINT, CONFIG, CURVES, MODEL, check_out_folder, write_metrics, write_result
 from .regularizers import check_channel_weights, feature_term, source_anchors
 from .step import StepModule, step_losses
 
@@ -115,7 +117,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     out = Path(resolved.out)
     check_out_folder(out, resolved.resume)
     if resolved.resume:
-        saved = from_dict(load_toml(str(out / CONFIG)), str(out / CONFIG))
+        # Resolved too: a setting added since the run started takes its default.
+        saved = with_defaults(from_dict(load_toml(str(out / CONFIG)), str(out / CONFIG)), torch.cuda.is_available())
         differing = [key for key, value in saved.to_dict().items()
                      if key not in RESUME_FREE and value != getattr(resolved, key)]
         if differing:
@@ -158,8 +161,7 @@ class Run:
         self.head = head_module_name(model, config.arch)
         self.layers = resolve_layers(model, config.layers if config.layers else default_layers(config.arch))
         self.shapes = feature_shapes(model, self.layers, self.image_size, self.data.in_channels)
-        alphas = (preset.alpha_stage1, preset.alpha_stage2) if preset else (0.1, 0.15)
-        self.stages = stage_plan(config, *alphas)
+        self.stages = stage_plan(config, *preset_alphas(config.arch))
         self.epochs = epochs_per_stage(config, len(self.data.train))
         self.eval_batch_size = config.eval_batch_size or 4 * config.batch_size
         model = model.to(self.device)
@@ -350,8 +352,8 @@ class Run:
                 raise Interrupted(stop.signum or signal.SIGTERM, self.out / CHECKPOINT)
         best = state["best"]
         state["stage_results"].append({"reg": stage["reg"], "lr": stage["lr"], "alpha": stage["alpha"],
-                                       "epochs": self.epochs, "best_epoch": best.epoch,
-                                       "best_val_acc": best.val_acc})
+                                       "epochs": self.epochs, "steps": self.epochs * len(self.sampler.global_batches()),
+                                       "best_epoch": best.epoch, "best_val_acc": best.val_acc})
         self.model.load_state_dict(best.model)
         state["stage"] += 1
         state["epoch"], state["step"] = 0, 0
@@ -516,6 +518,7 @@ class Run:
             "stages": state["stage_results"],
             "epochs_per_stage": self.epochs,
             "epochs_run": sum(stage["epochs"] for stage in state["stage_results"]),
+            "steps": sum(stage["steps"] for stage in state["stage_results"]),
             "wall_time_s": self._elapsed(state),
             "backend": self.config.backend,
             "backends_available": afa_ext.available_backends(),
@@ -533,6 +536,9 @@ class Run:
             buffer_path = self.out / MODEL
             checkpoint.save(buffer_path, state_dict)
             write_result(self.out, result)
+            title = f"{self.config.data} {self.config.arch} {self.config.reg} seed {self.config.seed}"
+            plots.save(plots.curves_figure(state["rows"], [stage["alpha"] for stage in self.stages],
+                                           self.config.beta, title), self.out / CURVES)
         self.log(f"test accuracy {test_acc:.4f} (best validation accuracy {final['best_val_acc']:.4f}); "
                  f"results in {self.out}")
         return result

@@ -27,6 +27,7 @@ __all__ = [
     "WeightsError",
     "LayerError",
     "available_architectures",
+    "preset_alphas",
     "build_model",
     "head_module_name",
     "replace_head",
@@ -164,6 +165,12 @@ def _check_architecture(arch: str) -> None:
     close = difflib.get_close_matches(arch, names, n=_SUGGESTIONS, cutoff=0.5)
     hint = f"closest: {', '.join(close)}" if close else f"available: {', '.join(names)}"
     raise LayerError(f"unknown architecture {arch!r}; {hint}")
+
+
+def preset_alphas(arch: str) -> Tuple[float, float]:
+    """The (stage-1, stage-2) alphas of AFA for ``arch``: its preset's, else ResNet's (0.1, 0.15)."""
+    preset = ARCH_PRESETS.get(arch)
+    return (preset.alpha_stage1, preset.alpha_stage2) if preset else (0.1, 0.15)
 
 
 def default_layers(arch: str) -> Tuple[str, ...]:

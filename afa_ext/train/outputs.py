@@ -1,5 +1,5 @@
 """What a run leaves in ``--out``: the folder guard, ``config.toml``, ``metrics.csv``,
-``model.pt`` and ``result.json``, each written atomically.
+``model.pt``, ``result.json`` and ``curves.png``, each written atomically.
 
 An existing non-empty folder is only ever continued (``--resume``), never overwritten.
 """
@@ -14,13 +14,14 @@ from .checkpoint import atomic_write_json, atomic_write_text
 from .config import ConfigError
 
 __all__ = ["METRIC_COLUMNS", "check_out_folder", "write_metrics", "write_result", "CHECKPOINT", "MODEL", "RESULT",
-           "CONFIG", "METRICS"]
+           "CONFIG", "METRICS", "CURVES"]
 
 CONFIG = "config.toml"
 METRICS = "metrics.csv"
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 RESULT = "result.json"
+CURVES = "curves.png"
 
 METRIC_COLUMNS = ("stage", "reg", "epoch", "lr", "ce", "feature", "head_l2", "total", "train_acc", "val_acc",
                   "best_val_acc", "seconds")

@@ -3,13 +3,18 @@ feature-alignment regulariser (none, L2-SP, feature-map L2, DELTA, AST, ACT, or 
 AFA), computing the feature terms with afa_ext's fused losses.
 
 Run it as ``python -m afa_ext.train`` or ``afa-train`` (``--help`` lists the flags);
-``python -m afa_ext.train.demo`` is the offline digits transfer behind ``make demo``.
+``afa-compare`` (``python -m afa_ext.train.compare``) compares methods by a fair protocol
+over many trainer runs, and ``python -m afa_ext.train.demo`` is that comparison on the
+offline digits transfer, behind ``make demo``.
 Its modules, one job each: ``config`` (settings and their defaults), ``data`` (data sets,
 splits, augmentation, batches), ``models`` (backbones, heads, weights, feature hooks),
 ``regularizers`` (the loss terms), ``delta_weights`` (DELTA's channel weights),
 ``checkpoint`` (atomic checkpoints and RNG states), ``distributed`` (torchrun set-up),
-``loop`` (stages, epochs, evaluation, outputs), ``cli`` (the command line), ``pretrain``
-(the digits source model) and ``demo``.
+``loop`` (stages, epochs, evaluation, outputs), ``plots`` (training curves and the
+comparison's figure), ``cli`` (the command line), ``pretrain`` (the digits source model),
+``compare`` (the sweep: its command line, runs, resume and shards), ``protocol``
+(selection on validation, paired differences), ``report`` (the sweep's tables) and
+``demo`` (the demo's settings of the comparison).
 
 It uses only afa_ext's public names, so the kernels and ops can change under it.
 """

@@ -14,8 +14,9 @@ alpha is stage 1's and stage 2 takes the same multiple of its own default (unles
 
 ``--resume`` skips finished and diverged runs, re-runs failed ones and continues killed
 ones through the trainer's ``--resume``. ``--jobs K`` runs K at once, in worker processes
-of cores/K threads each (with ``--devices``, one device per worker); thread counts change
-float rounding, so keep ``--jobs`` when resuming for bitwise reruns. ``--shard I/N`` runs
+of cores/K threads each (OMP_NUM_THREADS when set; with ``--devices``, one device per
+worker); thread counts change float rounding, so keep them when resuming for bitwise
+reruns. ``--shard I/N`` runs
 the I-th of N fixed shares (run i belongs to share i mod N + 1) over a shared ``--out``, as
 a job array does; ``--report`` runs nothing and writes the summary of what has finished.
 """
@@ -435,6 +436,14 @@ def _init_worker(threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _threads_per_job(jobs: int) -> int:
+    """OMP_NUM_THREADS when set, else this process's cores shared out over the jobs."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
 class _InProcess:
     """The one-job executor: each run in this process, at once."""
 
@@ -503,7 +512,7 @@ def _execute(plan: SweepPlan, specs: List[RunSpec], jobs: int, devices: Optional
     if jobs == 1:
         workers = [_InProcess()]
     else:
-        threads = max(1, len(os.sched_getaffinity(0)) // jobs) if hasattr(os, "sched_getaffinity") else 1
+        threads = _threads_per_job(jobs)
         workers = [_Worker(threads) for _ in range(jobs)]
     slot_devices = devices or [None] * jobs
     bar = tqdm(total=total, initial=done_before, desc=PROG, unit="run", dynamic_ncols=True,
@@ -538,11 +547,11 @@ def _execute(plan: SweepPlan, specs: List[RunSpec], jobs: int, devices: Optional
                     finished += 1
                     bar.update(1)
                     if bar.disable:
-                        record = read_record(spec)
-                        accuracy = (f"val {record.best_val_acc:.4f}, test {record.test_acc:.4f}"
-                                    if status == FINISHED else record.message[:160])
-                        print(f"[{finished}/{total}] {spec.describe()}: {status} ({accuracy}; "
-                              f"{time.perf_counter() - started:.1f} s)", flush=True)
+                        record = read_record(spec)  # test accuracy waits for the selection
+                        detail = (f"best val acc {record.best_val_acc:.4f}" if status == FINISHED
+                                  else record.message[:200])
+                        print(f"[{finished}/{total}] {spec.describe()}: {status}, {detail} "
+                              f"({time.perf_counter() - started:.1f} s)", flush=True)
         finally:
             bar.close()
             for worker in workers:

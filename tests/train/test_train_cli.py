@@ -135,6 +135,8 @@ def _bad_input(name, tmp_path, weights):
         return ["--config", tmp_path / "settings.toml"], ["learning_rate"]
     if name == "resume-without-run":
         return ["--resume"], ["--resume"]
+    if name == "afa-in-one-stage":
+        return ["--reg", "afa", "--stages", "1"], ["--stages 1", "afa", "--reg ast"]
     # Found while writing these tests: a traceback, or a message of several lines.
     if name == "unreadable-weights-file":
         (tmp_path / "weights.pt").write_bytes(b"garbage, not a torch file")
@@ -149,7 +151,7 @@ def _bad_input(name, tmp_path, weights):
 
 @pytest.mark.parametrize("name", [
     "negative-alpha", "missing-data", "no-train-split", "empty-class", "unreadable-image", "unknown-arch",
-    "unknown-layer", "weights-of-another-arch", "config-unknown-key", "resume-without-run",
+    "unknown-layer", "weights-of-another-arch", "config-unknown-key", "resume-without-run", "afa-in-one-stage",
     "unreadable-weights-file", "unreadable-delta-weights", "torchvision-arch-on-gray-digits",
 ])
 def test_bad_input_is_one_line_exit_2_before_anything_is_written(name, tmp_path, capsys, resnet18_weights):

@@ -273,6 +273,66 @@ def test_afa_stage_one_is_an_ast_run_whose_best_model_becomes_the_source(handove
     assert same_as_stage1 == (stages[1]["best_val_acc"] == stages[0]["best_val_acc"])
 
 
+@pytest.fixture(scope="module")
+def two_stage_fea_map(tmp_path_factory, cache_dir):
+    """fea_map on AFA's two-stage schedule (--stages 2), and the one-stage run of its stage 1."""
+    base = tmp_path_factory.mktemp("two_stages")
+    settings = dict(epochs=2, alpha=0.003, lr=0.02, stage2_lr=0.002)
+    two = train(tiny_config(base / "two", cache_dir, "fea_map", stages=2, **settings))
+    one = train(tiny_config(base / "one", cache_dir, "fea_map", **settings))
+    return SimpleNamespace(two=two, two_out=base / "two", one=one, one_out=base / "one")
+
+
+def test_a_regulariser_on_two_stages_restarts_from_its_best_stage_one_model(two_stage_fea_map):
+    runs = two_stage_fea_map
+    stages = runs.two["stages"]
+    assert [{k: s[k] for k in ("reg", "lr", "alpha", "epochs")} for s in stages] == [
+        {"reg": "fea_map", "lr": 0.02, "alpha": 0.003, "epochs": 2},
+        {"reg": "fea_map", "lr": 0.002, "alpha": 0.003, "epochs": 2}]  # stage-2 alpha: the stage-1 alpha
+    assert stages[0] == runs.one["stages"][0]
+    two_rows, one_rows = read_metrics(runs.two_out), read_metrics(runs.one_out)
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert strip(two_rows)[:2] == strip(one_rows)
+    assert [row["stage"] for row in two_rows] == ["1", "1", "2", "2"]
+    # Stage 2's start and source model: the best stage-1 model, which the one-stage run hands back.
+    saved = torch.load(runs.two_out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    one_model = torch.load(runs.one_out / "model.pt", map_location="cpu", weights_only=True)
+    for key, value in one_model.items():
+        assert torch.equal(saved["source"][key], value), key
+    assert stages[1]["best_val_acc"] >= stages[0]["best_val_acc"]
+    assert from_dict(load_toml(str(runs.two_out / "config.toml")), "config.toml").stages == 2
+
+
+def test_none_on_two_stages_takes_exactly_the_steps_of_afa(two_stage_fea_map, handover, tmp_path, cache_dir):
+    none2 = train(tiny_config(tmp_path / "none2", cache_dir, "none", stages=2, epochs=2))
+    steps = 2 * 2 * (5 * SHOTS // BATCH)  # stages x epochs x batches
+    assert none2["steps"] == handover.afa_result["steps"] == two_stage_fea_map.two["steps"] == steps
+    assert none2["epochs_run"] == handover.afa_result["epochs_run"] == 4
+    assert two_stage_fea_map.one["steps"] == steps // 2
+
+
+def test_curves_plot_the_metrics_of_the_run(handover):
+    from afa_ext.train import plots
+
+    rows = [{k: (v if k == "reg" else float(v)) for k, v in row.items()} for row in read_metrics(handover.afa_out)]
+    for row in rows:
+        row["stage"] = int(row["stage"])
+    alphas = [stage["alpha"] for stage in handover.afa_result["stages"]]
+    figure = plots.curves_figure(rows, alphas, handover.afa_config.beta)
+    losses, accuracy = figure.axes
+    lines = {line.get_label(): list(line.get_ydata()) for line in losses.get_lines() + accuracy.get_lines()
+             if not line.get_label().startswith("_")}
+    assert lines["cross-entropy"] == [row["ce"] for row in rows]
+    assert lines["alpha * regulariser"] == pytest.approx(
+        [alphas[row["stage"] - 1] * row["feature"] for row in rows])
+    assert lines["total"] == [row["total"] for row in rows]
+    assert lines["validation"] == [row["val_acc"] for row in rows]
+    assert lines["train"] == [row["train_acc"] for row in rows]
+    # One dashed line where stage 2 starts, in each panel.
+    assert [line.get_xdata()[0] for line in losses.get_lines() if line.get_linestyle() == "--"] == [2.5]
+    assert (handover.afa_out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def evaluate_by_hand(state_dict, seed=0) -> tuple:
     model = DigitsCNN(num_classes=5, in_channels=1)
     model.load_state_dict(state_dict)  # strict
@@ -294,11 +354,11 @@ def test_out_folder_files(handover, which):
     config = getattr(handover, f"{which}_config")
     result = getattr(handover, f"{which}_result")
     assert sorted(p.name for p in out.iterdir()) == \
-        ["checkpoint.pt", "config.toml", "metrics.csv", "model.pt", "result.json"]
+        ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "model.pt", "result.json"]
 
     # config.toml: the resolved configuration, which loads back into the same TrainConfig.
     assert from_dict(load_toml(str(out / "config.toml")), "config.toml") == \
-        dataclasses.replace(config, arch="digits_cnn")
+        dataclasses.replace(config, arch="digits_cnn", stages=2 if which == "afa" else 1)
 
     # metrics.csv: one row per stage and epoch; total = ce + alpha * feature + beta * head.
     rows = read_metrics(out)
@@ -342,6 +402,9 @@ def test_out_folder_files(handover, which):
     assert on_disk["best_val_acc"] == stages[-1]["best_val_acc"]
     assert on_disk["method"] == which
     assert on_disk["epochs_per_stage"] == 2 and on_disk["epochs_run"] == 2 * len(stages)
+    steps_per_epoch = 5 * SHOTS // BATCH
+    assert [stage["steps"] for stage in stages] == [2 * steps_per_epoch] * len(stages)
+    assert on_disk["steps"] == 2 * steps_per_epoch * len(stages)
     assert on_disk["wall_time_s"] >= sum(number(r, "seconds") for r in rows) > 0
     assert on_disk["backend"] == "auto"
     assert on_disk["arch"] == "digits_cnn" and on_disk["layers"] == DIGITS_LAYERS

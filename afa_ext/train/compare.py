@@ -604,6 +604,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         jobs = _jobs(args, devices)
         shard = _shard(args.shard)
         if args.report:
+            if _load_plan(out) is None:
+                raise UsageError(f"--report: {out} holds no sweep ({SWEEP_FILE} is missing)")
             _check_out(out, plan, joining=True)
         else:
             _check_out(out, plan, joining=args.resume or shard is not None)
@@ -633,7 +635,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = [r for r in (read_record(s) for s in specs) if r.status not in (FINISHED, DIVERGED)]
     print(markdown)
     if missing:
-        shown = ", ".join(f"{r.method} alpha {r.alpha} seed {r.seed} ({r.status})" for r in missing[:8])
+        shown = ", ".join(f"{r.method}{'' if r.alpha is None else f' alpha {r.alpha:g}'} seed {r.seed} ({r.status})"
+                          for r in missing[:8])
         print(f"{PROG}: {len(missing)} of {len(specs)} runs have not finished: {shown}"
               + (", ..." if len(missing) > 8 else ""), file=sys.stderr)
     print(f"Files: {out / 'summary.md'}, summary.csv, selection.csv, runs.csv, comparison.png")

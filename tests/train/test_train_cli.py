@@ -286,4 +286,4 @@ def test_image_folder_run_end_to_end(tmp_path, resnet18_weights, tmp_path_factor
         correct = int((model(images).argmax(dim=1) == labels).sum())
     assert result["test_acc"] == pytest.approx(correct / 6, abs=1e-12)
     assert sorted(p.name for p in out.iterdir()) == \
-        ["checkpoint.pt", "config.toml", "metrics.csv", "model.pt", "result.json"]
+        ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "model.pt", "result.json"]

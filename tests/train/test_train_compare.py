@@ -261,3 +261,26 @@ def test_an_existing_sweep_folder_is_refused_without_resume(tmp_path, capsys, re
     err = capsys.readouterr().err
     assert other == 2 and "another sweep" in err and "seeds" in err
     assert {p: p.stat().st_mtime_ns for p in reference.out.rglob("*")} == before
+
+
+def test_report_without_a_sweep_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = compare.main(["--report", "--out", str(tmp_path / "empty")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("afa-compare: error: --report:") and len(err.strip().splitlines()) == 1
+
+
+def test_the_demo_is_a_valid_sweep_of_the_six_methods_on_three_point_grids(tmp_path, cache_dir):
+    from afa_ext.train import demo
+
+    argv = demo.compare_arguments([0, 1, 2, 3, 4], str(tmp_path / "demo"), 2, False, cache_dir)
+    own, trainer = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    plan = compare.plan_from_arguments(compare.build_parser().parse_args(own), trainer)
+    assert plan.methods == ["none", "none:2", "l2sp", "fea_map", "delta", "afa"]
+    assert plan.baselines == ["none", "none:2"] and len(plan.seeds) == 5
+    for method, alphas in plan.alphas.items():
+        assert len(alphas) == 3 and alphas[-1] / alphas[0] == pytest.approx(100), method
+    runs = plan.runs(tmp_path / "demo")
+    assert len(runs) == 5 * (1 + 1 + 3 * 4)
+    afa = next(r for r in runs if r.method.name == "afa")
+    assert afa.stage2_alpha == afa.alpha  # the digits CNN's two AFA alphas are equal

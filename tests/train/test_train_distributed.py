@@ -29,7 +29,7 @@ from afa_ext.train import distributed
 from afa_ext.train.distributed import CrossProcessBatchNorm, Distributed, convert_sync_batchnorm, loss_scales
 
 TIMEOUT = 300  # seconds; no run here may take longer, so nothing hangs
-OUTPUT_FILES = ["checkpoint.pt", "config.toml", "metrics.csv", "model.pt", "result.json"]
+OUTPUT_FILES = ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "model.pt", "result.json"]
 
 
 # ----------------------------------------------------------------------------- helpers

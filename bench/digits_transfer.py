@@ -26,18 +26,20 @@ import torch  # noqa: E402
 
 import afa_ext  # noqa: E402
 from afa_ext import functional  # noqa: E402
+from afa_ext.train.cli import parse_config  # noqa: E402
 from afa_ext.train.config import default_cache_dir  # noqa: E402
 from afa_ext.train.data import DIGITS_IMAGE_SIZE, GlobalBatchSampler, load_data  # noqa: E402
 from afa_ext.train.delta_weights import compute_channel_weights, rank_correlation  # noqa: E402
+from afa_ext.train.demo import DEMO_TRAINER_FLAGS  # noqa: E402
 from afa_ext.train.models import FeatureHooks, build_model, default_layers, head_module_name  # noqa: E402
 from afa_ext.train.pretrain import digits_source_weights  # noqa: E402
 
-SHOTS, BATCH = 10, 10
+DEMO = parse_config(DEMO_TRAINER_FLAGS + ["--data", "digits"])  # the demo's settings of every run
 
 
 def demo_source_model(cache_dir: str, seed: int):
     """The demo's target data for a seed, its source model with a fresh 5-way head, and the hooked layers."""
-    data = load_data("digits", image_size=None, val_fraction=0.1, seed=seed, shots=SHOTS)
+    data = load_data("digits", image_size=None, val_fraction=DEMO.val_fraction, seed=seed, shots=DEMO.shots)
     weights = digits_source_weights(cache_dir, DIGITS_IMAGE_SIZE, log=lambda message: None)
     model = build_model("digits_cnn", data.num_classes, weights, in_channels=1)
     return data, model, list(default_layers("digits_cnn"))
@@ -90,13 +92,14 @@ def loss_times(cache_dir: str, seed: int, rounds: int) -> list:
 def delta_estimates(cache_dir: str, seed: int) -> dict:
     data, model, layers = demo_source_model(cache_dir, seed)
     loader = torch.utils.data.DataLoader(
-        data.train, batch_sampler=GlobalBatchSampler(len(data.train), BATCH, seed=seed, shuffle=True))
+        data.train, batch_sampler=GlobalBatchSampler(len(data.train), DEMO.batch_size, seed=seed, shuffle=True))
     seconds, weights = {}, {}
     for method in ("removal", "taylor"):
         started = time.perf_counter()
         weights[method], _ = compute_channel_weights(
-            model, head_module_name(model, "digits_cnn"), layers, loader, method=method, head_epochs=10,
-            head_lr=0.02, score_batches=4, cache_dir=None, key_parts={})
+            model, head_module_name(model, "digits_cnn"), layers, loader, method=method,
+            head_epochs=DEMO.delta_head_epochs, head_lr=DEMO.lr, score_batches=DEMO.delta_batches, cache_dir=None,
+            key_parts={})
         seconds[method] = time.perf_counter() - started
     rhos = [rank_correlation(a, b) for a, b in zip(weights["removal"], weights["taylor"])]
     return {"seconds": seconds, "rank_correlation": rhos, "layers": layers}
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cache_dir = args.cache_dir or default_cache_dir()
     rows, fused = loss_times(cache_dir, args.seed, args.rounds)
-    print(f"Feature loss fwd+bwd over digits_cnn's 3 hooked layers, the demo's {SHOTS * 5} training images "
+    print(f"Feature loss fwd+bwd over digits_cnn's 3 hooked layers, the demo's {DEMO.shots * 5} training images "
           f"(seed {args.seed}), median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads:\n")
     print(tables.markdown_table(["loss", "pure PyTorch ms", f"{fused or 'no fused backend'} ms", "speed-up"], rows))
     delta = delta_estimates(cache_dir, args.seed)

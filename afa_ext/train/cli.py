@@ -73,14 +73,14 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def given_settings(argv: List[str], parser_class=argparse.ArgumentParser) -> dict:
+def given_settings(argv: Optional[List[str]], parser_class=argparse.ArgumentParser) -> dict:
     """The settings the flags give (no defaults), by config key."""
     return vars(build_parser(parser_class).parse_args(argv))
 
 
 def parse_config(argv: Optional[List[str]] = None, parser_class=argparse.ArgumentParser) -> TrainConfig:
     """Defaults < --config file < flags."""
-    given = vars(build_parser(parser_class).parse_args(argv))
+    given = given_settings(argv, parser_class)
     values = {}
     config_file = given.pop("config", None)
     if config_file is not None:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import atomic_write_json
-from .config import REGULARIZERS, ConfigError, default_stages, stage_plan, validate, with_defaults
+from .config import REGULARIZERS, ConfigError, default_stages, method_slug, stage_plan, validate, with_defaults
 from .outputs import CONFIG, RESULT
 from .protocol import DIVERGED, FAILED, FINISHED, UNFINISHED, RunRecord
 
@@ -72,7 +72,7 @@ class Method:
 
     @property
     def slug(self) -> str:
-        return self.name.replace(":", "-x")
+        return method_slug(self.reg, self.stages)
 
     @property
     def has_grid(self) -> bool:
@@ -241,7 +241,8 @@ def _trainer_config(flags: List[str], data: str, arch: str, method: Method):
     return config
 
 
-def _check_trainer_flags(flags: List[str], devices: Optional[List[str]]) -> None:
+def _given_trainer_settings(flags: List[str], devices: Optional[List[str]]) -> dict:
+    """The settings the trainer flags give, checked against the sweep's own."""
     from .cli import given_settings
 
     try:
@@ -254,6 +255,7 @@ def _check_trainer_flags(flags: List[str], devices: Optional[List[str]]) -> None
                              f"({flag}); leave it out")
     if devices and "device" in given:
         raise UsageError("trainer flags after --: --device conflicts with --devices; give one of them")
+    return given
 
 
 def _default_grid(config, arch: str) -> tuple[List[float], Optional[float]]:
@@ -268,7 +270,7 @@ def _default_grid(config, arch: str) -> tuple[List[float], Optional[float]]:
     return [factor * default for factor in GRID_FACTORS], ratio
 
 
-def plan_from_arguments(args, trainer_flags: List[str]) -> SweepPlan:
+def plan_from_arguments(args, trainer_flags: List[str], devices: Optional[List[str]]) -> SweepPlan:
     """The sweep the arguments ask for, every part checked (UsageError) before anything runs."""
     missing = [flag for flag, value in (("--data", args.data), ("--arch", args.arch), ("--methods", args.methods),
                                         ("--seeds", args.seeds)) if not value]
@@ -288,8 +290,7 @@ def plan_from_arguments(args, trainer_flags: List[str]) -> SweepPlan:
     for baseline in baselines:
         if baseline not in methods:
             raise UsageError(f"--baseline {baseline}: not among --methods ({', '.join(methods)})")
-    devices = _devices(args)
-    _check_trainer_flags(trainer_flags, devices)
+    given = _given_trainer_settings(trainer_flags, devices)
     from .models import available_architectures
 
     if args.arch not in available_architectures():
@@ -303,29 +304,24 @@ def plan_from_arguments(args, trainer_flags: List[str]) -> SweepPlan:
         if method.has_grid:
             default, ratios[name] = _default_grid(config, args.arch)
             grids.setdefault(name, [float(f"{alpha:.12g}") for alpha in default])
-    _check_device(trainer_flags, devices)
-    _check_data(trainer_flags, args.data, args.arch, seeds[0])
+    _check_device(devices or [given.get("device", "cpu")])
+    _check_data(config, seeds[0])
     return SweepPlan(args.data, args.arch, names, seeds, grids, ratios, baselines, list(trainer_flags))
 
 
-def _check_data(flags: List[str], data: str, arch: str, seed: int) -> None:
-    """Load the data once as the runs will, so that a bad folder is reported before any run."""
+def _check_data(config, seed: int) -> None:
+    """Load the data once, with the settings the runs will load it with, so that a bad
+    folder is reported before any run."""
     from .data import DataError, load_data
-    from .models import ARCH_PRESETS
 
-    config = _trainer_config(flags, data, arch, Method("none", "none", 1))
-    preset = ARCH_PRESETS.get(arch)
     try:
-        load_data(data, image_size=config.image_size or (preset.image_size if preset else 224),
-                  val_fraction=config.val_fraction, seed=seed, shots=config.shots)
+        load_data(config.data, image_size=config.image_size, val_fraction=config.val_fraction, seed=seed,
+                  shots=config.shots)
     except DataError as error:
-        raise UsageError(f"--data {data}: {error}") from None
+        raise UsageError(f"--data {config.data}: {error}") from None
 
 
-def _check_device(flags: List[str], devices: Optional[List[str]]) -> None:
-    from .cli import given_settings
-
-    wanted = devices or [given_settings(flags, parser_class=_Parser).get("device", "cpu")]
+def _check_device(wanted: List[str]) -> None:
     if any(device.startswith("cuda") for device in wanted):
         import torch
 
@@ -394,16 +390,14 @@ def read_record(spec: RunSpec) -> RunRecord:
     return record
 
 
-def run_one(argv: List[str], folder: str) -> str:
-    """One afa-train run in this process, its log appended to ``<folder>.log``; a diverged
-    or failed run leaves ``<folder>.outcome.json``. Returns the status."""
+def run_one(spec: RunSpec, argv: List[str]) -> str:
+    """The afa-train run ``argv`` of ``spec`` in this process, its log appended to
+    ``spec.log``; a diverged or failed run leaves ``spec.outcome``. Returns the status."""
     from .cli import parse_config
     from .loop import Diverged, Interrupted, run
 
-    spec_folder = Path(folder)
-    spec_folder.parent.mkdir(parents=True, exist_ok=True)
-    outcome = spec_folder.with_name(spec_folder.name + ".outcome.json")
-    with open(spec_folder.with_name(spec_folder.name + ".log"), "a") as log:
+    spec.folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(spec.log, "a") as log:
         print("$ afa-train " + " ".join(argv), file=log, flush=True)
         try:
             run(parse_config(argv), log=lambda message: print(message, file=log, flush=True), progress=False)
@@ -417,7 +411,7 @@ def run_one(argv: List[str], folder: str) -> str:
             traceback.print_exc(file=log)
             status, message = FAILED, " ".join(f"{type(error).__name__}: {error}".split())
         print(f"{status}: {message}", file=log, flush=True)
-    atomic_write_json(outcome, {"status": status, "message": message})
+    atomic_write_json(spec.outcome, {"status": status, "message": message})
     return status
 
 
@@ -528,8 +522,7 @@ def _execute(plan: SweepPlan, specs: List[RunSpec], jobs: int, devices: Optional
                     spec.outcome.unlink(missing_ok=True)
                     bar.set_postfix_str(spec.describe())
                     started = time.perf_counter()
-                    future = workers[slot].submit(run_one, spec.argv(plan, slot_devices[slot], resume),
-                                                  str(spec.folder))
+                    future = workers[slot].submit(run_one, spec, spec.argv(plan, slot_devices[slot], resume))
                     running[future] = (spec, slot, started)
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in done:
@@ -567,8 +560,7 @@ def _load_plan(out: Path) -> Optional[SweepPlan]:
     return None if saved is None else SweepPlan(**saved)
 
 
-def _check_out(out: Path, plan: SweepPlan, joining: bool) -> None:
-    saved = _load_plan(out)
+def _check_out(out: Path, plan: SweepPlan, saved: Optional[SweepPlan], joining: bool) -> None:
     if saved is not None and saved != plan:
         differing = [key for key, value in asdict(plan).items() if asdict(saved)[key] != value]
         raise UsageError(f"--out {out} holds another sweep (its {', '.join(differing)} differ); "
@@ -578,14 +570,16 @@ def _check_out(out: Path, plan: SweepPlan, joining: bool) -> None:
                          f"in it, or choose another --out (nothing in it was touched)")
 
 
-def report(out: Path, plan: SweepPlan) -> str:
+def report(out: Path, plan: SweepPlan):
+    """The comparison of the sweep's runs as they are now, its files written; returns it and
+    its Markdown table."""
     from .report import compare_runs, write_report
 
     records = [read_record(spec) for spec in plan.runs(out)]
     comparison = compare_runs(plan.methods, plan.seeds, {m: plan.grid(m) for m in plan.methods}, plan.baselines,
                               records)
     title = f"{plan.data} · {plan.arch} · {len(plan.seeds)} seeds"
-    return write_report(out, comparison, title)
+    return comparison, write_report(out, comparison, title)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -594,21 +588,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         own, trainer_flags = _split_trainer_flags(argv)
         args = build_parser().parse_args(own)
         out = Path(args.out)
-        if args.report and not (args.data or args.methods or args.seeds or trainer_flags):
-            plan = _load_plan(out)
-            if plan is None:
-                raise UsageError(f"--report: {out} holds no sweep ({SWEEP_FILE} is missing)")
-        else:
-            plan = plan_from_arguments(args, trainer_flags)
         devices = _devices(args)
         jobs = _jobs(args, devices)
         shard = _shard(args.shard)
-        if args.report:
-            if _load_plan(out) is None:
-                raise UsageError(f"--report: {out} holds no sweep ({SWEEP_FILE} is missing)")
-            _check_out(out, plan, joining=True)
+        saved = _load_plan(out)
+        if args.report and saved is None:
+            raise UsageError(f"--report: {out} holds no sweep ({SWEEP_FILE} is missing)")
+        if args.report and not (args.data or args.methods or args.seeds or trainer_flags):
+            plan = saved
         else:
-            _check_out(out, plan, joining=args.resume or shard is not None)
+            plan = plan_from_arguments(args, trainer_flags, devices)
+            _check_out(out, plan, saved, joining=args.report or args.resume or shard is not None)
     except UsageError as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
@@ -631,8 +621,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{PROG}: share {shard[0]}/{shard[1]} done. When every share is done: "
                   f"{PROG} --report --out {out}")
             return 0
-    markdown = report(out, plan)
-    missing = [r for r in (read_record(s) for s in specs) if r.status not in (FINISHED, DIVERGED)]
+    comparison, markdown = report(out, plan)
+    missing = comparison.unfinished
     print(markdown)
     if missing:
         shown = ", ".join(f"{r.method}{'' if r.alpha is None else f' alpha {r.alpha:g}'} seed {r.seed} ({r.status})"

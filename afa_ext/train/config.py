@@ -149,6 +149,12 @@ def default_stages(reg: str) -> int:
     return 2 if reg == "afa" else 1
 
 
+def method_slug(reg: str, stages: int) -> str:
+    """``reg``, or ``reg-x2`` for a regulariser on a number of stages not its own: the run's
+    part of a folder name."""
+    return reg if stages == default_stages(reg) else f"{reg}-x{stages}"
+
+
 def stage_plan(config: TrainConfig, alpha_stage1: float, alpha_stage2: float) -> List[dict]:
     """The stages of the run: (regulariser, lr, alpha) of each.
 
@@ -276,7 +282,7 @@ def with_defaults(config: TrainConfig, cuda_available: bool) -> TrainConfig:
         resolved.stages = default_stages(resolved.reg)
     if resolved.out is None:
         data_name = "digits" if resolved.data == "digits" else Path(resolved.data).name
-        method = resolved.reg if resolved.stages == default_stages(resolved.reg) else f"{resolved.reg}-x{resolved.stages}"
+        method = method_slug(resolved.reg, resolved.stages)
         resolved.out = str(Path("runs") / f"{data_name}-{resolved.arch}-{method}-seed{resolved.seed}")
     return resolved
 
@@ -292,6 +298,7 @@ __all__ = [
     "with_defaults",
     "stage_plan",
     "default_stages",
+    "method_slug",
     "STAGE_COUNTS",
     "epochs_per_stage",
     "config_keys",

@@ -4,11 +4,10 @@ A run has one stage, or two for ``afa`` (and for any regulariser with ``stages =
 stage 1 trains with AST from the pretrained source model; stage 2 trains with ACT from
 the best stage-1 model, and that model also replaces the source model (whose features
 the feature terms align to). Two stages of another regulariser follow the same schedule
-with that regulariser in both. Each
-stage selects its best epoch on the validation split only; the stage-2 start (the best
-stage-1 model) is a candidate too, so stage 2 never hands back a model that does worse
-on validation than the one it started from. The test split is evaluated once, on the
-final model.
+with that regulariser in both. Each stage selects its best epoch on the validation split
+only; the stage-2 start (the best stage-1 model) is a candidate too, so stage 2 never
+hands back a model that does worse on validation than the one it started from. The test
+split is evaluated once, on the final model.
 
 Everything a resumed run needs is in ``checkpoint.pt``, written atomically after every
 epoch (and, in a one-process run, after the step during which SIGTERM or Ctrl-C arrived):

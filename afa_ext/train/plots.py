@@ -67,25 +67,22 @@ def curves_figure(rows: Sequence[Dict], alphas: Sequence[float], beta: float, ti
     return figure
 
 
-def comparison_figure(methods: Sequence[str], test_by_seed: Dict[str, Dict[int, float]],
+def comparison_figure(methods: Sequence[str], accuracies: Dict[str, tuple],
                       differences: Dict[str, Dict[str, tuple]], title: str = ""):
-    """Left: test accuracy per method, each seed a point, mean ± sd as a bar. Right: per
-    baseline, each method's mean paired difference (points of accuracy) with its 95%
-    interval, ``differences[baseline][method] = (mean, low, high)``; a line at zero."""
-    import statistics
-
+    """Left: test accuracy per method, ``accuracies[method] = (per-seed values, mean, sd)``,
+    each seed a point, mean ± sd as a bar. Right: per baseline, each method's mean paired
+    difference (points of accuracy) with its 95% interval,
+    ``differences[baseline][method] = (mean, low, high)``; a line at zero."""
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.55 * len(methods) + 2.4),
                                          gridspec_kw={"width_ratios": [1.1, 1]})
     rows = list(range(len(methods)))[::-1]  # first method on top
     for row, method in zip(rows, methods):
-        accs = list(test_by_seed.get(method, {}).values())
-        if not accs:
+        if method not in accuracies:
             left.text(0.5, row, "no finished grid point", va="center", transform=left.get_yaxis_transform(),
                       fontsize=8, color="0.4")
             continue
-        mean = statistics.mean(accs)
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        accs, mean, sd = accuracies[method]
         left.errorbar([mean], [row], xerr=[sd], fmt="s", color=_COLOURS[0], capsize=4, markersize=6)
         left.scatter(accs, [row + 0.18] * len(accs), s=12, color="0.25", zorder=3)
     left.set_yticks(rows, methods)

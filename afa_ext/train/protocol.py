@@ -87,6 +87,14 @@ class Selection:
     def test_by_seed(self) -> Dict[int, float]:
         return {} if self.selected is None else {run.seed: run.test_acc for run in self.selected.runs}
 
+    @property
+    def test_acc_mean(self) -> Optional[float]:
+        return statistics.mean(self.test_by_seed.values()) if self.selected is not None else None
+
+    @property
+    def test_acc_sd(self) -> Optional[float]:
+        return _sd(list(self.test_by_seed.values())) if self.selected is not None else None
+
 
 @dataclass
 class PairedDifference:

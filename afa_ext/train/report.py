@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -80,12 +79,11 @@ def _summary_rows(comparison: Comparison) -> tuple[List[dict], List[str]]:
     for method in comparison.methods:
         selection = comparison.selections[method]
         point = selection.selected
-        tests = list(selection.test_by_seed.values())
         row = {"method": method, "selected_alpha": None if point is None else point.alpha,
                "val_acc_mean": None if point is None else point.val_acc_mean,
-               "test_acc_mean": statistics.mean(tests) if tests else None,
-               "test_acc_sd": (statistics.stdev(tests) if len(tests) > 1 else 0.0) if tests else None,
-               "n_seeds": len(tests), "steps": comparison.steps(method), "at_grid_edge": selection.at_grid_edge}
+               "test_acc_mean": selection.test_acc_mean, "test_acc_sd": selection.test_acc_sd,
+               "n_seeds": len(selection.test_by_seed), "steps": comparison.steps(method),
+               "at_grid_edge": selection.at_grid_edge}
         for baseline in comparison.baselines:
             difference = comparison.differences[baseline].get(method)
             if difference is None or not difference.n:
@@ -129,11 +127,10 @@ def _markdown(comparison: Comparison, title: str) -> str:
             lines.append("| " + " | ".join(cells) + " |")
             continue
         tests = selection.test_by_seed
-        values = list(tests.values())
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
         alpha = "" if point.alpha is None else f"{point.alpha:g}" + (" (edge)" if selection.at_grid_edge else "")
         cells = [method, alpha, str(comparison.steps(method)), f"{point.val_acc_mean:.3f}",
-                 f"{statistics.mean(values):.3f} ± {sd:.3f}", " ".join(f"{tests[s]:.3f}" for s in seeds if s in tests)]
+                 f"{selection.test_acc_mean:.3f} ± {selection.test_acc_sd:.3f}",
+                 " ".join(f"{tests[s]:.3f}" for s in seeds if s in tests)]
         for baseline in comparison.baselines:
             difference = comparison.differences[baseline].get(method)
             if difference is None or not difference.n:
@@ -177,7 +174,8 @@ def write_report(out: Path, comparison: Comparison, title: str) -> str:
     atomic_write_text(out / "summary.md", markdown)
     differences = {b: {m: (d.mean, *d.ci95) for m, d in by_method.items() if d.n}
                    for b, by_method in comparison.differences.items()}
-    figure = plots.comparison_figure(comparison.methods, {m: s.test_by_seed for m, s in comparison.selections.items()},
-                                     differences, title)
+    accuracies = {m: (list(s.test_by_seed.values()), s.test_acc_mean, s.test_acc_sd)
+                  for m, s in comparison.selections.items() if s.selected is not None}
+    figure = plots.comparison_figure(comparison.methods, accuracies, differences, title)
     plots.save(figure, out / "comparison.png")
     return markdown

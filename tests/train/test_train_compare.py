@@ -275,7 +275,7 @@ def test_the_demo_is_a_valid_sweep_of_the_six_methods_on_three_point_grids(tmp_p
 
     argv = demo.compare_arguments([0, 1, 2, 3, 4], str(tmp_path / "demo"), 2, False, cache_dir)
     own, trainer = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    plan = compare.plan_from_arguments(compare.build_parser().parse_args(own), trainer)
+    plan = compare.plan_from_arguments(compare.build_parser().parse_args(own), trainer, None)
     assert plan.methods == ["none", "none:2", "l2sp", "fea_map", "delta", "afa"]
     assert plan.baselines == ["none", "none:2"] and len(plan.seeds) == 5
     for method, alphas in plan.alphas.items():

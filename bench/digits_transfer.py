@@ -23,13 +23,14 @@ import cases  # noqa: E402,F401  (first: it puts the repository on sys.path when
 import tables  # noqa: E402
 import timing  # noqa: E402
 import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 import afa_ext  # noqa: E402
 from afa_ext import functional  # noqa: E402
 from afa_ext.train.cli import parse_config  # noqa: E402
 from afa_ext.train.config import default_cache_dir  # noqa: E402
 from afa_ext.train.data import DIGITS_IMAGE_SIZE, GlobalBatchSampler, load_data  # noqa: E402
-from afa_ext.train.delta_weights import compute_channel_weights, rank_correlation  # noqa: E402
+from afa_ext.train.delta_weights import METHODS, compute_channel_weights  # noqa: E402
 from afa_ext.train.demo import DEMO_TRAINER_FLAGS  # noqa: E402
 from afa_ext.train.models import FeatureHooks, build_model, default_layers, head_module_name  # noqa: E402
 from afa_ext.train.pretrain import digits_source_weights  # noqa: E402
@@ -94,14 +95,14 @@ def delta_estimates(cache_dir: str, seed: int) -> dict:
     loader = torch.utils.data.DataLoader(
         data.train, batch_sampler=GlobalBatchSampler(len(data.train), DEMO.batch_size, seed=seed, shuffle=True))
     seconds, weights = {}, {}
-    for method in ("removal", "taylor"):
+    for method in METHODS:
         started = time.perf_counter()
         weights[method], _ = compute_channel_weights(
             model, head_module_name(model, "digits_cnn"), layers, loader, method=method,
             head_epochs=DEMO.delta_head_epochs, head_lr=DEMO.lr, score_batches=DEMO.delta_batches, cache_dir=None,
             key_parts={})
         seconds[method] = time.perf_counter() - started
-    rhos = [rank_correlation(a, b) for a, b in zip(weights["removal"], weights["taylor"])]
+    rhos = [float(spearmanr(a, b).statistic) for a, b in zip(weights["removal"], weights["taylor"])]
     return {"seconds": seconds, "rank_correlation": rhos, "layers": layers}
 
 

@@ -70,10 +70,10 @@ import afa_ext  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import compat  # noqa: E402
-from afa_ext.train.config import DEFAULT_LR, SINGLE_STAGE_ALPHA  # noqa: E402
-from afa_ext.train.models import (ARCH_PRESETS, FeatureHooks, build_model, default_layers,  # noqa: E402
+from afa_ext.train.config import DEFAULT_LR  # noqa: E402
+from afa_ext.train.models import (ARCH_PRESETS, preset_alphas, FeatureHooks, build_model, default_layers,  # noqa: E402
                                   feature_shapes, head_module_name, resolve_layers)
-from afa_ext.train.regularizers import head_l2  # noqa: E402
+from afa_ext.train.regularizers import REGULARIZERS, head_l2  # noqa: E402
 from original_losses import ORIGINAL_LOSSES, OriginalChannelAttention, OriginalPixelAttention  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -229,12 +229,8 @@ def drifted_copy(model: nn.Module, seed: int) -> nn.Module:
 
 
 def default_alpha(arch: str, reg: str) -> float:
-    """The trainer's alpha for a single-stage run of ``reg`` (config.stage_plan)."""
-    if reg == "ast":
-        return ARCH_PRESETS[arch].alpha_stage1
-    if reg == "act":
-        return ARCH_PRESETS[arch].alpha_stage2
-    return SINGLE_STAGE_ALPHA[reg]
+    """The trainer's alpha for a single-stage run of ``reg`` (regularizers.REGULARIZERS)."""
+    return REGULARIZERS[reg].default_alpha(preset_alphas(arch))
 
 
 def original_extra(reg: str, shapes, device, seed: int):

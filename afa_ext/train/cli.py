@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .config import DELTA_ESTIMATES, REGULARIZERS, STAGE_COUNTS, ConfigError, TrainConfig, from_dict, load_toml
+from .config import AMP_DTYPES, BACKENDS, DELTA_ESTIMATES, DEVICES, MAX_DEFAULT_WORKERS, REGULARIZERS, STAGE_COUNTS, \
+    ConfigError, TrainConfig, from_dict, load_toml
 
 __all__ = ["main", "parse_config", "given_settings", "build_parser"]
 
@@ -34,7 +35,7 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
     add("--layers", type=_layer_list, help="comma-separated module names to align (default: the arch's preset)")
     add("--weights", help="imagenet | none | PATH of a state_dict or checkpoint (default: imagenet; digits_cnn: "
                           "the cached model pretrained on digits 0-4)")
-    add("--reg", choices=REGULARIZERS, help="regulariser (default afa: AST stage, then ACT stage)")
+    add("--reg", choices=tuple(REGULARIZERS), help="regulariser (default afa: AST stage, then ACT stage)")
     add("--stages", type=int, choices=STAGE_COUNTS,
         help="2: AFA's two-stage schedule with any regulariser (stage 2 from the best stage-1 model, which "
              "becomes the source, at --stage2-lr); default 2 for afa, else 1")
@@ -53,11 +54,11 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
         help="share of each class of train/ held out for validation when there is no val/ (default 0.1)")
     add("--shots", type=int, help="digits: labelled training images per class (default 10)")
     add("--seed", type=int, help="the one seed of the run (default 0)")
-    add("--workers", type=int, help="data-loading worker processes (default 0)")
-    add("--device", help="cpu | cuda (default: cuda when available)")
-    add("--backend", choices=("auto", "cpu", "cuda", "triton", "reference"),
-        help="afa_ext backend of the feature terms; reference = the pure-PyTorch loss")
-    add("--amp", choices=("bf16", "fp16"), help="mixed precision")
+    add("--workers", type=int, help=f"data-loading worker processes (default: 0 on the CPU; on CUDA one per "
+                                    f"usable core, at most {MAX_DEFAULT_WORKERS})")
+    add("--device", help=f"{' | '.join(DEVICES)} (default: cuda when available)")
+    add("--backend", choices=BACKENDS, help="afa_ext backend of the feature terms; reference = the pure-PyTorch loss")
+    add("--amp", choices=AMP_DTYPES, help="mixed precision")
     add("--channels-last", dest="channels_last", action="store_true", help="channels_last memory format")
     add("--compile", action="store_true", help="torch.compile the target model")
     add("--sync-bn", dest="sync_bn", action="store_true", help="batch norm over the global batch under torchrun")

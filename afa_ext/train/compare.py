@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .checkpoint import atomic_write_json
-from .config import REGULARIZERS, ConfigError, default_stages, method_slug, stage_plan, validate, with_defaults
+from .config import REGULARIZERS, ConfigError, default_stages, method_slug, resolve
 from .outputs import CONFIG, RESULT
 from .protocol import DIVERGED, FAILED, FINISHED, UNFINISHED, RunRecord
 
@@ -232,13 +232,12 @@ def _parse_alpha_grids(entries: Sequence[str], methods: Dict[str, Method]) -> Di
 
 
 def _trainer_config(flags: List[str], data: str, arch: str, method: Method):
-    """The TrainConfig of a run of ``method`` (without its alpha, seed and folder), validated."""
+    """The TrainConfig of a run of ``method`` (without its alpha, seed and folder), resolved."""
     from .cli import parse_config
 
     config = parse_config(flags + ["--data", data, "--arch", arch, "--reg", method.reg, "--stages",
                                    str(method.stages), "--out", os.devnull], parser_class=_Parser)
-    validate(with_defaults(config, cuda_available=False))
-    return config
+    return resolve(config, cuda_available=False)
 
 
 def _given_trainer_settings(flags: List[str], devices: Optional[List[str]]) -> dict:
@@ -258,16 +257,12 @@ def _given_trainer_settings(flags: List[str], devices: Optional[List[str]]) -> d
     return given
 
 
-def _default_grid(config, arch: str) -> tuple[List[float], Optional[float]]:
+def _default_grid(config, stage2_alpha_given: bool) -> tuple[List[float], Optional[float]]:
     """0.1x, 1x and 10x the method's default (stage-1) alpha, and the stage-2 ratio."""
-    from .models import preset_alphas
-
-    stages = stage_plan(config, *preset_alphas(arch))
-    default = stages[0]["alpha"]
     ratio = None
-    if len(stages) == 2 and config.stage2_alpha is None and default > 0:
-        ratio = stages[1]["alpha"] / default
-    return [factor * default for factor in GRID_FACTORS], ratio
+    if config.stages == 2 and not stage2_alpha_given and config.alpha > 0:
+        ratio = config.stage2_alpha / config.alpha
+    return [factor * config.alpha for factor in GRID_FACTORS], ratio
 
 
 def plan_from_arguments(args, trainer_flags: List[str], devices: Optional[List[str]]) -> SweepPlan:
@@ -291,7 +286,7 @@ def plan_from_arguments(args, trainer_flags: List[str], devices: Optional[List[s
         if baseline not in methods:
             raise UsageError(f"--baseline {baseline}: not among --methods ({', '.join(methods)})")
     given = _given_trainer_settings(trainer_flags, devices)
-    from .models import available_architectures
+    from .models import LayerError, available_architectures
 
     if args.arch not in available_architectures():
         raise UsageError(f"--arch: unknown architecture {args.arch!r}")
@@ -299,10 +294,10 @@ def plan_from_arguments(args, trainer_flags: List[str], devices: Optional[List[s
     for name, method in methods.items():
         try:
             config = _trainer_config(trainer_flags, args.data, args.arch, method)
-        except (ConfigError, UsageError) as error:
+        except (ConfigError, LayerError, UsageError) as error:
             raise UsageError(f"trainer flags after --: {error}") from None
         if method.has_grid:
-            default, ratios[name] = _default_grid(config, args.arch)
+            default, ratios[name] = _default_grid(config, "stage2_alpha" in given)
             grids.setdefault(name, [float(f"{alpha:.12g}") for alpha in default])
     _check_device(devices or [given.get("device", "cpu")])
     _check_data(config, seeds[0])

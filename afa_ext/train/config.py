@@ -1,21 +1,27 @@
 """The trainer's settings: one dataclass, its defaults, TOML files and validation.
 
 A run is fully described by a ``TrainConfig``. ``--config FILE.toml`` fills it from a
-file (flags override the file), and the resolved configuration is written to
-``config.toml`` in the output folder. Settings left at ``None`` take the default of the
-architecture and regulariser when the run is resolved (``resolve``):
+file (flags override the file). Settings left at ``None`` take the default of the
+architecture and regulariser in ``resolve``, the one place defaults are filled in; the
+resolved configuration is what ``config.toml`` records and what everything downstream
+(data, model, stages, step) reads:
 
-- learning rate 0.01 (stage 2 of ``afa``: 0.001), SGD momentum 0.9, no weight decay,
-  lr x0.1 after 67% of each stage's epochs;
-- alpha: ``afa``/``ast`` take the architecture's stage-1 alpha (0.1; MobileNetV2 0.09),
-  stage 2 of ``afa`` and ``act`` its stage-2 alpha (0.15; MobileNetV2 0.04); ``l2sp``,
-  ``fea_map`` and ``delta`` 0.01; beta 0.01 (head L2) for every regulariser;
+- architecture: digits_cnn for the digits data, else resnet101; image size, hooked layers
+  and AFA alphas: the architecture's preset (models.ARCH_PRESETS; 224 px without one);
+- weights: imagenet (digits_cnn: the cached model pretrained on digits 0-4);
+- learning rate 0.01 (stage 2: 0.001), SGD momentum 0.9, no weight decay, lr x0.1 after
+  67% of each stage's epochs;
+- alpha: the regulariser's default (regularizers.REGULARIZERS: ``ast`` and stage 1 of
+  ``afa`` the architecture's stage-1 alpha, ``act`` and stage 2 of ``afa`` its stage-2
+  alpha; ``l2sp``, ``fea_map`` and ``delta`` 0.01); beta 0.01 (head L2) for every one;
 - epochs per stage = round(max_iter * batch_size / training images), at least 1, unless
   ``epochs`` is given (the original: 4500 iterations at batch 64);
 - stages: 2 for ``afa`` (AST, then ACT), else 1. ``stages = 2`` with another regulariser
   runs it on AFA's two-stage schedule: stage 2 starts from the best stage-1 model (which
   also becomes the source model) at ``stage2_lr``, with ``stage2_alpha`` (default: the
-  stage-1 alpha). ``none`` with 2 stages is plain fine-tuning with AFA's number of steps.
+  stage-1 alpha). ``none`` with 2 stages is plain fine-tuning with AFA's number of steps;
+- evaluation batch 4x the training batch; data workers 0 on the CPU, and on CUDA one per
+  core this process may run on, at most 8.
 """
 from __future__ import annotations
 
@@ -25,16 +31,20 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
-REGULARIZERS = ("none", "l2sp", "fea_map", "delta", "ast", "act", "afa")
+from .regularizers import REGULARIZERS
+
 STAGE_COUNTS = (1, 2)
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 AMP_DTYPES = ("bf16", "fp16")
 DELTA_ESTIMATES = ("removal", "taylor")
-SINGLE_STAGE_ALPHA = {"none": 0.0, "l2sp": 0.01, "fea_map": 0.01, "delta": 0.01}
+DEVICES = ("cpu", "cuda")
 DEFAULT_LR = 0.01
 DEFAULT_STAGE2_LR = 0.001
+# Image side of an architecture without a preset (models.ARCH_PRESETS).
+DEFAULT_IMAGE_SIZE = 224
+MAX_DEFAULT_WORKERS = 8
 
 
 class ConfigError(ValueError):
@@ -47,7 +57,7 @@ class TrainConfig:
 
     data: str = "digits"
     arch: Optional[str] = None            # digits_cnn for digits, else resnet101
-    layers: Optional[List[str]] = None    # the architecture's preset
+    layers: Optional[list[str]] = None    # the architecture's preset
     weights: Optional[str] = None         # imagenet | none | PATH; digits_cnn: the cached digits 0-4 model
     reg: str = "afa"
     stages: Optional[int] = None          # 2 for afa, else 1
@@ -68,7 +78,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     shots: int = 10                       # digits: labelled training images per class
     seed: int = 0
-    workers: int = 0
+    workers: Optional[int] = None         # CPU: 0; CUDA: one per usable core, at most 8
     device: Optional[str] = None          # cuda when available, else cpu
     backend: str = "auto"
     amp: Optional[str] = None
@@ -90,7 +100,7 @@ class TrainConfig:
 RESUME_FREE = ("resume", "workers", "out", "cache_dir")
 
 
-def config_keys() -> List[str]:
+def config_keys() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
@@ -146,7 +156,7 @@ def default_cache_dir() -> str:
 
 
 def default_stages(reg: str) -> int:
-    return 2 if reg == "afa" else 1
+    return REGULARIZERS[reg].default_stages
 
 
 def method_slug(reg: str, stages: int) -> str:
@@ -155,32 +165,25 @@ def method_slug(reg: str, stages: int) -> str:
     return reg if stages == default_stages(reg) else f"{reg}-x{stages}"
 
 
-def stage_plan(config: TrainConfig, alpha_stage1: float, alpha_stage2: float) -> List[dict]:
-    """The stages of the run: (regulariser, lr, alpha) of each.
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: its regulariser, learning rate and alpha."""
 
-    ``afa`` is AST at (lr, alpha), then ACT at (stage2_lr, stage2_alpha). Any other
-    regulariser runs once at (lr, alpha), and with ``stages = 2`` a second time at
-    (stage2_lr, stage2_alpha, which defaults to the stage-1 alpha).
-    """
-    lr = DEFAULT_LR if config.lr is None else config.lr
-    lr2 = DEFAULT_STAGE2_LR if config.stage2_lr is None else config.stage2_lr
-    if config.reg == "afa":
-        alpha1 = alpha_stage1 if config.alpha is None else config.alpha
-        alpha2 = alpha_stage2 if config.stage2_alpha is None else config.stage2_alpha
-        return [{"reg": "ast", "lr": lr, "alpha": alpha1}, {"reg": "act", "lr": lr2, "alpha": alpha2}]
-    if config.alpha is not None:
-        alpha = config.alpha
-    elif config.reg == "ast":
-        alpha = alpha_stage1
-    elif config.reg == "act":
-        alpha = alpha_stage2
-    else:
-        alpha = SINGLE_STAGE_ALPHA[config.reg]
-    plan = [{"reg": config.reg, "lr": lr, "alpha": alpha}]
-    if (config.stages or default_stages(config.reg)) == 2:
-        alpha2 = alpha if config.stage2_alpha is None else config.stage2_alpha
-        plan.append({"reg": config.reg, "lr": lr2, "alpha": alpha2})
-    return plan
+    reg: str
+    lr: float
+    alpha: float
+
+
+def stage_regularizers(reg: str, stages: int) -> tuple[str, ...]:
+    """The regulariser of each stage: ``afa``'s own (AST, ACT), else ``reg`` in every stage."""
+    return REGULARIZERS[reg].stage_regularizers or (reg,) * stages
+
+
+def stage_plan(config: TrainConfig) -> list[Stage]:
+    """The stages of a resolved run: stage 1 at (lr, alpha), stage 2 at (stage2_lr, stage2_alpha)."""
+    settings = [(config.lr, config.alpha), (config.stage2_lr, config.stage2_alpha)]
+    return [Stage(reg, lr, alpha)
+            for reg, (lr, alpha) in zip(stage_regularizers(config.reg, config.stages), settings)]
 
 
 def epochs_per_stage(config: TrainConfig, train_images: int) -> int:
@@ -195,30 +198,62 @@ def _check_choice(name: str, value, choices) -> None:
         raise ConfigError(f"--{name.replace('_', '-')}: expected one of {', '.join(map(str, choices))}, got {value!r}")
 
 
-def _check_number(name: str, value, *, minimum=None, maximum=None, integer=False, open_min=False) -> None:
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a numeric setting accepts: at least ``minimum`` (above it when
+    ``open_min``), at most ``maximum``, whole when ``integer``."""
+
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    integer: bool = False
+    open_min: bool = False
+
+
+NUMBER_BOUNDS = {
+    "stages": Bounds(integer=True),
+    "alpha": Bounds(0), "stage2_alpha": Bounds(0), "beta": Bounds(0),
+    "lr": Bounds(0, open_min=True), "stage2_lr": Bounds(0, open_min=True),
+    "momentum": Bounds(0, 1), "weight_decay": Bounds(0), "lr_decay_at": Bounds(0, 1),
+    "lr_gamma": Bounds(0, open_min=True),
+    "batch_size": Bounds(1, integer=True), "eval_batch_size": Bounds(1, integer=True),
+    "max_iter": Bounds(1, integer=True), "epochs": Bounds(1, integer=True), "image_size": Bounds(1, integer=True),
+    "val_fraction": Bounds(0, 1, open_min=True), "shots": Bounds(1, integer=True), "seed": Bounds(0, integer=True),
+    "workers": Bounds(0, integer=True), "delta_head_epochs": Bounds(0, integer=True),
+    "delta_batches": Bounds(1, integer=True),
+}
+FLAGS = ("channels_last", "compile", "sync_bn", "resume")
+TEXTS = ("data", "arch", "weights", "device", "delta_weights", "out", "cache_dir")
+
+
+def _check_number(name: str, value, bounds: Bounds) -> None:
     flag = "--" + name.replace("_", "-")
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and not math.isfinite(value)):
-        raise ConfigError(f"{flag}: expected a {'whole' if integer else 'finite'} number, got {value!r}")
-    if minimum is not None and (value < minimum or (open_min and value == minimum)):
-        bound = f"greater than {minimum}" if open_min else f"at least {minimum}"
-        raise ConfigError(f"{flag}: expected a number {bound}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{flag}: expected a number at most {maximum}, got {value!r}")
+    kind = int if bounds.integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (not bounds.integer and not math.isfinite(value)):
+        raise ConfigError(f"{flag}: expected a {'whole' if bounds.integer else 'finite'} number, got {value!r}")
+    low, high = bounds.minimum, bounds.maximum
+    if low is not None and (value < low or (bounds.open_min and value == low)):
+        raise ConfigError(f"{flag}: expected a number {'greater than' if bounds.open_min else 'at least'} {low}, "
+                          f"got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{flag}: expected a number at most {high}, got {value!r}")
 
 
 def validate(config: TrainConfig) -> None:
     """Raise ConfigError for any setting that cannot work (before anything is written)."""
-    for name in ("channels_last", "compile", "sync_bn", "resume"):
+    for name in FLAGS:
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"--{name.replace('_', '-')}: expected true or false, got {getattr(config, name)!r}")
-    for name in ("data", "arch", "weights", "device", "delta_weights", "out", "cache_dir"):
+    for name in TEXTS:
         value = getattr(config, name)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"--{name.replace('_', '-')}: expected a string, got {value!r}")
+    optional = {field.name for field in fields(TrainConfig) if field.default is None}
+    for name, bounds in NUMBER_BOUNDS.items():
+        value = getattr(config, name)
+        if value is not None or name not in optional:
+            _check_number(name, value, bounds)
     _check_choice("reg", config.reg, REGULARIZERS)
     if config.stages is not None:
-        _check_number("stages", config.stages, integer=True)
         _check_choice("stages", config.stages, STAGE_COUNTS)
         if config.reg == "afa" and config.stages != 2:
             raise ConfigError(f"--stages {config.stages}: afa is two stages (AST, then ACT); "
@@ -226,42 +261,15 @@ def validate(config: TrainConfig) -> None:
     _check_choice("backend", config.backend, BACKENDS)
     if config.amp is not None:
         _check_choice("amp", config.amp, AMP_DTYPES)
-    if config.device is not None and config.device.split(":")[0] not in ("cpu", "cuda"):
-        raise ConfigError(f"--device: expected cpu or cuda, got {config.device!r}")
-    for name in ("alpha", "stage2_alpha"):
-        value = getattr(config, name)
-        if value is not None:
-            _check_number(name, value, minimum=0)
-    _check_number("beta", config.beta, minimum=0)
-    for name in ("lr", "stage2_lr"):
-        value = getattr(config, name)
-        if value is not None:
-            _check_number(name, value, minimum=0, open_min=True)
-    _check_number("momentum", config.momentum, minimum=0, maximum=1)
-    _check_number("weight_decay", config.weight_decay, minimum=0)
-    _check_number("lr_decay_at", config.lr_decay_at, minimum=0, maximum=1)
-    _check_number("lr_gamma", config.lr_gamma, minimum=0, open_min=True)
-    _check_number("batch_size", config.batch_size, minimum=1, integer=True)
-    if config.eval_batch_size is not None:
-        _check_number("eval_batch_size", config.eval_batch_size, minimum=1, integer=True)
-    if config.epochs is not None:
-        _check_number("epochs", config.epochs, minimum=1, integer=True)
-    elif config.max_iter is None:
+    if config.device is not None and config.device.split(":")[0] not in DEVICES:
+        raise ConfigError(f"--device: expected {' or '.join(DEVICES)}, got {config.device!r}")
+    if config.epochs is None and config.max_iter is None:
         raise ConfigError("--max-iter / --epochs: give one of them")
-    else:
-        _check_number("max_iter", config.max_iter, minimum=1, integer=True)
-    if config.image_size is not None:
-        _check_number("image_size", config.image_size, minimum=1, integer=True)
-    _check_number("val_fraction", config.val_fraction, minimum=0, maximum=1, open_min=True)
     if config.val_fraction >= 1:
         raise ConfigError(f"--val-fraction: expected a fraction below 1, got {config.val_fraction!r}")
-    _check_number("shots", config.shots, minimum=1, integer=True)
-    _check_number("seed", config.seed, minimum=0, integer=True)
-    _check_number("workers", config.workers, minimum=0, integer=True)
-    _check_number("delta_head_epochs", config.delta_head_epochs, minimum=0, integer=True)
-    _check_number("delta_batches", config.delta_batches, minimum=1, integer=True)
     if config.delta_weights not in DELTA_ESTIMATES and not Path(config.delta_weights).is_file():
-        raise ConfigError(f"--delta-weights: expected removal, taylor or an existing file, got {config.delta_weights!r}")
+        raise ConfigError(f"--delta-weights: expected {', '.join(DELTA_ESTIMATES)} or an existing file, "
+                          f"got {config.delta_weights!r}")
     if config.layers is not None and (not isinstance(config.layers, (list, tuple)) or not config.layers
                                       or not all(isinstance(n, str) and n for n in config.layers)):
         raise ConfigError(f"--layers: expected a comma-separated list of layer names, got {config.layers!r}")
@@ -269,19 +277,60 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"--data: expected a folder or 'digits', got {config.data!r}")
 
 
-def with_defaults(config: TrainConfig, cuda_available: bool) -> TrainConfig:
-    """The configuration with the defaults that do not need the model filled in."""
+def default_workers(device: str) -> int:
+    """Data-loading workers: none on the CPU (the model, not decoding, is the bottleneck there);
+    on CUDA one per core this process may run on, at most MAX_DEFAULT_WORKERS."""
+    if not device.startswith("cuda"):
+        return 0
+    return min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)))
+
+
+def resolve(config: TrainConfig, cuda_available: bool) -> TrainConfig:
+    """The configuration checked (ConfigError) and with every default filled in.
+
+    Resolving a resolved configuration changes nothing, so a run's ``config.toml`` (or one
+    written before a setting existed) resolves to what the run used.
+    """
+    from .models import check_architecture, default_image_size, default_layers, preset_alphas
+    from .pretrain import digits_source_path
+
+    validate(config)
     resolved = dataclasses.replace(config)
+    digits = resolved.data == "digits"
     if resolved.arch is None:
-        resolved.arch = "digits_cnn" if resolved.data == "digits" else "resnet101"
+        resolved.arch = "digits_cnn" if digits else "resnet101"
+    check_architecture(resolved.arch)
     if resolved.device is None:
         resolved.device = "cuda" if cuda_available else "cpu"
     if resolved.cache_dir is None:
         resolved.cache_dir = default_cache_dir()
-    if resolved.stages is None and resolved.reg in REGULARIZERS:
+    if resolved.stages is None:
         resolved.stages = default_stages(resolved.reg)
+    if resolved.image_size is None:
+        resolved.image_size = default_image_size(resolved.arch) or DEFAULT_IMAGE_SIZE
+    if resolved.layers is None:
+        resolved.layers = list(default_layers(resolved.arch))
+    if resolved.weights is None:
+        resolved.weights = digits_source_path(resolved.cache_dir, resolved.image_size) \
+            if resolved.arch == "digits_cnn" else "imagenet"
+    if resolved.lr is None:
+        resolved.lr = DEFAULT_LR
+    regs = stage_regularizers(resolved.reg, resolved.stages)
+    alphas = preset_alphas(resolved.arch)
+    if resolved.alpha is None:
+        resolved.alpha = REGULARIZERS[regs[0]].default_alpha(alphas)
+    if resolved.stages == 2:
+        if resolved.stage2_lr is None:
+            resolved.stage2_lr = DEFAULT_STAGE2_LR
+        if resolved.stage2_alpha is None:
+            # The same regulariser again keeps stage 1's alpha; another one takes its own default.
+            resolved.stage2_alpha = resolved.alpha if regs[1] == regs[0] else REGULARIZERS[regs[1]].default_alpha(alphas)
+    if resolved.eval_batch_size is None:
+        resolved.eval_batch_size = 4 * resolved.batch_size
+    if resolved.workers is None:
+        resolved.workers = default_workers(resolved.device)
     if resolved.out is None:
-        data_name = "digits" if resolved.data == "digits" else Path(resolved.data).name
+        data_name = "digits" if digits else Path(resolved.data).name
         method = method_slug(resolved.reg, resolved.stages)
         resolved.out = str(Path("runs") / f"{data_name}-{resolved.arch}-{method}-seed{resolved.seed}")
     return resolved
@@ -295,8 +344,10 @@ __all__ = [
     "to_toml",
     "from_dict",
     "validate",
-    "with_defaults",
+    "resolve",
+    "Stage",
     "stage_plan",
+    "stage_regularizers",
     "default_stages",
     "method_slug",
     "STAGE_COUNTS",

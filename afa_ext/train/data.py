@@ -20,9 +20,7 @@ scikit-learn, torchvision and PIL are imported lazily, only here.
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .identity import file_identity, fingerprint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -129,12 +129,6 @@ class DataSplits:
     in_channels: int
     fingerprint: str
     test_is_val: bool = False
-
-
-def _fingerprint(payload: dict) -> str:
-    """sha256 hex digest of the canonical JSON of payload."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_image_size(image_size: int | None, default: int) -> int:
@@ -238,7 +232,7 @@ def _digits_source(indices: list[int], images: Tensor, labels: Tensor, label_off
 
 
 def _digits_splits(digits: Sequence[int], image_size: int, counts: Callable[[int], Sequence[int]],
-                   seed: int, fingerprint: dict) -> DataSplits:
+                   seed: int, payload: dict) -> DataSplits:
     """The digits in ``digits`` (consecutive), relabelled 0.., split per class by ``counts``."""
     all_images, all_labels, mean, std = _digits_arrays()
     chosen = torch.nonzero((all_labels >= digits[0]) & (all_labels <= digits[-1])).flatten()
@@ -249,7 +243,7 @@ def _digits_splits(digits: Sequence[int], image_size: int, counts: Callable[[int
     sources = [_digits_source(part, images, labels, digits[0], transform, train=is_train, seed=seed)
                for part, is_train in ((train, True), (val, False), (test, False))]
     return DataSplits(*sources, num_classes=len(digits), class_names=[str(d) for d in digits],
-                      in_channels=1, fingerprint=_fingerprint(fingerprint))
+                      in_channels=1, fingerprint=fingerprint(**payload))
 
 
 def _load_target_digits(image_size: int, *, seed: int, shots: int) -> DataSplits:
@@ -380,15 +374,6 @@ def _val_count(n: int, val_fraction: float) -> int:
     return min(n - 1, max(1, int(n * val_fraction + 0.5)))
 
 
-def _fingerprint_files(root: Path, files: list[Path]) -> list[list]:
-    """[relative path, size in bytes, mtime in ns] of each file."""
-    rows = []
-    for path in files:
-        stat = path.stat()
-        rows.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
-    return rows
-
-
 def _load_folder(root: Path, *, image_size: int, val_fraction: float, seed: int) -> DataSplits:
     if not root.is_dir():
         raise DataError(f"data folder not found: {root} (expected a folder with train/<class>/ "
@@ -406,7 +391,7 @@ def _load_folder(root: Path, *, image_size: int, val_fraction: float, seed: int)
 
     train_files, train_labels = _samples(train_by_class, class_index)
     transform = FolderTransform(image_size)
-    payload = {"kind": "folder", "files": _fingerprint_files(root, all_files), "image_size": image_size}
+    payload = {"kind": "folder", "files": [file_identity(f, root) for f in all_files], "image_size": image_size}
     if "val" in extra:
         val_files, val_labels = _samples(extra["val"], class_index)
     else:
@@ -423,7 +408,7 @@ def _load_folder(root: Path, *, image_size: int, val_fraction: float, seed: int)
     val = source(val_files, val_labels, False)
     test = source(*_samples(extra["test"], class_index), False) if "test" in extra else val
     return DataSplits(source(train_files, train_labels, True), val, test, num_classes=len(class_names),
-                      class_names=class_names, in_channels=3, fingerprint=_fingerprint(payload),
+                      class_names=class_names, in_channels=3, fingerprint=fingerprint(**payload),
                       test_is_val="test" not in extra)
 
 

@@ -37,8 +37,7 @@ ancestor-or-self of the layer whose parent is an ``nn.Sequential``; the model's 
 there is none) and zeroes channel j_i in copy i at the layer's output; only the rest of the
 network runs on the k*B rows, and the logits give the k losses at once. The copies are made
 at the block's input, not at the layer, so that a residual block (x + f(x)) sees the copies on
-both of its branches. k is chosen so that k*B <= ``max_rows``. ``removal_scores_naive`` is the
-slow reference, one forward per channel; the two agree up to rounding.
+both of its branches. k is chosen so that k*B <= ``max_rows``.
 
 ``compute_channel_weights`` runs the three steps on a deep copy of the model and caches the
 result in a file named by a hash of everything that determines it.
@@ -46,10 +45,8 @@ result in a file named by a hash of everything that determines it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -62,16 +59,14 @@ from torch import Tensor, nn
 
 from afa_ext.compat import channel_weights_from_scores, get_channel_weight
 from afa_ext.train import checkpoint
-from afa_ext.train.models import outermost_sequential_child
+from afa_ext.train.identity import canonical_json, fingerprint
+from afa_ext.train.models import eval_mode, layer_output_shapes, outermost_sequential_child
 
 __all__ = [
     "METHODS",
     "train_head",
     "removal_scores",
-    "removal_scores_naive",
     "taylor_scores",
-    "rank_correlation",
-    "cache_key",
     "compute_channel_weights",
     "load_channel_weights",
 ]
@@ -105,18 +100,6 @@ def _to_device(batches: Iterable, device) -> list[tuple[Tensor, Tensor]]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; each module's own train/eval flag restored afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextmanager
 def _hooks(*handles) -> Iterator[None]:
     try:
         yield
@@ -140,20 +123,12 @@ def _mean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 def _channel_counts(model: nn.Module, layer_names: Sequence[str], images: Tensor) -> list[int]:
     """Output channels of each layer, from one forward pass."""
-    counts: dict[str, int] = {}
-
-    def record(name):
-        def hook(module, inputs, output):
-            counts[name] = _layer_output(output, name).shape[1]
-        return hook
-
-    handles = [_submodule(model, name, "layer").register_forward_hook(record(name)) for name in layer_names]
-    with _hooks(*handles):
-        model(images)
-    missing = [name for name in layer_names if name not in counts]
-    if missing:
-        raise ValueError(f"layers {missing} are not called in the model's forward pass")
-    return [counts[name] for name in layer_names]
+    shapes = layer_output_shapes(model, layer_names, images)
+    for name, shape in zip(layer_names, shapes):
+        if not shape:
+            raise TypeError(f"layer {name!r} must return a tensor of shape (N, C, ...) to be weighted per "
+                            f"channel, got one of shape (N,)")
+    return [shape[0] for shape in shapes]
 
 
 def _layer_names(layer_names: Sequence[str]) -> list[str]:
@@ -184,7 +159,7 @@ def train_head(model: nn.Module, head_name: str, batches: Iterable[tuple[Tensor,
     head_params = list(head.parameters())
     if not head_params:
         raise ValueError(f"head {head_name!r} has no parameters to train")
-    with _only_trainable(model, head_params), _eval_mode(model):
+    with _only_trainable(model, head_params), eval_mode(model):
         head.train()
         optimizer = torch.optim.SGD(head_params, lr=lr, momentum=HEAD_MOMENTUM)
         for _ in range(epochs):
@@ -235,11 +210,11 @@ def _replicate(value, copies: int, rows: int):
     return value
 
 
-def _removed_losses(model: nn.Module, anchor: nn.Module | None, layer: nn.Module, layer_name: str,
+def _removed_losses(model: nn.Module, block: nn.Module | None, layer: nn.Module, layer_name: str,
                     images: Tensor, labels: Tensor, channels: Tensor) -> Tensor:
     """Mean CE of the batch with channel ``channels[i]`` of the layer zeroed, for each i, (k,) float64.
 
-    The batch is replicated k times at the input of ``anchor`` (the model's input when None),
+    The batch is replicated k times at the input of ``block`` (the model's input when None),
     so the layers before it run once on B rows and the rest on k*B rows.
     """
     copies, rows = channels.numel(), images.shape[0]
@@ -261,8 +236,8 @@ def _removed_losses(model: nn.Module, anchor: nn.Module | None, layer: nn.Module
         return _zero_channels(output, channels)
 
     handles = [layer.register_forward_hook(zero_channels)]
-    if anchor is not None:
-        handles.append(anchor.register_forward_pre_hook(replicate_input, with_kwargs=True))
+    if block is not None:
+        handles.append(block.register_forward_pre_hook(replicate_input, with_kwargs=True))
         inputs = images
     else:
         inputs = _replicate(images, copies, rows)
@@ -284,57 +259,27 @@ def removal_scores(model: nn.Module, layer_names: Sequence[str], batches: Sequen
     CPU tensor per layer, the model in eval mode (its modes restored afterwards) and the
     batches moved to the model's device. Batched: the batch is replicated k times at the
     layer's outermost enclosing block (see the module docstring), k*B <= ``max_rows``
-    (at least one copy); equal to ``removal_scores_naive`` up to rounding.
+    (at least one copy); equal, up to rounding, to one full forward pass per zeroed channel.
     """
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     names = _layer_names(layer_names)
     layers = [_submodule(model, name, "layer") for name in names]
-    anchors = [outermost_sequential_child(model, name) for name in names]
-    anchors = [None if anchor is None else _submodule(model, anchor, "block") for anchor in anchors]
+    blocks = [outermost_sequential_child(model, name) for name in names]
+    blocks = [None if block is None else _submodule(model, block, "block") for block in blocks]
     batches = _to_device(batches, _model_device(model))
-    with _eval_mode(model):
+    with eval_mode(model):
         counts = _channel_counts(model, names, batches[0][0])
         totals = [torch.zeros(count, dtype=torch.float64) for count in counts]
         for images, labels in batches:
             baseline = _mean_cross_entropy(model(images), labels)
             copies = max(1, max_rows // images.shape[0])
-            for name, layer, anchor, total in zip(names, layers, anchors, totals):
+            for name, layer, block, total in zip(names, layers, blocks, totals):
                 for start in range(0, total.numel(), copies):
                     channels = torch.arange(start, min(start + copies, total.numel()))
-                    losses = _removed_losses(model, anchor, layer, name, images, labels, channels)
+                    losses = _removed_losses(model, block, layer, name, images, labels, channels)
                     total[start:start + channels.numel()] += (losses - baseline).cpu()
     return [total / len(batches) for total in totals]
-
-
-@torch.no_grad()
-def removal_scores_naive(model: nn.Module, layer_names: Sequence[str],
-                         batches: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
-    """The slow reference of ``removal_scores``: one full forward pass per channel and batch.
-
-    For each layer l and channel j, a forward hook sets channel j of the layer's output to 0
-    and score[l][j] = mean over batches of (L(zeroed) - L); (C,) float64 CPU tensors.
-    """
-    names = _layer_names(layer_names)
-    layers = [_submodule(model, name, "layer") for name in names]
-    batches = _to_device(batches, _model_device(model))
-    with _eval_mode(model):
-        counts = _channel_counts(model, names, batches[0][0])
-        baseline = [_mean_cross_entropy(model(images), labels) for images, labels in batches]
-        scores = []
-        for name, layer, count in zip(names, layers, counts):
-            score = torch.zeros(count, dtype=torch.float64)
-            for channel in range(count):
-                def zero_channel(module, inputs, output, channel=channel, name=name):
-                    output = _layer_output(output, name).clone()
-                    output[:, channel] = 0
-                    return output
-
-                with _hooks(layer.register_forward_hook(zero_channel)):
-                    removed = [_mean_cross_entropy(model(images), labels) for images, labels in batches]
-                score[channel] = sum((r - b).item() for r, b in zip(removed, baseline)) / len(batches)
-            scores.append(score)
-    return scores
 
 
 # ---------------------------------------------------------------------------- step 2: Taylor
@@ -357,7 +302,7 @@ def taylor_scores(model: nn.Module, layer_names: Sequence[str],
     layers = [_submodule(model, name, "layer") for name in names]
     batches = _to_device(batches, _model_device(model))
     totals: list[Tensor | None] = [None] * len(names)
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         for images, labels in batches:
             features: dict[str, Tensor] = {}
 
@@ -389,67 +334,14 @@ def taylor_scores(model: nn.Module, layer_names: Sequence[str],
     return [total / len(batches) for total in totals]
 
 
-# ---------------------------------------------------------------------------- comparing scores
-
-
-def _average_ranks(values: Tensor) -> Tensor:
-    """1-based ranks, tied values sharing the mean of the ranks they span."""
-    ordered, order = torch.sort(values, stable=True)
-    _, counts = torch.unique_consecutive(ordered, return_counts=True)
-    ends = torch.cumsum(counts, dim=0).double()
-    mean_ranks = (ends - (counts.double() - 1) / 2).repeat_interleave(counts)
-    ranks = torch.empty_like(mean_ranks)
-    ranks[order] = mean_ranks
-    return ranks
-
-
-def rank_correlation(a: Tensor, b: Tensor) -> float:
-    """Spearman's rho of two equally long 1-D tensors: Pearson's correlation of their ranks.
-
-    rho = sum_i (ra_i - mean ra)(rb_i - mean rb) / sqrt(sum_i (ra_i - mean ra)^2 * sum_i (rb_i - mean rb)^2),
-    with ra, rb the ranks, ties given their average rank. NaN when either input is constant
-    (the correlation is undefined there).
-    """
-    a = torch.as_tensor(a).detach().double().cpu()
-    b = torch.as_tensor(b).detach().double().cpu()
-    if a.dim() != 1 or a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"rank_correlation expects two 1-D tensors of equal length >= 2, "
-                         f"got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    if torch.isnan(a).any() or torch.isnan(b).any():
-        raise ValueError("rank_correlation: the inputs hold NaN, which has no rank")
-    ra = _average_ranks(a) - (a.numel() + 1) / 2
-    rb = _average_ranks(b) - (b.numel() + 1) / 2
-    denominator = math.sqrt((ra * ra).sum().item() * (rb * rb).sum().item())
-    if denominator == 0:
-        return float("nan")
-    return max(-1.0, min(1.0, (ra * rb).sum().item() / denominator))
-
-
 # ---------------------------------------------------------------------------- the whole pipeline, cached
-
-
-def _json_default(value):
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"cache_key: a {type(value).__name__} has no canonical JSON form; "
-                    f"pass numbers, strings, booleans, None, lists or dicts")
-
-
-def _canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_json_default)
-
-
-def cache_key(**parts) -> str:
-    """sha256 (hex) of the canonical JSON of ``parts``: sorted keys, no spaces, ASCII, tuples
-    as lists, paths as strings."""
-    return hashlib.sha256(_canonical_json(parts).encode("ascii")).hexdigest()
 
 
 def _cache_path(cache_dir, method: str, layers: list[str], key_parts: dict) -> Path:
     reserved = {"method", "layers"} & set(key_parts)
     if reserved:
         raise ValueError(f"key_parts must not hold {sorted(reserved)}: the cache key adds them itself")
-    key = cache_key(method=method, layers=layers, **key_parts)
+    key = fingerprint(method=method, layers=layers, **key_parts)
     return Path(cache_dir) / f"delta_weights_{method}_{key[:16]}.pt"
 
 
@@ -483,7 +375,7 @@ def compute_channel_weights(model: nn.Module, head_name: str, layer_names: Seque
     with info = {"method", "seconds" (this call), "cached", "path" (None without cache)}.
 
     With a ``cache_dir``, the result lives in
-    ``<cache_dir>/delta_weights_<method>_<cache_key(method=..., layers=..., **key_parts)[:16]>.pt``
+    ``<cache_dir>/delta_weights_<method>_<fingerprint(method=..., layers=..., **key_parts)[:16]>.pt``
     (weights, scores, layers, method, key_parts), written atomically and loaded instead of
     recomputed when present. ``key_parts`` must name everything else the weights depend on
     (model weights, data, seed, settings).
@@ -508,7 +400,7 @@ def compute_channel_weights(model: nn.Module, head_name: str, layer_names: Seque
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.save(path, {"weights": weights, "scores": scores, "layers": layers, "method": method,
-                               "key_parts": json.loads(_canonical_json(key_parts))})
+                               "key_parts": json.loads(canonical_json(key_parts))})
     info = {"method": method, "seconds": time.perf_counter() - started, "cached": False,
             "path": None if path is None else str(path)}
     return weights, info

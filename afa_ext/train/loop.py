@@ -19,14 +19,14 @@ bitwise where an uninterrupted one ends (on the CPU).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -34,18 +34,20 @@ from torch import nn
 import afa_ext
 
 from . import checkpoint, distributed, plots
-from .config import ConfigError, TrainConfig, epochs_per_stage, from_dict, load_toml, stage_plan, to_toml, \
-    validate, with_defaults, RESUME_FREE
+from .config import DELTA_ESTIMATES, RESUME_FREE, ConfigError, Stage, TrainConfig, epochs_per_stage, from_dict, \
+    load_toml, resolve, stage_plan, to_toml
 from .data import GlobalBatchSampler, load_data, mix_seed
-from .models import ARCH_PRESETS, FeatureHooks, build_model, default_layers, feature_shapes, head_module_name, \
-    preset_alphas, resolve_layers
+from .identity import file_identity
+from .models import FeatureHooks, build_model, feature_shapes, head_module_name, resolve_layers
 from .outputs import CHECKPOINT, CONFIG, CURVES, MODEL, check_out_folder, write_metrics, write_result
-from .regularizers import check_channel_weights, feature_term, source_anchors
-from .step import StepModule, step_losses
+from .pretrain import digits_source_path, digits_source_weights
+from .regularizers import REGULARIZERS, check_channel_weights, source_parameters
+from .state import BestModel, EpochRecord, EpochSums, RunState, StageResult
+from .step import StepLosses, StepModule, step_losses
 
 __all__ = ["run", "Interrupted", "Diverged"]
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 class Diverged(RuntimeError):
@@ -59,26 +61,6 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by {signal.Signals(signum).name}: checkpoint written to {path}; "
                          f"continue with --resume")
         self.signum = signum
-
-
-@dataclass
-class _Best:
-    val_acc: float = -1.0
-    epoch: int = -1
-    model: Optional[dict] = None
-    term: Optional[dict] = None
-
-
-@dataclass
-class _EpochSums:
-    """Per-epoch sums of each term (global meaning once reduced over ranks)."""
-
-    ce: float = 0.0
-    feature: float = 0.0
-    head: float = 0.0
-    correct: int = 0
-    steps: int = 0
-    seconds: float = 0.0
 
 
 class _StopFlag:
@@ -109,15 +91,14 @@ class _StopFlag:
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Defaults filled in and every setting checked; on --resume, the saved configuration,
     which must agree with the given one but for the settings a resumption may change."""
-    resolved = with_defaults(config, torch.cuda.is_available())
-    validate(resolved)
+    resolved = resolve(config, torch.cuda.is_available())
     if resolved.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {resolved.device}: no CUDA device is available here; use --device cpu")
     out = Path(resolved.out)
     check_out_folder(out, resolved.resume)
     if resolved.resume:
         # Resolved too: a setting added since the run started takes its default.
-        saved = with_defaults(from_dict(load_toml(str(out / CONFIG)), str(out / CONFIG)), torch.cuda.is_available())
+        saved = resolve(from_dict(load_toml(str(out / CONFIG)), str(out / CONFIG)), torch.cuda.is_available())
         differing = [key for key, value in saved.to_dict().items()
                      if key not in RESUME_FREE and value != getattr(resolved, key)]
         if differing:
@@ -151,18 +132,14 @@ class Run:
                               f"{self.dist.world} processes")
         self.data = load_data(config.data, image_size=config.image_size, val_fraction=config.val_fraction,
                               seed=config.seed, shots=config.shots)
-        preset = ARCH_PRESETS.get(config.arch)
-        self.image_size = config.image_size or (preset.image_size if preset else 224)
-        weights = config.weights
-        if weights is None:
-            weights = self._default_weights()
-        model = build_model(config.arch, self.data.num_classes, weights, in_channels=self.data.in_channels)
+        if config.weights == digits_source_path(config.cache_dir, config.image_size):
+            digits_source_weights(config.cache_dir, config.image_size, log=self.log)  # trained on first use
+        model = build_model(config.arch, self.data.num_classes, config.weights, in_channels=self.data.in_channels)
         self.head = head_module_name(model, config.arch)
-        self.layers = resolve_layers(model, config.layers if config.layers else default_layers(config.arch))
-        self.shapes = feature_shapes(model, self.layers, self.image_size, self.data.in_channels)
-        self.stages = stage_plan(config, *preset_alphas(config.arch))
+        self.layers = resolve_layers(model, config.layers)
+        self.shapes = feature_shapes(model, self.layers, config.image_size, self.data.in_channels)
+        self.stages: List[Stage] = stage_plan(config)
         self.epochs = epochs_per_stage(config, len(self.data.train))
-        self.eval_batch_size = config.eval_batch_size or 4 * config.batch_size
         model = model.to(self.device)
         if config.sync_bn and self.dist.enabled:
             model = distributed.convert_sync_batchnorm(model, self.device)
@@ -176,24 +153,17 @@ class Run:
         self.channel_weights = None
         self.delta_info: Dict = {}
         self.resuming = config.resume and (self.out / CHECKPOINT).is_file()
-        if any(stage["reg"] == "delta" for stage in self.stages) and not self.resuming:
-            self.channel_weights = self._shared_delta_weights(weights)
+        if any(REGULARIZERS[stage.reg].needs_channel_weights for stage in self.stages) and not self.resuming:
+            self.channel_weights = self._shared_delta_weights()
         self.sampler = GlobalBatchSampler(len(self.data.train), config.batch_size, seed=config.seed, shuffle=True,
                                           rank=self.dist.rank, world=self.dist.world)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
 
-    def _default_weights(self) -> str:
-        if self.config.arch == "digits_cnn":
-            from .pretrain import digits_source_weights
-
-            return digits_source_weights(self.config.cache_dir, self.image_size, log=self.log)
-        return "imagenet"
-
-    def _delta_weights(self, weights: str):
+    def _delta_weights(self):
         from .delta_weights import compute_channel_weights, load_channel_weights
 
         choice = self.config.delta_weights
-        if choice not in ("removal", "taylor"):
+        if choice not in DELTA_ESTIMATES:
             try:
                 loaded = [w.float() for w in load_channel_weights(choice)]
             except ValueError as error:
@@ -208,43 +178,45 @@ class Run:
             self.data.train, batch_sampler=GlobalBatchSampler(len(self.data.train), self.config.batch_size,
                                                               seed=self.config.seed, shuffle=True),
             num_workers=self.config.workers)
-        key_parts = {"arch": self.config.arch, "weights": _weights_identity(weights), "data": self.data.fingerprint,
-                     "image_size": self.image_size, "seed": self.config.seed,
+        weights = self.config.weights
+        key_parts = {"arch": self.config.arch, "data": self.data.fingerprint, "image_size": self.config.image_size,
+                     "weights": weights if weights in ("imagenet", "none") else file_identity(weights),
+                     "seed": self.config.seed,
                      "head_epochs": self.config.delta_head_epochs, "batches": self.config.delta_batches,
                      "batch_size": self.config.batch_size}
         started = time.perf_counter()
         result, info = compute_channel_weights(
             self.model, self.head, self.layers, loader, method=choice, head_epochs=self.config.delta_head_epochs,
-            head_lr=self.stages[0]["lr"], score_batches=self.config.delta_batches, device=self.device,
-            cache_dir=self.config.cache_dir, key_parts=key_parts,
-            max_rows=self.eval_batch_size)
+            head_lr=self.stages[0].lr, score_batches=self.config.delta_batches, device=self.device,
+            cache_dir=self.config.cache_dir, key_parts=key_parts, max_rows=self.config.eval_batch_size)
         self.delta_info = dict(info, seconds=info.get("seconds", time.perf_counter() - started))
         self.log(f"DELTA channel weights ({choice}): {'cached' if info.get('cached') else 'computed'} "
                  f"in {self.delta_info['seconds']:.1f} s")
         return [w.float() for w in result]
 
-    def _shared_delta_weights(self, weights: str):
+    def _shared_delta_weights(self):
         """The DELTA weights: read from a file by every rank, or estimated by rank 0 alone and
         sent to the others (the estimate runs whole forward passes: once is enough)."""
-        if not self.dist.enabled or self.config.delta_weights not in ("removal", "taylor"):
-            return self._delta_weights(weights)
-        payload = [self._delta_weights(weights), self.delta_info] if self.dist.is_main else [None, None]
+        if not self.dist.enabled or self.config.delta_weights not in DELTA_ESTIMATES:
+            return self._delta_weights()
+        payload = [self._delta_weights(), self.delta_info] if self.dist.is_main else [None, None]
         torch.distributed.broadcast_object_list(payload, src=0)
         self.delta_info = payload[1]
         return payload[0]
 
     def _setup_stage(self, index: int) -> None:
         stage = self.stages[index]
+        self.regularizer = REGULARIZERS[stage.reg]
         weights = None if self.channel_weights is None else [w.to(self.device) for w in self.channel_weights]
-        term = feature_term(stage["reg"], backend=self.config.backend, feature_shapes=self.shapes,
-                            channel_weights=weights)
-        self.term = None if term is None else term.to(self.device)
+        build = self.regularizer.loss_module
+        self.term = None if build is None else build(self.config.backend, self.shapes, weights).to(self.device)
         parameters = list(self.model.parameters()) + ([] if self.term is None else list(self.term.parameters()))
-        self.optimizer = torch.optim.SGD(parameters, lr=stage["lr"], momentum=self.config.momentum,
+        self.optimizer = torch.optim.SGD(parameters, lr=stage.lr, momentum=self.config.momentum,
                                          weight_decay=self.config.weight_decay)
         milestone = max(1, round(self.config.lr_decay_at * self.epochs))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, [milestone], gamma=self.config.lr_gamma)
-        self.anchors = source_anchors(self.source, self.head) if stage["reg"] == "l2sp" else None
+        self.source_values = source_parameters(self.source, self.head) \
+            if self.regularizer.reads_source_parameters else None
         self.step_module = StepModule(self.model, self.forward_model, self.hooks, self.term)
         self.wrapped = None
 
@@ -260,16 +232,12 @@ class Run:
 
     # ------------------------------------------------------------------ state
 
-    def _fresh_state(self) -> Dict:
-        return {"version": CHECKPOINT_VERSION, "stage": 0, "epoch": 0, "step": 0, "sums": _EpochSums(),
-                "best": _Best(), "stage_results": [], "rows": [], "elapsed": 0.0,
-                "channel_weights": self.channel_weights, "delta_info": self.delta_info}
-
-    def _checkpoint(self, state: Dict) -> None:
+    def _checkpoint(self, state: RunState) -> None:
         if not self.dist.is_main:
             return
-        payload = dict(state)
-        payload.update({
+        checkpoint.save(self.out / CHECKPOINT, {
+            "version": CHECKPOINT_VERSION,
+            "state": state,
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "source": self.source.state_dict(),
@@ -279,95 +247,90 @@ class Run:
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_states(),
         })
-        checkpoint.save(self.out / CHECKPOINT, payload)
 
-    def _restore(self) -> Dict:
+    def _restore(self) -> RunState:
         saved = checkpoint.load(self.out / CHECKPOINT)
         if saved.get("version") != CHECKPOINT_VERSION:
             raise ConfigError(f"--resume: {self.out / CHECKPOINT} was written by another version of the trainer")
-        self.channel_weights = saved["channel_weights"]
-        self.delta_info = saved["delta_info"]
+        state: RunState = saved["state"]
+        self.channel_weights = state.channel_weights
+        self.delta_info = state.delta_info
         self.model.load_state_dict(saved["model"])
         self.source.load_state_dict(saved["source"])
-        if saved["stage"] < len(self.stages):
-            self._setup_stage(saved["stage"])
+        if state.stage < len(self.stages):
+            self._setup_stage(state.stage)
             if self.term is not None:
                 self.term.load_state_dict(saved["term"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         checkpoint.restore_rng_states(saved["rng"])
-        keys = ("version", "stage", "epoch", "step", "sums", "best", "stage_results", "rows", "elapsed",
-                "channel_weights", "delta_info")
-        return {key: saved[key] for key in keys}
+        return state
 
     # ------------------------------------------------------------------ run
 
     def run(self) -> Dict:
-        config = self.config
         started = time.perf_counter()
         if self.resuming:
             state = self._restore()
-            self.log(f"resuming {self.out}: stage {state['stage'] + 1}, {state['epoch']} of {self.epochs} epochs "
-                     f"and {state['step']} steps done")
+            self.log(f"resuming {self.out}: stage {state.stage + 1}, {state.epoch} of {self.epochs} epochs "
+                     f"and {state.step} steps done")
         else:
             if self.dist.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                checkpoint.atomic_write_text(self.out / CONFIG, to_toml(config))
+                checkpoint.atomic_write_text(self.out / CONFIG, to_toml(self.config))
             self.dist.barrier()
-            state = self._fresh_state()
+            state = RunState(channel_weights=self.channel_weights, delta_info=self.delta_info)
             self._setup_stage(0)
-        state["elapsed_at_start"] = state["elapsed"]
-        self._started = started
+        self._clock = (state.elapsed, started)
         with _StopFlag() as stop:
-            while state["stage"] < len(self.stages):
+            while state.stage < len(self.stages):
                 self._run_stage(state, stop)
         result = self._finish(state)
         self.dist.barrier()  # no rank leaves the process group while another still uses it
         return result
 
-    def _elapsed(self, state: Dict) -> float:
-        return state["elapsed_at_start"] + time.perf_counter() - self._started
+    def _elapsed(self) -> float:
+        """Seconds of this run, the sessions before a resumption included."""
+        before, started = self._clock
+        return before + time.perf_counter() - started
 
-    def _run_stage(self, state: Dict, stop: _StopFlag) -> None:
-        index = state["stage"]
-        stage = self.stages[index]
-        while state["epoch"] < self.epochs:
+    def _run_stage(self, state: RunState, stop: _StopFlag) -> None:
+        stage = self.stages[state.stage]
+        while state.epoch < self.epochs:
             self._train_epoch(state, stop)
             self._check_finite(state, stage)
-            epoch = state["epoch"]
             val_acc = self.evaluate(self.data.val)
-            best: _Best = state["best"]
+            best = state.best
             if val_acc > best.val_acc:
-                best.val_acc, best.epoch = val_acc, epoch + 1
+                best.val_acc, best.epoch = val_acc, state.epoch + 1
                 best.model = copy.deepcopy(self.model.state_dict())
                 best.term = None if self.term is None else copy.deepcopy(self.term.state_dict())
             self._record_epoch(state, stage, val_acc)
             self.scheduler.step()
-            state["epoch"], state["step"], state["sums"] = epoch + 1, 0, _EpochSums()
-            state["elapsed"] = self._elapsed(state)
+            state.epoch, state.step, state.sums = state.epoch + 1, 0, EpochSums()
+            state.elapsed = self._elapsed()
             self._checkpoint(state)
             if self._stop_agreed(stop):
                 raise Interrupted(stop.signum or signal.SIGTERM, self.out / CHECKPOINT)
-        best = state["best"]
-        state["stage_results"].append({"reg": stage["reg"], "lr": stage["lr"], "alpha": stage["alpha"],
-                                       "epochs": self.epochs, "steps": self.epochs * len(self.sampler.global_batches()),
-                                       "best_epoch": best.epoch, "best_val_acc": best.val_acc})
+        best = state.best
+        state.stage_results.append(StageResult(stage.reg, stage.lr, stage.alpha, self.epochs,
+                                               self.epochs * len(self.sampler.global_batches()),
+                                               best.epoch, best.val_acc))
         self.model.load_state_dict(best.model)
-        state["stage"] += 1
-        state["epoch"], state["step"] = 0, 0
-        if state["stage"] < len(self.stages):
+        state.stage, state.epoch, state.step = state.stage + 1, 0, 0
+        if state.stage < len(self.stages):
             # The next stage starts from this stage's best model, which is also its source.
             self.source.load_state_dict(best.model)
-            state["best"] = _Best(best.val_acc, 0, best.model, None)
-            self._setup_stage(state["stage"])
-            self.log(f"stage {state['stage'] + 1}: starting from the best stage-{state['stage']} model "
+            state.best = BestModel(best.val_acc, 0, best.model, None)
+            self._setup_stage(state.stage)
+            self.log(f"stage {state.stage + 1}: starting from the best stage-{state.stage} model "
                      f"(val acc {best.val_acc:.4f}), which also becomes the source model")
 
-    def _check_finite(self, state: Dict, stage: Dict) -> None:
+    def _check_finite(self, state: RunState, stage: Stage) -> None:
         """Raise Diverged unless the epoch's losses and the model's weights and statistics after it are finite."""
-        sums: _EpochSums = state["sums"]
-        terms = {"ce": sums.ce, "feature": sums.feature, "head L2": sums.head}
+        sums = state.sums
+        terms = {"ce": sums.ce, "regulariser": sums.regularizer, "head L2": sums.head}
         tensors = list(self.model.state_dict().values())
         tensors += [] if self.term is None else list(self.term.state_dict().values())
         weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
@@ -376,10 +339,10 @@ class Run:
         values = ", ".join(f"{name} {value}" for name, value in terms.items())
         if not weights_finite:
             values += ", and weights or batch-norm statistics that are not"
+        flags = "--lr or --alpha" if state.stage == 0 else "--stage2-lr or --stage2-alpha"
         raise Diverged(
-            f"stage {state['stage'] + 1} ({stage['reg']}) epoch {state['epoch'] + 1}: the loss is not finite "
-            f"({values}); lower --lr or --alpha (randomly initialised weights give the frozen source model, in "
-            f"eval mode, features far from the target's in train mode); "
+            f"stage {state.stage + 1} ({stage.reg}) epoch {state.epoch + 1}: the loss is not finite ({values}) "
+            f"at alpha {stage.alpha:g} and lr {self.optimizer.param_groups[0]['lr']:g}; lower {flags}; "
             + ("the checkpoint of the epoch before is kept" if (self.out / CHECKPOINT).is_file()
                else "no checkpoint had been written"))
 
@@ -399,10 +362,9 @@ class Run:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def _train_epoch(self, state: Dict, stop: _StopFlag) -> None:
-        stage = self.stages[state["stage"]]
-        epoch, first_step = state["epoch"], state["step"]
-        sums: _EpochSums = state["sums"]
+    def _train_epoch(self, state: RunState, stop: _StopFlag) -> None:
+        stage = self.stages[state.stage]
+        epoch, first_step, sums = state.epoch, state.step, state.sums
         self.sampler.set_epoch(epoch)
         self.data.train.set_epoch(epoch)
         global_batches = self.sampler.global_batches()
@@ -417,28 +379,30 @@ class Run:
         self.model.train()
         if self.term is not None:
             self.term.train()
-        bar = _progress_bar(len(global_batches), first_step, self.progress,
-                            f"stage {state['stage'] + 1}/{len(self.stages)} ({stage['reg']}) "
-                            f"epoch {epoch + 1}/{self.epochs}")
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(global_batches), initial=first_step, leave=False, dynamic_ncols=True,
+                   disable=not self.progress,
+                   desc=f"stage {state.stage + 1}/{len(self.stages)} ({stage.reg}) epoch {epoch + 1}/{self.epochs}")
         device_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         started = time.perf_counter()
         for step, (images, labels) in enumerate(loader, start=first_step):
             losses = self.train_step(images, labels, len(global_batches[step]), stage)
-            device_sums += torch.stack([losses.ce.double(), losses.feature.double(), losses.head.double(),
+            device_sums += torch.stack([losses.ce.double(), losses.regularizer.double(), losses.head.double(),
                                         losses.correct.double()])
             sums.steps += 1
             bar.update(1)
             if stop.signum is not None and not self.dist.enabled and step + 1 < len(global_batches):
                 self._add_sums(sums, device_sums, started)
-                state["step"] = step + 1
-                state["elapsed"] = self._elapsed(state)
+                state.step = step + 1
+                state.elapsed = self._elapsed()
                 self._checkpoint(state)
                 bar.close()
                 raise Interrupted(stop.signum, self.out / CHECKPOINT)
         bar.close()
         self._add_sums(sums, device_sums, started)
 
-    def train_step(self, images, labels, global_batch: int, stage: Dict):
+    def train_step(self, images, labels, global_batch: int, stage: Stage) -> StepLosses:
         """One optimizer step on this rank's share of a global batch; returns its StepLosses."""
         images, labels = self._to_device(images), labels.to(self.device, non_blocking=True)
         mean_scale, sum_scale = distributed.loss_scales(self.dist, len(labels), global_batch)
@@ -446,10 +410,11 @@ class Run:
             with torch.no_grad():
                 self.source(images)
                 source_features = [f.detach() for f in self.source_hooks.features]
-            logits, feature = self._wrapped_step()(images, source_features)
-            losses = step_losses(logits, labels, feature, reg=stage["reg"], alpha=stage["alpha"],
-                                 beta=self.config.beta, model=self.model, head=self.head, anchors=self.anchors,
-                                 mean_scale=mean_scale, sum_scale=sum_scale, world=self.dist.world)
+            logits, feature_term = self._wrapped_step()(images, source_features)
+            losses = step_losses(logits, labels, feature_term, regularizer=self.regularizer, alpha=stage.alpha,
+                                 beta=self.config.beta, model=self.model, head=self.head,
+                                 source_values=self.source_values, mean_scale=mean_scale, sum_scale=sum_scale,
+                                 world=self.dist.world)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses.total).backward()
         self.scaler.step(self.optimizer)
@@ -458,34 +423,33 @@ class Run:
         self.source_hooks.clear()
         return losses
 
-    def _add_sums(self, sums: _EpochSums, device_sums: torch.Tensor, started: float) -> None:
+    def _add_sums(self, sums: EpochSums, device_sums: torch.Tensor, started: float) -> None:
         """Fold this epoch's device-side sums (over ranks) into ``sums``: one sync per epoch."""
         reduced = distributed.all_reduce_sum(self.dist, device_sums).cpu().tolist()
         sums.ce += reduced[0]
-        sums.feature += reduced[1]
+        sums.regularizer += reduced[1]
         sums.head += reduced[2]
         sums.correct += int(round(reduced[3]))
         sums.seconds += time.perf_counter() - started
 
-    def _record_epoch(self, state: Dict, stage: Dict, val_acc: float) -> None:
-        sums: _EpochSums = state["sums"]
+    def _record_epoch(self, state: RunState, stage: Stage, val_acc: float) -> None:
+        sums = state.sums
         steps = max(sums.steps, 1)
-        ce, feature, head = sums.ce / steps, sums.feature / steps, sums.head / steps
+        ce, regularizer, head = sums.ce / steps, sums.regularizer / steps, sums.head / steps
         seen = sum(len(batch) for batch in self.sampler.global_batches())
-        row = {
-            "stage": state["stage"] + 1, "reg": stage["reg"], "epoch": state["epoch"] + 1,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "ce": ce, "feature": feature, "head_l2": head,
-            "total": ce + stage["alpha"] * feature + self.config.beta * head,
-            "train_acc": sums.correct / max(seen, 1), "val_acc": val_acc,
-            "best_val_acc": max(state["best"].val_acc, val_acc), "seconds": sums.seconds,
-        }
-        state["rows"].append(row)
+        record = EpochRecord(
+            stage=state.stage + 1, reg=stage.reg, epoch=state.epoch + 1,
+            lr=float(self.optimizer.param_groups[0]["lr"]), ce=ce, feature=regularizer, head_l2=head,
+            total=ce + stage.alpha * regularizer + self.config.beta * head,
+            train_acc=sums.correct / max(seen, 1), val_acc=val_acc,
+            best_val_acc=max(state.best.val_acc, val_acc), seconds=sums.seconds)
+        state.records.append(record)
         if self.dist.is_main:
-            write_metrics(self.out, state["rows"])
-        self.log(f"stage {row['stage']}/{len(self.stages)} ({row['reg']}) epoch {row['epoch']}/{self.epochs}: "
-                 f"lr {row['lr']:.3g}  ce {ce:.4f}  feature {feature:.4g}  head {head:.4g}  total {row['total']:.4f}  "
-                 f"train acc {row['train_acc']:.4f}  val acc {val_acc:.4f}  ({sums.seconds:.1f} s)")
+            write_metrics(self.out, state.records)
+        self.log(f"stage {record.stage}/{len(self.stages)} ({record.reg}) epoch {record.epoch}/{self.epochs}: "
+                 f"lr {record.lr:.3g}  ce {ce:.4f}  regulariser {regularizer:.4g}  head {head:.4g}  "
+                 f"total {record.total:.4f}  train acc {record.train_acc:.4f}  val acc {val_acc:.4f}  "
+                 f"({sums.seconds:.1f} s)")
 
     @torch.no_grad()
     def evaluate(self, split) -> float:
@@ -493,7 +457,7 @@ class Run:
         was_training = self.model.training
         self.model.eval()
         indices = list(range(self.dist.rank, len(split), self.dist.world))
-        loader = torch.utils.data.DataLoader(split, batch_size=self.eval_batch_size, sampler=indices,
+        loader = torch.utils.data.DataLoader(split, batch_size=self.config.eval_batch_size, sampler=indices,
                                              num_workers=self.config.workers,
                                              generator=torch.Generator().manual_seed(self.config.seed))
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -507,18 +471,18 @@ class Run:
         correct, total = distributed.all_reduce_sum(self.dist, counts).cpu().tolist()
         return correct / max(total, 1)
 
-    def _finish(self, state: Dict) -> Dict:
-        final = state["stage_results"][-1]
+    def _finish(self, state: RunState) -> Dict:
+        final = state.stage_results[-1]
         test_acc = self.evaluate(self.data.test)
         result = {
             "test_acc": test_acc,
-            "best_val_acc": final["best_val_acc"],
+            "best_val_acc": final.best_val_acc,
             "method": self.config.reg,
-            "stages": state["stage_results"],
+            "stages": [dataclasses.asdict(stage) for stage in state.stage_results],
             "epochs_per_stage": self.epochs,
-            "epochs_run": sum(stage["epochs"] for stage in state["stage_results"]),
-            "steps": sum(stage["steps"] for stage in state["stage_results"]),
-            "wall_time_s": self._elapsed(state),
+            "epochs_run": sum(stage.epochs for stage in state.stage_results),
+            "steps": sum(stage.steps for stage in state.stage_results),
+            "wall_time_s": self._elapsed(),
             "backend": self.config.backend,
             "backends_available": afa_ext.available_backends(),
             "arch": self.config.arch,
@@ -528,44 +492,18 @@ class Run:
             "images": {"train": len(self.data.train), "val": len(self.data.val), "test": len(self.data.test)},
             "test_is_val": bool(getattr(self.data, "test_is_val", False)),
             "world_size": self.dist.world,
-            "delta_weights": {k: v for k, v in (state["delta_info"] or {}).items() if k != "path"},
+            "delta_weights": {k: v for k, v in (state.delta_info or {}).items() if k != "path"},
         }
         if self.dist.is_main:
-            state_dict = self.model.state_dict()
-            buffer_path = self.out / MODEL
-            checkpoint.save(buffer_path, state_dict)
+            checkpoint.save(self.out / MODEL, self.model.state_dict())
             write_result(self.out, result)
             title = f"{self.config.data} {self.config.arch} {self.config.reg} seed {self.config.seed}"
-            plots.save(plots.curves_figure(state["rows"], [stage["alpha"] for stage in self.stages],
-                                           self.config.beta, title), self.out / CURVES)
-        self.log(f"test accuracy {test_acc:.4f} (best validation accuracy {final['best_val_acc']:.4f}); "
+            plots.save(plots.curves_figure([dataclasses.asdict(r) for r in state.records],
+                                           [stage.alpha for stage in self.stages], self.config.beta, title),
+                       self.out / CURVES)
+        self.log(f"test accuracy {test_acc:.4f} (best validation accuracy {final.best_val_acc:.4f}); "
                  f"results in {self.out}")
         return result
-
-
-def _weights_identity(weights: str) -> str:
-    """What identifies the starting weights in a cache key: the name, or a file's path, size and mtime."""
-    path = Path(weights)
-    if weights in ("imagenet", "none") or not path.is_file():
-        return weights
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total: int, done: int, enabled: bool, description: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, desc=description, leave=False, dynamic_ncols=True)
 
 
 def run(config: TrainConfig, *, log: Callable[[str], None] = print, progress: Optional[bool] = None) -> Dict:

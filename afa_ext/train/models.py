@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,6 +28,8 @@ __all__ = [
     "WeightsError",
     "LayerError",
     "available_architectures",
+    "check_architecture",
+    "default_image_size",
     "preset_alphas",
     "build_model",
     "head_module_name",
@@ -35,6 +38,8 @@ __all__ = [
     "resolve_layers",
     "FeatureHooks",
     "outermost_sequential_child",
+    "eval_mode",
+    "layer_output_shapes",
     "feature_shapes",
 ]
 
@@ -158,7 +163,8 @@ def available_architectures() -> List[str]:
     return sorted(set(ARCH_PRESETS) | set(_torchvision_architectures()))
 
 
-def _check_architecture(arch: str) -> None:
+def check_architecture(arch: str) -> None:
+    """LayerError naming the closest known architectures unless ``build_model`` knows ``arch``."""
     names = available_architectures()
     if arch in names:
         return
@@ -171,6 +177,12 @@ def preset_alphas(arch: str) -> Tuple[float, float]:
     """The (stage-1, stage-2) alphas of AFA for ``arch``: its preset's, else ResNet's (0.1, 0.15)."""
     preset = ARCH_PRESETS.get(arch)
     return (preset.alpha_stage1, preset.alpha_stage2) if preset else (0.1, 0.15)
+
+
+def default_image_size(arch: str) -> Optional[int]:
+    """The input side of ``arch``'s preset, None for an architecture without one."""
+    preset = ARCH_PRESETS.get(arch)
+    return preset.image_size if preset else None
 
 
 def default_layers(arch: str) -> Tuple[str, ...]:
@@ -280,7 +292,7 @@ def build_model(
     hold any number of source classes (read from its head, ``source_classes`` as fallback).
     Auxiliary classifiers (inception_v3, googlenet) are removed.
     """
-    _check_architecture(arch)
+    check_architecture(arch)
     _check_in_channels(arch, in_channels)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
@@ -546,24 +558,32 @@ class FeatureHooks:
         self.remove()
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; each module's own train/eval flag restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def layer_output_shapes(model: nn.Module, layer_names: Sequence[str], images: Tensor) -> List[Tuple[int, ...]]:
+    """(C, ...) of the output of each named layer for ``images``: one forward pass in eval
+    mode under no_grad, every module's train/eval mode restored afterwards."""
+    with eval_mode(model), FeatureHooks(model, layer_names) as hooks, torch.no_grad():
+        model(images)
+        return [tuple(feature.shape[1:]) for feature in hooks.features]
+
+
 def feature_shapes(
     model: nn.Module, layer_names: Sequence[str], image_size: int, in_channels: int = 3
 ) -> List[Tuple[int, ...]]:
-    """(C, H, W) of each hooked layer for a 2-image batch of side ``image_size``.
-
-    Runs in eval mode under no_grad and restores every module's train/eval mode afterwards.
-    """
+    """(C, H, W) of each hooked layer for a 2-image batch of side ``image_size``."""
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None else torch.get_default_dtype()
     batch = torch.zeros(2, in_channels, image_size, image_size, device=device, dtype=dtype)
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with FeatureHooks(model, layer_names) as hooks, torch.no_grad():
-            model(batch)
-            features = hooks.features
-    finally:
-        for module, training in modes:
-            module.training = training
-    return [tuple(feature.shape[1:]) for feature in features]
+    return layer_output_shapes(model, layer_names, batch)

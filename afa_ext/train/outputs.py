@@ -6,12 +6,14 @@ An existing non-empty folder is only ever continued (``--resume``), never overwr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 from typing import Dict, List
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import ConfigError
+from .state import EpochRecord
 
 __all__ = ["METRIC_COLUMNS", "check_out_folder", "write_metrics", "write_result", "CHECKPOINT", "MODEL", "RESULT",
            "CONFIG", "METRICS", "CURVES"]
@@ -23,8 +25,7 @@ MODEL = "model.pt"
 RESULT = "result.json"
 CURVES = "curves.png"
 
-METRIC_COLUMNS = ("stage", "reg", "epoch", "lr", "ce", "feature", "head_l2", "total", "train_acc", "val_acc",
-                  "best_val_acc", "seconds")
+METRIC_COLUMNS = tuple(field.name for field in dataclasses.fields(EpochRecord))
 
 
 def check_out_folder(out: Path, resume: bool) -> None:
@@ -40,13 +41,13 @@ def check_out_folder(out: Path, resume: bool) -> None:
         )
 
 
-def write_metrics(out: Path, rows: List[Dict]) -> None:
+def write_metrics(out: Path, records: List[EpochRecord]) -> None:
     """metrics.csv: one row per stage and epoch, every loss term apart."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _format(row[key]) for key in METRIC_COLUMNS})
+    for record in records:
+        writer.writerow({key: _format(value) for key, value in dataclasses.asdict(record).items()})
     atomic_write_text(out / METRICS, buffer.getvalue())
 
 

@@ -17,7 +17,7 @@ from . import checkpoint
 from .data import GlobalBatchSampler, load_digits_pretraining
 from .models import DigitsCNN
 
-__all__ = ["digits_source_weights", "pretrain_digits_cnn"]
+__all__ = ["digits_source_path", "digits_source_weights", "pretrain_digits_cnn"]
 
 RECIPE_VERSION = 1
 EPOCHS = 12
@@ -54,9 +54,14 @@ def pretrain_digits_cnn(image_size: int, log: Callable[[str], None] = print) -> 
     return model.state_dict(), correct / max(total, 1)
 
 
+def digits_source_path(cache_dir: str, image_size: int) -> str:
+    """Where the digits 0-4 model for this image size is cached (whether or not it is yet)."""
+    return str(Path(cache_dir) / f"digits_cnn_source_v{RECIPE_VERSION}_{image_size}px.pt")
+
+
 def digits_source_weights(cache_dir: str, image_size: int, log: Callable[[str], None] = print) -> str:
     """The path of the cached digits 0-4 model for this image size, training it if needed."""
-    path = Path(cache_dir) / f"digits_cnn_source_v{RECIPE_VERSION}_{image_size}px.pt"
+    path = Path(digits_source_path(cache_dir, image_size))
     if path.is_file():
         return str(path)
     log(f"pretraining the digits source model (digits 0-4, {image_size} px) once; cached in {path}")

@@ -1,4 +1,4 @@
-"""The loss terms of a training step, built on afa_ext's public losses.
+"""The regularisers of the trainer: one table, and the loss terms built on afa_ext's public losses.
 
 Total loss = CE + alpha * R + beta * 0.5 * ||W_head||^2 (the head's weight and bias), with
 R the stage's regulariser, summed over the hooked layers where it reads features
@@ -10,13 +10,17 @@ R the stage's regulariser, summed over the hooked layers where it reads features
 - ``delta``:   R = 0.5 * sum_{n,j} C * w_j * sum_p D^2 / P         (a sum over the batch)
 - ``ast``:     R = (0.5 / B) * sum_{n,p} (P * a[n,p])^2 * sum_j D^2 (a mean over the batch)
 - ``act``:     R = (0.5 / B) * sum_{n,j} C * g[n,j] * sum_p D^2     (a mean over the batch)
+- ``afa``:     AST in stage 1, then ACT in stage 2
 
 The feature terms are afa_ext's loss modules (fused kernels, one call for all layers);
-their attention modules (AST, ACT) are trained with the model.
+their attention modules (AST, ACT) are trained with the model. ``REGULARIZERS`` is the one
+table the command line, the configuration's validation and defaults, the stage plan, the
+step and the distributed scaling read.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,35 +28,66 @@ from torch import Tensor, nn
 import afa_ext
 from afa_ext import reference
 
-__all__ = ["FEATURE_TERMS", "BATCH_SUMS", "feature_term", "check_channel_weights", "head_l2", "l2sp_term", "source_anchors"]
+__all__ = ["Regularizer", "REGULARIZERS", "check_channel_weights", "head_l2", "l2sp_term", "source_parameters"]
 
-FEATURE_TERMS = ("fea_map", "delta", "ast", "act")
-# Feature terms that sum over the batch instead of averaging (see distributed.py).
-BATCH_SUMS = ("fea_map", "delta")
+Shapes = Sequence[Tuple[int, ...]]
+# (backend, (C, H, W) of each hooked layer, DELTA's channel weights or None) -> the loss module
+LossModuleBuilder = Callable[[str, Shapes, Optional[List[Tensor]]], nn.Module]
 
 
-def feature_term(kind: str, *, backend: str, feature_shapes: Sequence[Tuple[int, ...]],
-                 channel_weights: Optional[List[Tensor]] = None) -> Optional[nn.Module]:
-    """The loss module of a feature regulariser, or None for ``none`` and ``l2sp``.
+@dataclass(frozen=True)
+class Regularizer:
+    """What the trainer needs to know of one regulariser.
 
-    ``feature_shapes``: (C, H, W) of each hooked layer, so that the attention modules
-    exist (and can be given to the optimizer) before the first step.
+    ``loss_module`` builds its feature term (None for ``none``, ``l2sp`` and the two-stage
+    ``afa``); ``alpha`` is its default weight, unless ``preset_alpha`` names which of the
+    architecture's (stage-1, stage-2) AFA alphas it takes; ``batch_sum`` says that R sums
+    over the batch instead of averaging (distributed.py scales the two apart);
+    ``stage_regularizers`` are the regularisers of the stages of a multi-stage method.
     """
-    if kind == "fea_map":
-        return afa_ext.FeatureMapAlignment(backend=backend)
-    if kind == "delta":
-        if channel_weights is None:
-            raise ValueError("feature_term: delta needs channel_weights")
-        check_channel_weights(channel_weights, feature_shapes)
-        return afa_ext.DeltaAlignment(channel_weights, backend=backend)
-    if kind == "ast":
-        return afa_ext.AttentiveSpatialAlignment(backend=backend, feature_shapes=feature_shapes)
-    if kind == "act":
-        return afa_ext.AttentiveChannelAlignment(backend=backend, feature_shapes=feature_shapes)
-    return None
+
+    name: str
+    loss_module: Optional[LossModuleBuilder] = None
+    alpha: float = 0.0
+    preset_alpha: Optional[int] = None
+    batch_sum: bool = False
+    needs_channel_weights: bool = False
+    reads_source_parameters: bool = False
+    stage_regularizers: Tuple[str, ...] = ()
+
+    @property
+    def default_stages(self) -> int:
+        return max(1, len(self.stage_regularizers))
+
+    def default_alpha(self, preset_alphas: Tuple[float, float]) -> float:
+        """The default alpha, given the architecture's (stage-1, stage-2) AFA alphas."""
+        return self.alpha if self.preset_alpha is None else preset_alphas[self.preset_alpha]
 
 
-def check_channel_weights(channel_weights: Sequence[Tensor], feature_shapes: Sequence[Tuple[int, ...]]) -> None:
+def _delta_module(backend: str, shapes: Shapes, channel_weights: Optional[List[Tensor]]) -> nn.Module:
+    if channel_weights is None:
+        raise ValueError("the delta regulariser needs DELTA channel weights")
+    check_channel_weights(channel_weights, shapes)
+    return afa_ext.DeltaAlignment(channel_weights, backend=backend)
+
+
+REGULARIZERS: Dict[str, Regularizer] = {
+    regularizer.name: regularizer for regularizer in (
+        Regularizer("none"),
+        Regularizer("l2sp", alpha=0.01, reads_source_parameters=True),
+        Regularizer("fea_map", lambda backend, shapes, weights: afa_ext.FeatureMapAlignment(backend=backend),
+                    alpha=0.01, batch_sum=True),
+        Regularizer("delta", _delta_module, alpha=0.01, batch_sum=True, needs_channel_weights=True),
+        Regularizer("ast", lambda backend, shapes, weights: afa_ext.AttentiveSpatialAlignment(
+            backend=backend, feature_shapes=shapes), preset_alpha=0),
+        Regularizer("act", lambda backend, shapes, weights: afa_ext.AttentiveChannelAlignment(
+            backend=backend, feature_shapes=shapes), preset_alpha=1),
+        Regularizer("afa", stage_regularizers=("ast", "act")),
+    )
+}
+
+
+def check_channel_weights(channel_weights: Sequence[Tensor], feature_shapes: Shapes) -> None:
     """ValueError unless there is one (C,) weight vector per hooked layer of C channels."""
     if len(channel_weights) != len(feature_shapes):
         raise ValueError(f"expected DELTA channel weights for {len(feature_shapes)} layers, got {len(channel_weights)}")
@@ -62,21 +97,17 @@ def check_channel_weights(channel_weights: Sequence[Tensor], feature_shapes: Seq
                              f"({shape[0]},), got {tuple(weights.shape)}")
 
 
-def head_parameters(model: nn.Module, head: str) -> List[Tensor]:
-    return list(model.get_submodule(head).parameters())
-
-
 def head_l2(model: nn.Module, head: str) -> Tensor:
     """0.5 * sum over the head's parameters p of ||p||^2."""
-    return 0.5 * sum(torch.sum(p.float() ** 2) for p in head_parameters(model, head))
+    return 0.5 * sum(torch.sum(p.float() ** 2) for p in model.get_submodule(head).parameters())
 
 
-def source_anchors(source: nn.Module, head: str) -> Dict[str, Tensor]:
-    """The source model's non-head parameters, detached copies: L2-SP's anchor."""
+def source_parameters(source: nn.Module, head: str) -> Dict[str, Tensor]:
+    """The source model's non-head parameters, detached copies: what L2-SP pulls towards."""
     prefix = head + "."
     return {name: p.detach().clone() for name, p in source.named_parameters() if not name.startswith(prefix)}
 
 
-def l2sp_term(model: nn.Module, anchors: Dict[str, Tensor], head: str) -> Tensor:
+def l2sp_term(model: nn.Module, source_values: Dict[str, Tensor], head: str) -> Tensor:
     """0.5 * sum over non-head parameters of ||w - w_source||^2."""
-    return reference.l2sp_loss(model, anchors, exclude=(head + ".",))
+    return reference.l2sp_loss(model, source_values, exclude=(head + ".",))

@@ -8,13 +8,13 @@ one-process gradient of the global batch (distributed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .regularizers import BATCH_SUMS, head_l2, l2sp_term
+from .regularizers import Regularizer, head_l2, l2sp_term
 
 __all__ = ["StepModule", "StepLosses", "step_losses"]
 
@@ -40,32 +40,37 @@ class StepModule(nn.Module):
 @dataclass
 class StepLosses:
     """The terms of one step: ``total`` is what is differentiated (scaled for this rank);
-    the others carry their global, one-process meaning once summed over the ranks."""
+    the others carry their global, one-process meaning once summed over the ranks.
+    ``regularizer`` is R, the regulariser's value before alpha."""
 
     total: Tensor
     ce: Tensor
-    feature: Tensor
+    regularizer: Tensor
     head: Tensor
     correct: Tensor
 
 
-def step_losses(logits: Tensor, labels: Tensor, feature: Optional[Tensor], *, reg: str, alpha: float, beta: float,
-                model: nn.Module, head: str, anchors, mean_scale: float, sum_scale: float, world: int) -> StepLosses:
-    """CE + alpha * R + beta * 0.5 * ||W_head||^2, each term scaled for this rank."""
+def step_losses(logits: Tensor, labels: Tensor, feature_term: Optional[Tensor], *, regularizer: Regularizer,
+                alpha: float, beta: float, model: nn.Module, head: str, source_values: Optional[Dict[str, Tensor]],
+                mean_scale: float, sum_scale: float, world: int) -> StepLosses:
+    """CE + alpha * R + beta * 0.5 * ||W_head||^2, each term scaled for this rank.
+
+    R is ``feature_term`` (the loss module's value), or L2-SP's distance to ``source_values``.
+    """
     ce = F.cross_entropy(logits.float(), labels)
-    if reg == "l2sp":
-        feature, feature_scale = l2sp_term(model, anchors, head), 1.0
-    elif feature is None:
-        feature, feature_scale = logits.new_zeros((), dtype=torch.float32), 1.0
+    if regularizer.reads_source_parameters:
+        value, scale = l2sp_term(model, source_values, head), 1.0
+    elif feature_term is None:
+        value, scale = logits.new_zeros((), dtype=torch.float32), 1.0
     else:
-        feature_scale = sum_scale if reg in BATCH_SUMS else mean_scale
+        value, scale = feature_term, (sum_scale if regularizer.batch_sum else mean_scale)
     head_term = head_l2(model, head)
-    total = mean_scale * ce + (alpha * feature_scale) * feature + beta * head_term
+    total = mean_scale * ce + (alpha * scale) * value + beta * head_term
     correct = (logits.detach().argmax(dim=1) == labels).sum()
     return StepLosses(
         total=total,
         ce=(mean_scale / world) * ce.detach(),
-        feature=(feature_scale / world) * feature.detach().float(),
+        regularizer=(scale / world) * value.detach().float(),
         head=head_term.detach() / world,
         correct=correct,
     )

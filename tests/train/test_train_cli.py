@@ -185,7 +185,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_checkpoint_before(tmp
     epoch = int(lines[0].split(" epoch ")[1].split(":")[0])
     if epoch > 1:  # the epochs before the divergent one were checkpointed with finite weights
         state = torch.load(out / "checkpoint.pt", weights_only=False)
-        assert state["epoch"] == epoch - 1
+        assert state["state"].epoch == epoch - 1
         assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
         assert "the checkpoint of the epoch before is kept" in lines[0]
     else:
@@ -287,3 +287,17 @@ def test_image_folder_run_end_to_end(tmp_path, resnet18_weights, tmp_path_factor
     assert result["test_acc"] == pytest.approx(correct / 6, abs=1e-12)
     assert sorted(p.name for p in out.iterdir()) == \
         ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "model.pt", "result.json"]
+
+
+def test_inception_v3_on_an_image_folder_loads_the_images_at_its_preset_size(tmp_path, capsys):
+    """Without --image-size the folder is read at inception_v3's 299 px, the size its AST
+    attention modules are built for (it was once read at 224 px, and the first step failed)."""
+    data = make_folder(tmp_path / "data", splits=(("train", 3),))
+    out = tmp_path / "out"
+    code, _, err = call_main(["--data", data, "--arch", "inception_v3", "--weights", "none", "--reg", "ast",
+                              "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--out", out], capsys)
+    assert code == 0, err
+    assert from_dict(load_toml(str(out / "config.toml")), "config.toml").image_size == 299
+    result = json.loads((out / "result.json").read_text())
+    assert result["layers"] == ["Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"]
+    assert result["epochs_run"] == 1 and result["images"]["train"] == 6

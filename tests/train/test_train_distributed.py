@@ -152,8 +152,8 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path, train_cache
     assert float(rows1[0]["feature"]) > 0
 
     if case == "delta":
-        weights1 = torch.load(d1 / "checkpoint.pt", map_location="cpu", weights_only=False)["channel_weights"]
-        weights2 = torch.load(d2 / "checkpoint.pt", map_location="cpu", weights_only=False)["channel_weights"]
+        weights1 = torch.load(d1 / "checkpoint.pt", map_location="cpu", weights_only=False)["state"].channel_weights
+        weights2 = torch.load(d2 / "checkpoint.pt", map_location="cpu", weights_only=False)["state"].channel_weights
         assert len(weights1) == len(weights2) == 3
         for w1, w2 in zip(weights1, weights2):
             torch.testing.assert_close(w2, w1, rtol=1e-5, atol=1e-7)
@@ -185,6 +185,7 @@ def test_scaled_rank_losses_average_to_the_one_process_gradient(reg):
     """(1/W) sum over ranks of the gradient of each rank's scaled total is the one-process
     gradient of the global batch, and the reported terms sum to the one-process terms, with
     uneven shares (3 and 4 of 7) so the batch-mean scale is not 1."""
+    from afa_ext.train.regularizers import REGULARIZERS
     from afa_ext.train.step import step_losses
 
     generator = torch.Generator().manual_seed(0)
@@ -198,8 +199,9 @@ def test_scaled_rank_losses_average_to_the_one_process_gradient(reg):
         squared = 0.5 * ((hidden - anchor) ** 2).sum()
         feature = squared if reg == "fea_map" else squared / len(x)  # a batch sum, or a batch mean
         mean_scale, sum_scale = loss_scales(dist, len(x), len(images))
-        return step_losses(logits, y, feature, reg=reg, alpha=0.3, beta=0.01, model=model, head="fc", anchors=None,
-                           mean_scale=mean_scale, sum_scale=sum_scale, world=dist.world)
+        return step_losses(logits, y, feature, regularizer=REGULARIZERS[reg], alpha=0.3, beta=0.01, model=model,
+                           head="fc", source_values=None, mean_scale=mean_scale, sum_scale=sum_scale,
+                           world=dist.world)
 
     model = _tiny_model(1)
     one = losses(model, images, labels, Distributed())
@@ -216,12 +218,12 @@ def test_scaled_rank_losses_average_to_the_one_process_gradient(reg):
         rank_losses.total.backward()
         for total, p in zip(averaged, model.parameters()):
             total += p.grad / len(shares)  # DistributedDataParallel averages over the ranks
-        reported += torch.stack([rank_losses.ce, rank_losses.feature, rank_losses.head]).double()
+        reported += torch.stack([rank_losses.ce, rank_losses.regularizer, rank_losses.head]).double()
     # Cross-entropy and the head term are computed in float32 (step_losses), hence the tolerance;
     # a wrong scale is off by a share's fraction (3/7, 4/7) or a factor of the world (2).
     for got, want in zip(averaged, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(reported, torch.stack([one.ce, one.feature, one.head]).double(),
+    torch.testing.assert_close(reported, torch.stack([one.ce, one.regularizer, one.head]).double(),
                                rtol=1e-6, atol=1e-8)
 
 

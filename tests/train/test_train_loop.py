@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 import afa_ext
 from afa_ext.train import distributed, loop
-from afa_ext.train.config import TrainConfig, from_dict, load_toml
+from afa_ext.train.config import Stage, TrainConfig, from_dict, load_toml
 from afa_ext.train.data import load_data
 from afa_ext.train.models import DigitsCNN
 from afa_ext.train.outputs import METRIC_COLUMNS
-from afa_ext.train.pretrain import digits_source_weights
+from afa_ext.train.pretrain import digits_source_path, digits_source_weights
 
 DIGITS_LAYERS = ["features.0", "features.1", "features.2"]
 DIGITS_CHANNELS = (16, 32, 64)
@@ -169,7 +169,7 @@ def test_first_step_loss_and_sgd_update_match_a_hand_computation(case, tmp_path,
     run._setup_stage(0)
     stage = run.stages[0]
     kind = "ast" if reg == "afa" else reg
-    assert stage == {"reg": kind, "lr": DEFAULT_LR, "alpha": DEFAULT_ALPHA[reg]}
+    assert stage == Stage(kind, DEFAULT_LR, DEFAULT_ALPHA[reg])
     assert not (Path(tmp_path) / "out").exists()
 
     # Move the target away from the source, so that L2-SP (and every D) is far from 0.
@@ -188,7 +188,7 @@ def test_first_step_loss_and_sgd_update_match_a_hand_computation(case, tmp_path,
     if kind in ("ast", "act"):
         attention64 = copy.deepcopy(run.term.attention).double()
         assert len(attention64) == len(DIGITS_LAYERS)
-    hand = hand_losses(kind, model64, source64, attention64, weights, images, labels, stage["alpha"], 0.05)
+    hand = hand_losses(kind, model64, source64, attention64, weights, images, labels, stage.alpha, 0.05)
     if kind != "none":
         assert hand.feature.item() > 1e-3  # the regulariser is really exercised
 
@@ -208,14 +208,14 @@ def test_first_step_loss_and_sgd_update_match_a_hand_computation(case, tmp_path,
     assert losses.total.item() == pytest.approx(hand.total.item(), rel=1e-5)
     assert losses.ce.item() == pytest.approx(hand.ce.item(), rel=1e-5)
     assert losses.head.item() == pytest.approx(hand.head.item(), rel=1e-5)
-    assert losses.feature.item() == pytest.approx(hand.feature.item(), rel=1e-5, abs=1e-12)
+    assert losses.regularizer.item() == pytest.approx(hand.feature.item(), rel=1e-5, abs=1e-12)
 
     # SGD, momentum 0.9, no weight decay: the first step's buffer is the gradient itself.
     after = {**model_params, **term_params}
     largest_update = 0.0
     for name, grad in zip(names, grads):
         grad = torch.zeros_like(hand_params[name]) if grad is None else grad
-        expected = before[name].double() - stage["lr"] * grad
+        expected = before[name].double() - stage.lr * grad
         torch.testing.assert_close(after[name].detach().double(), expected, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
         largest_update = max(largest_update, (after[name].detach() - before[name]).abs().max().item())
@@ -356,9 +356,11 @@ def test_out_folder_files(handover, which):
     assert sorted(p.name for p in out.iterdir()) == \
         ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "model.pt", "result.json"]
 
-    # config.toml: the resolved configuration, which loads back into the same TrainConfig.
-    assert from_dict(load_toml(str(out / "config.toml")), "config.toml") == \
-        dataclasses.replace(config, arch="digits_cnn", stages=2 if which == "afa" else 1)
+    # config.toml: the resolved configuration, every default filled in, which loads back into a TrainConfig.
+    assert from_dict(load_toml(str(out / "config.toml")), "config.toml") == dataclasses.replace(
+        config, arch="digits_cnn", stages=2 if which == "afa" else 1, image_size=16, layers=DIGITS_LAYERS,
+        weights=digits_source_path(config.cache_dir, 16), lr=DEFAULT_LR, alpha=DEFAULT_ALPHA[which],
+        eval_batch_size=4 * BATCH, workers=0)
 
     # metrics.csv: one row per stage and epoch; total = ce + alpha * feature + beta * head.
     rows = read_metrics(out)
@@ -383,10 +385,10 @@ def test_out_folder_files(handover, which):
 
     # checkpoint.pt: the state after the last epoch, with the same rows.
     saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert (saved["stage"], saved["epoch"]) == (len(stages) - 1, 2)
-    assert len(saved["rows"]) == len(rows)
-    for row, saved_row in zip(rows, saved["rows"]):
-        assert number(row, "ce") == pytest.approx(saved_row["ce"], rel=1e-5)
+    assert (saved["state"].stage, saved["state"].epoch) == (len(stages) - 1, 2)
+    assert len(saved["state"].records) == len(rows)
+    for row, saved_row in zip(rows, saved["state"].records):
+        assert number(row, "ce") == pytest.approx(saved_row.ce, rel=1e-5)
     for key in ("model", "source", "optimizer", "scheduler", "rng", "config"):
         assert key in saved
 

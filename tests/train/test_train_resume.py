@@ -118,7 +118,7 @@ def _has_stage2_row(out: Path) -> bool:
 
 def _checkpoint_position(out: Path):
     saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return saved["stage"], saved["epoch"], saved["step"]
+    return saved["state"].stage, saved["state"].epoch, saved["state"].step
 
 
 def _load_model(out: Path):

@@ -11,7 +11,7 @@ kernel promises.
 
 Block sizes are chosen per launch key by a small tuner (``_chosen_config``): with
 AFA_EXT_TRITON_AUTOTUNE=0 the first configuration of the list, untimed (results then
-repeat bit for bit across processes); otherwise each configuration timed by ``timer``
+repeat bit for bit across processes); otherwise each configuration timed by ``_measure_milliseconds``
 and the fastest kept, rank 0 deciding for every rank of a torch.distributed job
 (rank_zero.py). The setting is read at every tuning; it is on by default on a GPU and
 off under the interpreter. TRITON_INTERPRET, in contrast, is read once at import:
@@ -377,9 +377,9 @@ class Launch:
         return (kernel_name, _shape_class(self.plans), len(self.plans), str(dtype), self.rows_fast, self.fast_unit)
 
 
-def plan_launch(plans: List[LayerPlan], policy: SplitPolicy) -> Launch:
+def plan_launch(plans: List[LayerPlan]) -> Launch:
     rows_fast, fast_unit = _launch_flags(plans)
-    splits = _splits(plans, rows_fast, policy)
+    splits = _splits(plans, rows_fast, default_policy(plans[0].target.device))
     aligned = _aligned_layers(plans, splits, rows_fast, fast_unit, plans[0].target.element_size())
     return Launch(plans, rows_fast, fast_unit, splits, aligned)
 
@@ -411,17 +411,13 @@ def _measure_milliseconds(config: BlockConfig, run: Callable[[], None]) -> float
         return (time.perf_counter() - start) * 1e3
     return triton.testing.do_bench(run)
 
-
-# What the tuner times each configuration with; tests put a fake here.
-timer: Callable[[BlockConfig, Callable[[], None]], float] = _measure_milliseconds
-
 _CHOSEN: Dict[tuple, BlockConfig] = {}
 _CHOSEN_LOCK = threading.Lock()
 
 
 def _fastest(candidates: List[BlockConfig], run: Callable[[BlockConfig], None]) -> int:
-    """The index of the candidate that ``timer`` measures fastest."""
-    times = [timer(config, functools.partial(run, config)) for config in candidates]
+    """The index of the candidate that ``_measure_milliseconds`` measures fastest."""
+    times = [_measure_milliseconds(config, functools.partial(run, config)) for config in candidates]
     return times.index(min(times))
 
 
@@ -471,7 +467,7 @@ def _nothing() -> None:
 
 
 def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str,
-                   policy: Optional[SplitPolicy] = None, op: Optional[str] = None) -> List[Tensor]:
+                   op: Optional[str] = None) -> List[Tensor]:
     """d = sum over K of (t - s)^2 for every layer, in one launch (inputs already checked;
     ``op`` names the caller in errors)."""
     op = op or f"afa_ext_triton::grouped_{grouping}_sqdist"
@@ -488,7 +484,7 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
         live.append(outputs[-1])
     if not plans:
         return outputs
-    launch = plan_launch(plans, policy or default_policy(device))
+    launch = plan_launch(plans)
     candidates = launchable_configs(op, launch)
     table_rows, workspace_size, counter_size = [], 0, 0
     for plan, output, split, aligned in zip(plans, live, launch.splits, launch.aligned):
@@ -507,8 +503,7 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
 
 
 def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources: Sequence[Tensor],
-                    grouping: str, policy: Optional[SplitPolicy] = None,
-                    op: Optional[str] = None) -> List[Tensor]:
+                    grouping: str, op: Optional[str] = None) -> List[Tensor]:
     """dt = 2 * w * (t - s) for every layer, in one launch, each shaped and strided as
     torch.empty_like(t) (inputs already checked; ``op`` names the caller in errors)."""
     op = op or f"afa_ext_triton::grouped_{grouping}_sqdist_backward"
@@ -524,7 +519,7 @@ def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources:
         weights.append(grad.to(acc).contiguous())
     if not plans:
         return outputs
-    launch = plan_launch(plans, policy or default_policy(device))
+    launch = plan_launch(plans)
     candidates = launchable_configs(op, launch)
     table_rows = [_table_row(plan, launch.anchor, plan.output, weight, split, 0, 0, aligned)
                   for plan, weight, split, aligned in zip(plans, weights, launch.splits, launch.aligned)]

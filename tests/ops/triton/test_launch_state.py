@@ -69,6 +69,7 @@ def atomics_that_fail_after(monkeypatch):
 def test_an_aborted_split_forward_leaves_later_sums_right(grouping, atomics_that_fail_after, monkeypatch):
     """A launch that stops part-way (here: its second atomic raises) leaves counters of
     its row blocks half-counted; a later split forward on the same stream must not see them."""
+    monkeypatch.setattr(launch, "default_policy", lambda device: MANY_SPLITS)
     shape = (2, 4, 12, 12) if grouping == "channel" else (2, 192, 2, 3)
     aborted_target, aborted_source = _features(shape, seed=1)
     plan = launch.plan_layer(aborted_target, aborted_source, None, grouping)
@@ -76,12 +77,13 @@ def test_an_aborted_split_forward_leaves_later_sums_right(grouping, atomics_that
 
     atomics_that_fail_after(2)
     with pytest.raises(Exception, match="launch aborted by the test"):
-        launch.sqdist_forward([aborted_target], [aborted_source], grouping, MANY_SPLITS)
+        launch.sqdist_forward([aborted_target], [aborted_source], grouping)
     monkeypatch.undo()
+    monkeypatch.setattr(launch, "default_policy", lambda device: MANY_SPLITS)
 
     target, source = _features(shape, seed=2)
     for _ in range(2):
-        partials = launch.sqdist_forward([target], [source], grouping, MANY_SPLITS)
+        partials = launch.sqdist_forward([target], [source], grouping)
         _assert_forward_matches_model(partials, [target], [source], grouping)
 
 
@@ -238,7 +240,7 @@ def test_the_autotune_setting_is_read_at_every_launch(launches, monkeypatch):
     candidates = launch.configs(False)
     assert len(candidates) >= 2
     timed = []
-    monkeypatch.setattr(launch, "timer", _favouring(candidates[1], timed))
+    monkeypatch.setattr(launch, "_measure_milliseconds", _favouring(candidates[1], timed))
     target, source = _features((2, 4, 6, 6), seed=3)
     plan = launch.plan_layer(target, source, None, "channel")
     assert not plan.rows_fast
@@ -263,7 +265,7 @@ _RANKS_WORKER = """
         run()
         timed.append(config)
         return 1.0 if config == favoured else 2.0
-    launch.timer = fake_timer
+    launch._measure_milliseconds = fake_timer
     original_launch = launch._launch_kernel
     def recording(kernel, config, grid_size, args, constexprs):
         launched.append(config)
@@ -274,7 +276,9 @@ _RANKS_WORKER = """
     target, source = torch.randn(2, 4, 12, 12, generator=generator), torch.randn(2, 4, 12, 12, generator=generator)
     grad = torch.rand(2, 4, generator=generator)
     many = launch.SplitPolicy(target_programs=4096, min_k_per_split=1)
-    partial = launch.sqdist_forward([target], [source], "channel", many)[0]
+    default_policy, launch.default_policy = launch.default_policy, lambda device: many
+    partial = launch.sqdist_forward([target], [source], "channel")[0]
+    launch.default_policy = default_policy
     forward_config = launched[-1]
     gradient = launch.sqdist_backward([grad], [target], [source], "channel")[0]
     result = dict(

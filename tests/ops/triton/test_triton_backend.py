@@ -171,13 +171,14 @@ def test_grouped_ops_mix_empty_and_odd_layers(grouping):
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_split_forward_is_exact_and_deterministic(grouping, dtype):
+def test_split_forward_is_exact_and_deterministic(grouping, dtype, monkeypatch):
     """Cutting K into many slices, summed in slice order by the last program, gives the
     model's sums, bit for bit the same on every run."""
     targets, sources = _layers([(2, 24, 9, 9), (1, 96, 5), (2, 64, 3, 3)], dtype)
     many = triton_launch.SplitPolicy(target_programs=4096, min_k_per_split=1)
-    first = triton_launch.sqdist_forward(targets, sources, grouping, many)
-    again = triton_launch.sqdist_forward(targets, sources, grouping, many)
+    monkeypatch.setattr(triton_launch, "default_policy", lambda device: many)
+    first = triton_launch.sqdist_forward(targets, sources, grouping)
+    again = triton_launch.sqdist_forward(targets, sources, grouping)
     plans = [triton_launch.plan_layer(t, s, None, grouping) for t, s in zip(targets, sources)]
     assert any(splits > 1 for splits, _ in triton_launch._splits(plans, plans[0].rows_fast, many))
     for a, b, target, source in zip(first, again, targets, sources):

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from afa_ext.compat import channel_weights_from_scores, get_channel_weight
 from afa_ext.train import checkpoint
+from afa_ext.train.config import DELTA_ESTIMATES
 from afa_ext.train.identity import canonical_json, fingerprint
 from afa_ext.train.models import eval_mode, layer_output_shapes, outermost_sequential_child
 
@@ -71,7 +72,7 @@ __all__ = [
     "load_channel_weights",
 ]
 
-METHODS = ("removal", "taylor")
+METHODS = DELTA_ESTIMATES
 HEAD_MOMENTUM = 0.9
 
 

@@ -20,7 +20,7 @@ if importlib.util.find_spec("afa_ext") is None:  # run from a checkout without i
 
 import afa_ext  # noqa: E402
 from afa_ext import functional, reference  # noqa: E402
-from afa_ext.ops.backends import BACKEND_DEVICES  # noqa: E402
+from afa_ext.ops import backends  # noqa: E402
 
 LOSS_NAMES = ("feature_map_loss", "delta_loss", "channel_attentive_loss", "spatial_attentive_loss")
 SHORT_NAMES = {
@@ -147,7 +147,7 @@ def backends_on(device: torch.device, include_reference: bool = True) -> List[st
     """Available backends that compute on ``device``, in afa_ext's fixed order."""
     names = []
     for name in afa_ext.available_backends():
-        devices = BACKEND_DEVICES.get(name)
+        devices = backends._devices(name)
         if name == "reference" and not include_reference:
             continue
         if devices is None or device.type in devices:

@@ -5,6 +5,7 @@ Skipped without a CUDA device (the kernels' own tests are test_cuda_kernels.py a
 test_triton_backend.py)."""
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -16,8 +17,7 @@ from afa_ext.ops import auto_choice
 from loss_cases import LOSS_IDS, LOSSES, make_features, make_weights, relative_error, run_loss
 from op_checks import check_list_loss, layer_weights
 
-GPU_BACKENDS = [name for name in ("cuda", "triton")
-                if name in afa_ext.available_backends() and afa_ext.ops.backends.BACKEND_DEVICES[name] == ("cuda",)]
+GPU_BACKENDS = list(afa_ext.ops.backends.gpu_candidates())
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not GPU_BACKENDS,
                                 reason="needs a CUDA device and a GPU backend")
 LAYER_SHAPES = [(4, 16, 14, 14), (4, 32, 7, 7), (4, 64, 4, 4), (4, 128, 2, 2)]
@@ -58,9 +58,9 @@ def test_lists_of_layers_match_the_reference_layer_by_layer(backend, name):
 def test_auto_remembers_a_gpu_backend_per_layer_shapes():
     targets, sources, weights = _layer_inputs("channel_attentive_loss", torch.Generator().manual_seed(23))
     functional.channel_attentive_loss(targets, sources, weights)
-    choices = auto_choice.measured_choices()
+    choices = auto_choice._CHOICES
     key = auto_choice.layers_key("channel", targets)
-    if len(GPU_BACKENDS) == 2 and auto_choice.pinned_choice() is None:
+    if len(GPU_BACKENDS) == 2 and not os.environ.get(auto_choice.PIN_VARIABLE):
         assert choices[key] in GPU_BACKENDS
     else:
         assert key not in choices

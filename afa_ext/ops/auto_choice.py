@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, Hashable, Mapping, Optional, Sequence
+from typing import Callable, Dict, Hashable, Mapping, Sequence
 
 import torch
 
@@ -28,16 +28,6 @@ PIN_VARIABLE = "AFA_EXT_AUTO_CUDA"
 REPEATS = 3
 
 _CHOICES: Dict[Hashable, str] = {}
-
-
-def pinned_choice() -> Optional[str]:
-    """The backend AFA_EXT_AUTO_CUDA pins ``auto`` to, read now."""
-    return os.environ.get(PIN_VARIABLE) or None
-
-
-def measured_choices() -> Dict[Hashable, str]:
-    """What ``auto`` has measured so far: key -> backend name (a copy)."""
-    return dict(_CHOICES)
 
 
 def _seconds(run: Callable[[], object], synchronize: Callable[[], None]) -> float:
@@ -58,11 +48,11 @@ def _fastest(candidates: Mapping[str, Callable[[], object]], synchronize: Callab
 
 def choose_fastest(key: Hashable, candidates: Mapping[str, Callable[[], object]],
                    synchronize: Callable[[], None]) -> str:
-    """The name of the fastest of ``candidates`` (callables doing one pass each) for
-    ``key``, measured once (on rank 0 of a distributed job) and remembered; the first
-    candidate when tracing."""
+    """The candidate AFA_EXT_AUTO_CUDA names, if any; else the name of the fastest of
+    ``candidates`` (callables doing one pass each) for ``key``, measured once (on rank 0
+    of a distributed job) and remembered; the first candidate when tracing."""
     names = list(candidates)
-    pinned = pinned_choice()
+    pinned = os.environ.get(PIN_VARIABLE)
     if pinned in candidates:
         return pinned
     if key in _CHOICES:

@@ -25,7 +25,7 @@ import functools
 import importlib.util
 import os
 import sys
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -71,24 +71,6 @@ def _devices(name: str) -> Devices:
     if name == "triton":
         return ("cpu",) if triton_interpreted() else ("cuda",)
     return _FIXED_DEVICES[name]
-
-
-class _BackendDevices(Mapping):
-    """Backend name -> the device types it computes on (None: any), looked up when read."""
-
-    def __getitem__(self, name: str) -> Devices:
-        if name not in BACKEND_NAMES:
-            raise KeyError(name)
-        return _devices(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(BACKEND_NAMES)
-
-    def __len__(self) -> int:
-        return len(BACKEND_NAMES)
-
-
-BACKEND_DEVICES: Mapping[str, Devices] = _BackendDevices()
 
 
 def _extension_reason() -> Optional[str]:

@@ -25,7 +25,7 @@ def test_picks_the_faster_candidate_once_and_remembers_it():
     assert measured == 2 * (auto_choice.REPEATS + 1)
     assert auto_choice.choose_fastest(key, candidates, lambda: None) == "fast"
     assert len(calls) == measured, "a measured key is not timed again"
-    assert auto_choice.measured_choices()[key] == "fast"
+    assert auto_choice._CHOICES[key] == "fast"
 
 
 def test_single_candidate_is_not_timed():

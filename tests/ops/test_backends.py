@@ -56,8 +56,7 @@ def test_the_auto_cuda_pin_is_read_at_each_call(monkeypatch):
     assert auto_choice.choose_fastest(key, candidates, lambda: None) == "triton"
     monkeypatch.setenv("AFA_EXT_AUTO_CUDA", "cuda")
     assert auto_choice.choose_fastest(key, candidates, lambda: None) == "cuda"
-    assert auto_choice.pinned_choice() == "cuda"
-    assert calls == [] and key not in auto_choice.measured_choices()
+    assert calls == [] and key not in auto_choice._CHOICES
     monkeypatch.delenv("AFA_EXT_AUTO_CUDA")
     assert auto_choice.choose_fastest(key, candidates, lambda: None) in candidates
     assert len(calls) == 2 * (auto_choice.REPEATS + 1)
@@ -68,10 +67,10 @@ def test_triton_devices_follow_the_environment_until_the_kernels_load(monkeypatc
     monkeypatch.delitem(sys.modules, launch, raising=False)
     for interpreted, devices in (("1", ("cpu",)), ("0", ("cuda",))):
         monkeypatch.setenv("TRITON_INTERPRET", interpreted)
-        assert backends.BACKEND_DEVICES["triton"] == devices
+        assert backends._devices("triton") == devices
         assert backends.triton_interpreted() == (interpreted == "1")
     monkeypatch.setitem(sys.modules, launch, types.SimpleNamespace(INTERPRETED=True))
-    assert backends.BACKEND_DEVICES["triton"] == ("cpu",), "loaded kernels keep the mode they were defined in"
+    assert backends._devices("triton") == ("cpu",), "loaded kernels keep the mode they were defined in"
 
 
 def test_a_compiled_auto_loss_reads_the_last_eager_availability(monkeypatch):

@@ -80,29 +80,31 @@ def check_layer_inputs(op: str, targets, sources, grads=None, grouping: str = "c
             check_inputs(op, target, source, grads[layer], partial_sum_shape(target, grouping))
 
 
-# Double backward (gradient penalties, meta-learning): dt = 2 w (t - s) is linear in w and
-# in t, so d/dw = sum over the reduced dims of 2 (t - s) u and d/dt = 2 w u for an upstream
-# u. It is rare, so plain PyTorch does it. The source stays a constant.
+# Double backward (gradient penalties, meta-learning): the backward dt = 2 g (t - s), g the
+# gradient of the partial sums, is linear in g and in t, so for an upstream gradient u of dt
+# d/dg = sum over the reduced dims of 2 (t - s) u and d/dt = 2 g u. It is rare, so plain
+# PyTorch does it. The source stays a constant.
 
-def _weights_like_features(weights: Tensor, target: Tensor, grouping: str) -> Tensor:
-    """(B, C) weights as (B, C, 1, ...), or (B, P) weights as (B, 1, *spatial)."""
+def _like_features(grad_partial_sums: Tensor, target: Tensor, grouping: str) -> Tensor:
+    """A (B, C) gradient as (B, C, 1, ...), or a (B, P) one as (B, 1, *spatial)."""
     if grouping == "channel":
-        return weights.reshape(tuple(weights.shape) + (1,) * (target.dim() - 2))
-    return weights.reshape((weights.shape[0], 1) + tuple(target.shape[2:]))
+        return grad_partial_sums.reshape(tuple(grad_partial_sums.shape) + (1,) * (target.dim() - 2))
+    return grad_partial_sums.reshape((grad_partial_sums.shape[0], 1) + tuple(target.shape[2:]))
 
 
-def _sum_to_weights(values: Tensor, grouping: str) -> Tensor:
-    """Features (B, C, *spatial) summed over the spatial dims, or over C."""
+def _sum_reduced_dims(values: Tensor, grouping: str) -> Tensor:
+    """Features (B, C, *spatial) summed over the spatial dims, or over C: the partial sums' shape."""
     return values.flatten(2).sum(2) if grouping == "channel" else values.sum(1).flatten(1)
 
 
-def grad_of_backward(grouping: str, weights: Tensor, target: Tensor, source: Tensor, upstream: Tensor):
-    """(d/dw, d/dt) of dt = 2 w (t - s) for the upstream gradient u of dt."""
-    upstream = upstream.to(weights.dtype)
-    diff = target.to(weights.dtype) - source.to(weights.dtype)
-    d_weights = _sum_to_weights(2 * diff * upstream, grouping)
-    d_target = (2 * _weights_like_features(weights, target, grouping) * upstream).to(target.dtype)
-    return d_weights, d_target
+def grad_of_backward(grouping: str, grad_partial_sums: Tensor, target: Tensor, source: Tensor, upstream: Tensor):
+    """(d/dg, d/dt) of dt = 2 g (t - s), g = ``grad_partial_sums``, for the upstream gradient u of dt."""
+    dtype = grad_partial_sums.dtype
+    upstream = upstream.to(dtype)
+    diff = target.to(dtype) - source.to(dtype)
+    d_grad_partial_sums = _sum_reduced_dims(2 * diff * upstream, grouping)
+    d_target = (2 * _like_features(grad_partial_sums, target, grouping) * upstream).to(target.dtype)
+    return d_grad_partial_sums, d_target
 
 
 def register_formulas(namespace: str) -> None:
@@ -134,8 +136,8 @@ def _register_single(namespace: str, ops, grouping: str) -> None:
         return backward_op(grad, target, source), None
 
     def backward_grad(ctx, upstream: Tensor):
-        weights, target, source = ctx.saved_tensors
-        return (*grad_of_backward(grouping, weights, target, source, upstream), None)
+        grad, target, source = ctx.saved_tensors
+        return (*grad_of_backward(grouping, grad, target, source, upstream), None)
 
     torch.library.register_fake(qualified, forward_fake)
     torch.library.register_fake(f"{qualified}_backward", backward_fake)
@@ -167,13 +169,13 @@ def _register_multi_layer(namespace: str, ops, grouping: str) -> None:
 
     def backward_grad(ctx, upstreams: List[Tensor]):
         saved, layers = ctx.saved_tensors, ctx.layers
-        d_weights, d_targets = [], []
+        d_grads, d_targets = [], []
         for layer, upstream in enumerate(upstreams):
-            weights, target, source = saved[layer::layers]
-            d_weight, d_target = grad_of_backward(grouping, weights, target, source, upstream)
-            d_weights.append(d_weight)
+            grad, target, source = saved[layer::layers]
+            d_grad, d_target = grad_of_backward(grouping, grad, target, source, upstream)
+            d_grads.append(d_grad)
             d_targets.append(d_target)
-        return d_weights, d_targets, [None] * layers
+        return d_grads, d_targets, [None] * layers
 
     torch.library.register_fake(qualified, forward_fake)
     torch.library.register_fake(f"{qualified}_backward", backward_fake)

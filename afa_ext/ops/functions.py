@@ -7,8 +7,8 @@ generate. These two Functions call the same ops:
 
 - ``Sqdist``: d[n, j] = sum_p (t - s)^2 (grouping "channel") or e[n, p] = sum_j (t - s)^2
   ("spatial") of each layer, one op call for all layers of one dtype;
-- ``SqdistBackward``: dL/dt = 2 w (t - s) of each layer for upstream partial-sum
-  gradients w, whose own derivatives (d/dw = sum 2 (t - s) u, d/dt = 2 w u) are plain
+- ``SqdistBackward``: dL/dt = 2 g (t - s) of each layer for the gradients g of its
+  partial sums, whose own derivatives (d/dg = sum 2 (t - s) u, d/dt = 2 g u) are plain
   PyTorch.
 
 The source gets no gradient. Under ``vmap`` each Function runs its ops once per batch entry.

@@ -1,17 +1,18 @@
-"""Triton kernels of the weighted squared distance, for any number of feature maps at once.
+"""Triton kernels of the squared-distance partial sums and their backward, for any number
+of feature maps at once.
 
 Each launch covers L layers. A layer is an index space of ``rows`` x ``K``: the forward
 reduces along K, d[r] = sum_k (t[r, k] - s[r, k])^2, and the backward writes
-dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]). As in the C++ planner
-(csrc/common/reduction_plan.h), the dims of a layer are "kept" (they index the partial
-sums) or "reduced" (summed over): rows is the product of the kept dims, K that of the
-reduced ones. For the channel grouping the kept dims are (n, j) and the reduced ones the
+dt[r, k] = 2 * g[r] * (t[r, k] - s[r, k]), g the gradient of the partial sums. As in
+the C++ planner (csrc/common/reduction_plan.h), the dims of a layer are "kept" (they
+index the partial sums) or "reduced" (summed over): rows is the product of the kept
+dims, K that of the reduced ones. For the channel grouping the kept dims are (n, j) and the reduced ones the
 spatial dims; for the spatial grouping the kept dims are (n, *spatial) and the reduced
 one the channels. The host (launch.py) describes every layer by one row of an int64
 table: the addresses of its tensors, its sizes, and the strides of up to three index
 levels of the kept dims and of the reduced dims for each tensor, so any strided layout
 is read in place. Feature addresses are element offsets from ``anchor`` (the first
-layer's target), the partial sums' and weights' are plain addresses.
+layer's target), those of the partial sums and of their gradient are plain addresses.
 
 The rows of a layer are (group, inner) with ``inner`` the innermost kept level: a
 program owns BLOCK_R consecutive inner rows of one group and one of the layer's
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 # Columns of the layer table (int64, one row per layer); kernels read them as constexprs.
-TARGET, SOURCE, OUTPUT, WEIGHTS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+TARGET, SOURCE, OUTPUT, GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 ROWS, K, SPLITS, K_PER_SPLIT = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 WORKSPACE, COUNTERS = tl.constexpr(8), tl.constexpr(9)  # element offsets into the shared buffers
 KEPT_SIZES = tl.constexpr(10)  # sizes of the middle and inner kept levels (the outer one is implied)
@@ -60,7 +61,7 @@ def _feature_pointer(anchor, layer_row, FIELD: tl.constexpr, ALIGN: tl.constexpr
 
 @triton.jit
 def _pointer(layer_row, FIELD: tl.constexpr, DTYPE: tl.constexpr):
-    """A partial-sum or weight tensor's address."""
+    """The address of a partial-sum tensor or of its gradient."""
     return tl.load(layer_row + FIELD).to(tl.pointer_type(DTYPE))
 
 
@@ -267,10 +268,10 @@ def sqdist_forward_kernel(anchor, table, workspace, counters, NUM_LAYERS: tl.con
 def sqdist_backward_kernel(anchor, table, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                            ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dt[r, k] = 2 * w[r] * (t[r, k] - s[r, k]) for every layer of the table."""
+    """dt[r, k] = 2 * g[r] * (t[r, k] - s[r, k]) for every layer of the table."""
     layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin = _program_tile(
         table, NUM_LAYERS, BLOCK_R)
-    twice = 2 * tl.load(_pointer(layer_row, WEIGHTS, ACC) + rows, mask=row_mask, other=0.0)
+    twice = 2 * tl.load(_pointer(layer_row, GRAD, ACC) + rows, mask=row_mask, other=0.0)
     if ALIGN > 1:
         if tl.load(layer_row + ALIGNED) != 0:
             _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,

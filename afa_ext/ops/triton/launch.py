@@ -243,7 +243,7 @@ def _vector_width(aligned: Sequence[bool], itemsize: int) -> int:
     return 16 // itemsize if any(aligned) else 1
 
 
-def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, weights: Optional[Tensor],
+def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, grad: Optional[Tensor],
                splits: Tuple[int, int], workspace_offset: int, counter_offset: int, aligned: bool) -> List[int]:
     """One layer's row of the table (columns in kernels.py)."""
     def from_anchor(tensor: Tensor) -> int:
@@ -252,7 +252,7 @@ def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, weights: Optiona
     features_out = plan.output is not None  # the backward writes features, the forward sums
     row = [from_anchor(plan.target), from_anchor(plan.source),
            from_anchor(output) if features_out else output.data_ptr(),
-           weights.data_ptr() if weights is not None else 0,
+           grad.data_ptr() if grad is not None else 0,
            plan.rows, plan.k, splits[0], splits[1], workspace_offset, counter_offset,
            plan.kept_levels[1][0], plan.kept_levels[2][0], plan.reduced_levels[1][0], plan.reduced_levels[2][0]]
     for levels in (plan.kept_levels, plan.reduced_levels):
@@ -504,25 +504,25 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
 
 def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources: Sequence[Tensor],
                     grouping: str, op: Optional[str] = None) -> List[Tensor]:
-    """dt = 2 * w * (t - s) for every layer, in one launch, each shaped and strided as
+    """dt = 2 * g * (t - s) for every layer, in one launch, each shaped and strided as
     torch.empty_like(t) (inputs already checked; ``op`` names the caller in errors)."""
     op = op or f"afa_ext_triton::grouped_{grouping}_sqdist_backward"
     dtype, device = targets[0].dtype, targets[0].device
     acc = accumulate_dtype(dtype)
-    outputs, plans, weights = [], [], []
+    outputs, plans, dense_grads = [], [], []
     for grad, target, source in zip(grads, targets, sources):
         if target.numel() == 0:
             outputs.append(torch.empty_like(target))
             continue
         plans.append(plan_layer(target, source, torch.empty_like(target), grouping))
         outputs.append(plans[-1].destination)
-        weights.append(grad.to(acc).contiguous())
+        dense_grads.append(grad.to(acc).contiguous())
     if not plans:
         return outputs
     launch = plan_launch(plans)
     candidates = launchable_configs(op, launch)
-    table_rows = [_table_row(plan, launch.anchor, plan.output, weight, split, 0, 0, aligned)
-                  for plan, weight, split, aligned in zip(plans, weights, launch.splits, launch.aligned)]
+    table_rows = [_table_row(plan, launch.anchor, plan.output, grad, split, 0, 0, aligned)
+                  for plan, grad, split, aligned in zip(plans, dense_grads, launch.splits, launch.aligned)]
     with _device_context(device):
         args = (launch.anchor, _device_table(table_rows, device))
         _launch_tuned("backward", kernels.sqdist_backward_kernel, launch, candidates, dtype, args, _nothing)

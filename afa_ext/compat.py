@@ -47,9 +47,11 @@ Differences from the original:
   tensors where the original returned CUDA ones).
 - With no layers the feature losses are a zero on the CPU (the original: on the GPU, and
   an IndexError for the channel loss).
-- The attention modules accept maps that are not contiguous (the original calls
-  ``view``), take half maps outside autocast (cast to the parameters' dtype), and give a
-  float32 softmax for half logits under autocast (the original's is bfloat16/float16).
+- The attention modules compute as ``afa_ext.nn``'s do (the same functions): they accept
+  maps that are not contiguous (the original calls ``view``), cast maps of another dtype
+  to the parameters' dtype (the original raises outside autocast), and return the
+  softmax in the parameters' dtype under autocast too: float32 for float32 modules,
+  where the original's is bfloat16/float16.
 - ``channel_weights_from_scores`` gives uniform weights, not NaN, to a layer whose scores
   are all equal.
 """
@@ -65,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional, reference
+from .nn import attention
 
 __all__ = [
     "reg_fea_map",
@@ -169,30 +172,23 @@ def get_channel_weight(json_path, logger=None) -> Optional[List[Tensor]]:
 # --------------------------------------------------------------------------- attention modules
 
 
-def _autocasting(features: Tensor) -> bool:
-    return torch.is_autocast_enabled(features.device.type)
-
-
-def _flat_positions(features, module: nn.Module, positions: int) -> Tuple[int, int]:
-    """(B, C) of source features (B, C, *spatial) with ``positions`` positions, checked."""
+def _flat_source(features, module: nn.Module, channels: Optional[int]) -> Tensor:
+    """Source features (B, C, *spatial) as (B, C, P), after checking P = feature_size^2 and,
+    when given, C = ``channels``; the errors name the constructor's arguments."""
     where = type(module).__name__
     if not isinstance(features, Tensor):
         raise TypeError(f"{where}: expected the source feature map to be a torch.Tensor, got {type(features).__name__}")
     if features.dim() < 3:
         raise ValueError(f"{where}: expected a source feature map of shape (B, C, H, W), got shape {tuple(features.shape)}")
-    given = math.prod(features.shape[2:])
-    if given != positions:
+    positions = module.feature_size * module.feature_size
+    batch, given_channels, given_positions = features.shape[0], features.shape[1], math.prod(features.shape[2:])
+    if given_positions != positions:
         raise ValueError(f"{where}: built for feature_size={module.feature_size} ({positions} positions), "
-                         f"got a map of shape {tuple(features.shape)} ({given} positions)")
-    return features.shape[0], features.shape[1]
-
-
-def _softmax_over_dim1(logits: Tensor) -> Tensor:
-    """Softmax along dim 1 (the original's nn.Softmax() picks dim 1 for 2-D input); float32
-    for half logits."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        return torch.softmax(logits, dim=1, dtype=torch.float32)
-    return torch.softmax(logits, dim=1)
+                         f"got a map of shape {tuple(features.shape)} ({given_positions} positions)")
+    if channels is not None and given_channels != channels:
+        raise ValueError(f"{where}: built for in_channels={channels}, got a map of "
+                         f"shape {tuple(features.shape)} ({given_channels} channels)")
+    return features.reshape(batch, given_channels, positions)
 
 
 class pixel_attention(nn.Module):  # noqa: N801 - the original's name, for drop-in use
@@ -200,9 +196,10 @@ class pixel_attention(nn.Module):  # noqa: N801 - the original's name, for drop-
 
     a[n] = softmax_p(fc2(relu(fc1(m[n])))), m[n, p] = (1/C) sum_j F_s[n, j, p];
     fc1: Linear(P, feature_size) without bias, fc2: Linear(feature_size, P) with bias.
-    Parameters and state_dict keys as the original: ``fc1.weight``, ``fc2.weight``,
-    ``fc2.bias``; the same initial values under the same seed. ``in_channels`` is unused,
-    as in the original (any C is accepted).
+    The maths, and its dtype rules, are ``afa_ext.nn.SpatialAttention``'s with hidden
+    width feature_size. Parameters and state_dict keys as the original: ``fc1.weight``,
+    ``fc2.weight``, ``fc2.bias``; the same initial values under the same seed.
+    ``in_channels`` is unused, as in the original (any C is accepted).
     """
 
     def __init__(self, in_channels: int, feature_size: int):
@@ -213,13 +210,8 @@ class pixel_attention(nn.Module):  # noqa: N801 - the original's name, for drop-
         self.fc2 = nn.Linear(feature_size, feature_size * feature_size, bias=True)
 
     def forward(self, source_feature: Tensor) -> Tensor:
-        positions = self.feature_size * self.feature_size
-        batch, channels = _flat_positions(source_feature, self, positions)
-        flat = source_feature.reshape(batch, channels, positions)
-        dtype = None if _autocasting(source_feature) else self.fc1.weight.dtype
-        channel_mean = flat.mean(dim=1, dtype=dtype)
-        logits = self.fc2(torch.relu(self.fc1(channel_mean)))
-        return _softmax_over_dim1(logits).reshape(batch, 1, positions)
+        flat = _flat_source(source_feature, self, None)
+        return attention.spatial_attention_weights(flat, self.fc1, self.fc2).unsqueeze(1)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, feature_size={self.feature_size}"
@@ -230,9 +222,10 @@ class channel_attention(nn.Module):  # noqa: N801 - the original's name, for dro
 
     g[n] = softmax_j(fc2(relu(fc1(F_s[n, j, :]))) + bias_j); fc1: Linear(P, feature_size)
     and fc2: Linear(feature_size, 1), both without bias and shared by the channels, and a
-    per-channel ``bias`` of shape (C,) initialised to 0. Parameters and state_dict keys as
-    the original (``bias``, ``fc1.weight``, ``fc2.weight``, in that order); the same
-    initial values under the same seed.
+    per-channel ``bias`` of shape (C,) initialised to 0. The maths, and its dtype rules,
+    are ``afa_ext.nn.ChannelAttention``'s with hidden width feature_size. Parameters and
+    state_dict keys as the original (``bias``, ``fc1.weight``, ``fc2.weight``, in that
+    order); the same initial values under the same seed.
     """
 
     def __init__(self, in_channels: int, feature_size: int):
@@ -244,16 +237,8 @@ class channel_attention(nn.Module):  # noqa: N801 - the original's name, for dro
         self.bias = nn.Parameter(torch.zeros(in_channels))
 
     def forward(self, source_feature: Tensor) -> Tensor:
-        positions = self.feature_size * self.feature_size
-        batch, channels = _flat_positions(source_feature, self, positions)
-        if channels != self.in_channels:
-            raise ValueError(f"channel_attention: built for in_channels={self.in_channels}, got a map of "
-                             f"shape {tuple(source_feature.shape)} ({channels} channels)")
-        flat = source_feature.reshape(batch, channels, positions)
-        if not _autocasting(source_feature):
-            flat = flat.to(self.fc1.weight.dtype)
-        logits = self.fc2(torch.relu(self.fc1(flat))).reshape(batch, channels)
-        return _softmax_over_dim1(logits + self.bias)
+        flat = _flat_source(source_feature, self, self.in_channels)
+        return attention.channel_attention_weights(flat, self.fc1, self.fc2, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, feature_size={self.feature_size}"

@@ -366,6 +366,18 @@ def test_attention_reads_channels_last_maps(kind):
     torch.testing.assert_close(module(source.to(memory_format=torch.channels_last)), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["pixel", "channel"])
+def test_bfloat16_modules_give_bfloat16_attention_as_the_original(kind):
+    source = torch.randn(BATCH, 64, 14, 14).bfloat16()
+    original = original_attention_modules(kind, "mobilenet_v2")[1]
+    ours = COMPAT_MODULES[kind](64, 14)
+    ours.load_state_dict(original.state_dict(), strict=True)
+    expected = original.bfloat16()(source)
+    attention = ours.bfloat16()(source)
+    assert attention.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(attention, expected, rtol=1e-2, atol=0)
+
+
 def test_attention_names_the_expected_size():
     with pytest.raises(ValueError, match=r"feature_size=14 \(196 positions\).*\(784 positions\)"):
         compat.pixel_attention(64, 14)(torch.randn(1, 64, 28, 28))
@@ -483,7 +495,7 @@ def test_compat_imports_only_the_public_api():
             imported |= {".".join(filter(None, [node.module, alias.name])) for alias in node.names}
         elif isinstance(node, ast.Import):
             imported |= {alias.name for alias in node.names if alias.name.startswith("afa_ext")}
-    assert imported == {"functional", "reference"}
+    assert imported == {"functional", "nn.attention", "reference"}
 
 
 def test_importing_compat_does_not_import_triton():

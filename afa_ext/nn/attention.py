@@ -2,9 +2,13 @@
 
 Both read a source feature map of shape (B, C, *spatial) with P = prod(spatial) positions
 and return float weights that sum to 1 along one axis: spatial attention a[n, p] over the
-P positions, channel attention g[n, j] over the C channels. They compute
-in their parameters' dtype (float32 unless converted): half features are cast to it on
+P positions, channel attention g[n, j] over the C channels. They compute in their
+parameters' dtype (float32 unless converted): features of another dtype are cast to it on
 entry, and the softmax returns that dtype even under ``torch.autocast``.
+
+``spatial_attention_weights`` and ``channel_attention_weights`` are that maths given the
+layers; the modules here and the drop-in modules of ``afa_ext.compat`` (the original's
+parameter names) both call them.
 
 The hidden width k defaults to round(sqrt(P)), at least 1. For square maps that is the
 side length the original code uses (56/28/14/7 for 224 px input to a ResNet).
@@ -17,7 +21,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SpatialAttention", "ChannelAttention", "default_hidden"]
+__all__ = [
+    "SpatialAttention",
+    "ChannelAttention",
+    "default_hidden",
+    "spatial_attention_weights",
+    "channel_attention_weights",
+]
 
 
 def default_hidden(positions: int) -> int:
@@ -50,6 +60,31 @@ def _flatten(features, channels: Optional[int], positions: int, where: str) -> T
     return features.reshape(features.shape[0], features.shape[1], positions)
 
 
+def spatial_attention_weights(flat: Tensor, reduce: nn.Linear, expand: nn.Linear) -> Tensor:
+    """a = softmax_p(expand(relu(reduce(m)))), m[n, p] = (1/C) sum_j flat[n, j, p]; (B, P).
+
+    ``flat`` holds source features as (B, C, P). The mean is taken in the dtype of the
+    layers' parameters, casting on the fly (no full-size copy of half features), and the
+    softmax returns that dtype.
+    """
+    dtype = expand.weight.dtype
+    logits = expand(torch.relu(reduce(flat.mean(dim=1, dtype=dtype))))
+    return torch.softmax(logits, dim=1, dtype=dtype)
+
+
+def channel_attention_weights(flat: Tensor, reduce: nn.Linear, score: nn.Linear, bias: Tensor) -> Tensor:
+    """g[n] = softmax_j(score(relu(reduce(flat[n, j, :]))) + bias_j); (B, C).
+
+    ``flat`` holds source features as (B, C, P); ``reduce`` (P -> k) and ``score`` (k -> 1)
+    are shared by the channels, ``bias`` has shape (C,). The features are cast to the
+    dtype of ``bias`` (under autocast the linear layers then cast them to autocast's), and
+    the softmax returns that dtype.
+    """
+    dtype = bias.dtype
+    logits = score(torch.relu(reduce(flat.to(dtype)))).squeeze(-1) + bias
+    return torch.softmax(logits, dim=1, dtype=dtype)
+
+
 class SpatialAttention(nn.Module):
     """Spatial attention a of shape (B, P), softmax over the P positions.
 
@@ -66,11 +101,7 @@ class SpatialAttention(nn.Module):
 
     def forward(self, source_features: Tensor) -> Tensor:
         flat = _flatten(source_features, None, self.positions, "SpatialAttention")
-        dtype = self.expand.weight.dtype
-        # The mean casts on the fly: no full-size copy of half features.
-        mean = flat.mean(dim=1, dtype=dtype)
-        logits = self.expand(torch.relu(self.reduce(mean)))
-        return torch.softmax(logits, dim=1, dtype=dtype)
+        return spatial_attention_weights(flat, self.reduce, self.expand)
 
     def extra_repr(self) -> str:
         return f"positions={self.positions}, hidden={self.hidden}"
@@ -95,10 +126,7 @@ class ChannelAttention(nn.Module):
 
     def forward(self, source_features: Tensor) -> Tensor:
         flat = _flatten(source_features, self.channels, self.positions, "ChannelAttention")
-        dtype = self.bias.dtype
-        rows = flat.to(dtype)
-        logits = self.score(torch.relu(self.reduce(rows))).squeeze(-1) + self.bias
-        return torch.softmax(logits, dim=1, dtype=dtype)
+        return channel_attention_weights(flat, self.reduce, self.score, self.bias)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, positions={self.positions}, hidden={self.hidden}"

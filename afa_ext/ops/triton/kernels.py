@@ -11,7 +11,7 @@ spatial dims; for the spatial grouping the kept dims are (n, *spatial) and the r
 one the channels. The host (launch.py) describes every layer by one row of an int64
 table: the addresses of its tensors, its sizes, and the strides of up to three index
 levels of the kept dims and of the reduced dims for each tensor, so any strided layout
-is read in place. Feature addresses are element offsets from ``anchor`` (the first
+is read in place. Feature addresses are element offsets from ``base`` (the first
 layer's target), those of the partial sums and of their gradient are plain addresses.
 
 The rows of a layer are (group, inner) with ``inner`` the innermost kept level: a
@@ -50,13 +50,13 @@ FIELDS = tl.constexpr(33)
 # that makes it: on a helper's argument they are lost.
 
 @triton.jit
-def _feature_pointer(anchor, layer_row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
-    """A feature tensor's address, as an element offset from ``anchor`` (a real pointer
+def _feature_pointer(base, layer_row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
+    """A feature tensor's address, as an element offset from ``base`` (a real pointer
     argument, whose 16-byte alignment Triton knows; an integer cast to a pointer has none)."""
     offset = tl.load(layer_row + FIELD)
     if ALIGN > 1:
         offset = tl.multiple_of(offset, ALIGN)
-    return anchor + offset
+    return base + offset
 
 
 @triton.jit
@@ -71,11 +71,11 @@ def _row_offsets(layer_row, group, inner_index, tensor: tl.constexpr, UNIT: tl.c
     the group splits into (outer, middle) kept levels, the inner index has its own stride."""
     middle = tl.load(layer_row + KEPT_SIZES)
     strides = layer_row + KEPT_STRIDES + 3 * tensor
-    base = (group // middle) * tl.load(strides) + (group % middle) * tl.load(strides + 1)
+    group_start = (group // middle) * tl.load(strides) + (group % middle) * tl.load(strides + 1)
     if UNIT:
-        offsets = base + inner_index
+        offsets = group_start + inner_index
     else:
-        offsets = base + inner_index * tl.load(strides + 2)
+        offsets = group_start + inner_index * tl.load(strides + 2)
     return offsets
 
 
@@ -182,12 +182,12 @@ def _k_block(k_start, BLOCK_K: tl.constexpr, ROWS_FAST: tl.constexpr, ALIGN: tl.
 
 
 @triton.jit
-def _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC: tl.constexpr, ROWS_FAST: tl.constexpr,
+def _forward_sum(base, layer_row, group, inner_index, k_begin, ACC: tl.constexpr, ROWS_FAST: tl.constexpr,
                  FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum over this program's slice of K of (t - s)^2, one value per row, in ACC."""
     row_mask, k_end = _bounds(layer_row, inner_index, k_begin, ROWS_FAST, ALIGN)
-    target = _feature_pointer(anchor, layer_row, TARGET, ALIGN)
-    source = _feature_pointer(anchor, layer_row, SOURCE, ALIGN)
+    target = _feature_pointer(base, layer_row, TARGET, ALIGN)
+    source = _feature_pointer(base, layer_row, SOURCE, ALIGN)
     if ROWS_FAST:
         acc = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC)
     else:
@@ -204,14 +204,14 @@ def _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC: tl.constex
 
 
 @triton.jit
-def _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE: tl.constexpr, ACC: tl.constexpr,
+def _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE: tl.constexpr, ACC: tl.constexpr,
                     ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_K: tl.constexpr):
     """dt = twice * (t - s) over this program's rows and slice of K."""
     row_mask, k_end = _bounds(layer_row, inner_index, k_begin, ROWS_FAST, ALIGN)
-    target = _feature_pointer(anchor, layer_row, TARGET, ALIGN)
-    source = _feature_pointer(anchor, layer_row, SOURCE, ALIGN)
-    output = _feature_pointer(anchor, layer_row, OUTPUT, ALIGN)
+    target = _feature_pointer(base, layer_row, TARGET, ALIGN)
+    source = _feature_pointer(base, layer_row, SOURCE, ALIGN)
+    output = _feature_pointer(base, layer_row, OUTPUT, ALIGN)
     if ROWS_FAST:
         twice_tile = twice[None, :]
     else:
@@ -228,7 +228,7 @@ def _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE
 
 
 @triton.jit
-def sqdist_forward_kernel(anchor, table, workspace, counters, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
+def sqdist_forward_kernel(base, table, workspace, counters, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
                           ACC: tl.constexpr, ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[r] = sum_k (t[r, k] - s[r, k])^2 for every layer of the table, in ACC."""
@@ -236,13 +236,13 @@ def sqdist_forward_kernel(anchor, table, workspace, counters, NUM_LAYERS: tl.con
         table, NUM_LAYERS, BLOCK_R)
     if ALIGN > 1:
         if tl.load(layer_row + ALIGNED) != 0:
-            partial = _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, ALIGN,
+            partial = _forward_sum(base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, ALIGN,
                                    BLOCK_R, BLOCK_K)
         else:
-            partial = _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
+            partial = _forward_sum(base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
                                    BLOCK_R, BLOCK_K)
     else:
-        partial = _forward_sum(anchor, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
+        partial = _forward_sum(base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
                                BLOCK_R, BLOCK_K)
 
     output = _pointer(layer_row, OUTPUT, ACC)
@@ -265,7 +265,7 @@ def sqdist_forward_kernel(anchor, table, workspace, counters, NUM_LAYERS: tl.con
 
 
 @triton.jit
-def sqdist_backward_kernel(anchor, table, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
+def sqdist_backward_kernel(base, table, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
                            ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """dt[r, k] = 2 * g[r] * (t[r, k] - s[r, k]) for every layer of the table."""
@@ -274,11 +274,11 @@ def sqdist_backward_kernel(anchor, table, NUM_LAYERS: tl.constexpr, DTYPE: tl.co
     twice = 2 * tl.load(_pointer(layer_row, GRAD, ACC) + rows, mask=row_mask, other=0.0)
     if ALIGN > 1:
         if tl.load(layer_row + ALIGNED) != 0:
-            _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
+            _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
                             ALIGN, BLOCK_R, BLOCK_K)
         else:
-            _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
+            _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
                             1, BLOCK_R, BLOCK_K)
     else:
-        _backward_tiles(anchor, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT, 1,
+        _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT, 1,
                         BLOCK_R, BLOCK_K)

@@ -218,7 +218,7 @@ def _splits(plans: Sequence[LayerPlan], rows_fast: bool, policy: SplitPolicy) ->
 
 
 def _aligned_layers(plans: Sequence[LayerPlan], splits, rows_fast: bool, fast_unit: bool, itemsize: int) -> List[bool]:
-    """Per layer: every feature address (and the anchor, the first layer's target), every
+    """Per layer: every feature address (and the base, the first layer's target), every
     stride off the fast axis and every length along it is a multiple of 16 bytes, so that
     its tiles can be read 16 bytes at a time."""
     vec = 16 // itemsize
@@ -243,15 +243,15 @@ def _vector_width(aligned: Sequence[bool], itemsize: int) -> int:
     return 16 // itemsize if any(aligned) else 1
 
 
-def _table_row(plan: LayerPlan, anchor: Tensor, output: Tensor, grad: Optional[Tensor],
+def _table_row(plan: LayerPlan, base: Tensor, output: Tensor, grad: Optional[Tensor],
                splits: Tuple[int, int], workspace_offset: int, counter_offset: int, aligned: bool) -> List[int]:
     """One layer's row of the table (columns in kernels.py)."""
-    def from_anchor(tensor: Tensor) -> int:
-        return (tensor.data_ptr() - anchor.data_ptr()) // anchor.element_size()
+    def offset_from_base(tensor: Tensor) -> int:
+        return (tensor.data_ptr() - base.data_ptr()) // base.element_size()
 
     features_out = plan.output is not None  # the backward writes features, the forward sums
-    row = [from_anchor(plan.target), from_anchor(plan.source),
-           from_anchor(output) if features_out else output.data_ptr(),
+    row = [offset_from_base(plan.target), offset_from_base(plan.source),
+           offset_from_base(output) if features_out else output.data_ptr(),
            grad.data_ptr() if grad is not None else 0,
            plan.rows, plan.k, splits[0], splits[1], workspace_offset, counter_offset,
            plan.kept_levels[1][0], plan.kept_levels[2][0], plan.reduced_levels[1][0], plan.reduced_levels[2][0]]
@@ -358,7 +358,8 @@ class Launch:
     aligned: List[bool]
 
     @property
-    def anchor(self) -> Tensor:
+    def base(self) -> Tensor:
+        """The tensor that the table's feature addresses are element offsets from."""
         return self.plans[0].target
 
     def program_count(self, block_rows: int) -> int:
@@ -369,7 +370,7 @@ class Launch:
         """The kernels' compile-time arguments but the block sizes (the tuner's choice)."""
         return dict(NUM_LAYERS=len(self.plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[accumulate_dtype(dtype)],
                     ROWS_FAST=self.rows_fast, FAST_UNIT=self.fast_unit,
-                    ALIGN=_vector_width(self.aligned, self.anchor.element_size()))
+                    ALIGN=_vector_width(self.aligned, self.base.element_size()))
 
     def tuning_key(self, kernel_name: str, dtype: torch.dtype) -> tuple:
         """What the tuner decides once for: the kernel, the size class, the layer count,
@@ -458,7 +459,7 @@ def _launch_tuned(kernel_name: str, kernel, launch: Launch, candidates: List[Blo
         prepare()
         _launch_kernel(kernel, config, launch.program_count(config.block_r), args, constexprs)
 
-    device = launch.anchor.device
+    device = launch.base.device
     run(_chosen_config(launch.tuning_key(kernel_name, dtype), candidates, run, device))
 
 
@@ -488,7 +489,7 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
     candidates = launchable_configs(op, launch)
     table_rows, workspace_size, counter_size = [], 0, 0
     for plan, output, split, aligned in zip(plans, live, launch.splits, launch.aligned):
-        table_rows.append(_table_row(plan, launch.anchor, output, None, split, workspace_size, counter_size, aligned))
+        table_rows.append(_table_row(plan, launch.base, output, None, split, workspace_size, counter_size, aligned))
         if split[0] > 1:
             workspace_size += plan.rows * split[0]
             # sized for the smallest blocks, so that every configuration's row blocks fit
@@ -496,7 +497,7 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
     workspace = torch.empty(max(workspace_size, 1), dtype=acc, device=device)
     counters = torch.empty(max(counter_size, 1), dtype=torch.int32, device=device)
     with _device_context(device):
-        args = (launch.anchor, _device_table(table_rows, device), workspace, counters)
+        args = (launch.base, _device_table(table_rows, device), workspace, counters)
         _launch_tuned("forward", kernels.sqdist_forward_kernel, launch, candidates, dtype, args,
                       counters.zero_ if counter_size else _nothing)
     return outputs
@@ -521,10 +522,10 @@ def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources:
         return outputs
     launch = plan_launch(plans)
     candidates = launchable_configs(op, launch)
-    table_rows = [_table_row(plan, launch.anchor, plan.output, grad, split, 0, 0, aligned)
+    table_rows = [_table_row(plan, launch.base, plan.output, grad, split, 0, 0, aligned)
                   for plan, grad, split, aligned in zip(plans, dense_grads, launch.splits, launch.aligned)]
     with _device_context(device):
-        args = (launch.anchor, _device_table(table_rows, device))
+        args = (launch.base, _device_table(table_rows, device))
         _launch_tuned("backward", kernels.sqdist_backward_kernel, launch, candidates, dtype, args, _nothing)
         for plan in plans:
             plan.deliver()

@@ -34,11 +34,11 @@ def _compile(kernel_name, arch, dtype_name, rows_fast, fast_unit, align, block_r
                      ALIGN=align, BLOCK_R=block_r, BLOCK_K=block_k)
     if kernel_name == "forward":
         kernel = triton_kernels.sqdist_forward_kernel
-        signature = {"anchor": pointer[dtype_name], "table": "*i64", "workspace": "*fp64" if acc == tl.float64
+        signature = {"base": pointer[dtype_name], "table": "*i64", "workspace": "*fp64" if acc == tl.float64
                      else "*fp32", "counters": "*i32"}
     else:
         kernel = triton_kernels.sqdist_backward_kernel
-        signature = {"anchor": pointer[dtype_name], "table": "*i64"}
+        signature = {"base": pointer[dtype_name], "table": "*i64"}
     signature.update({name: "constexpr" for name in constants})
     aligned = {(index,): [["tt.divisibility", 16]] for index in range(2)}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)

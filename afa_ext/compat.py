@@ -111,14 +111,11 @@ def _softmax_of_z_scores(values: Tensor) -> Tensor:
 
 
 def _weights_from_scores(scores, where: str) -> List[Tensor]:
-    if isinstance(scores, (Tensor, np.ndarray, str, bytes)):
-        raise TypeError(f"{where}: expected a list with one 1-D array of scores per layer, "
-                        f"got a {type(scores).__name__}; wrap one layer as [scores]")
-    try:
-        layers = list(scores)
-    except TypeError:
-        raise TypeError(f"{where}: expected a list with one 1-D array of scores per layer, "
-                        f"got {type(scores).__name__}") from None
+    expected = "a list with one 1-D array of scores per layer"
+    if isinstance(scores, np.ndarray):
+        raise TypeError(f"{where}: expected scores to be {expected}, got ndarray of shape {scores.shape} "
+                        f"(a single array: wrap one layer as [scores])")
+    layers = functional.layer_list(scores, "scores", where, expected)
     return [_softmax_of_z_scores(_layer_scores(layer, index, where)) for index, layer in enumerate(layers)]
 
 
@@ -247,28 +244,16 @@ class channel_attention(nn.Module):  # noqa: N801 - the original's name, for dro
 # --------------------------------------------------------------------------- feature losses
 
 
-def _layer_list(layers, what: str, where: str) -> List:
-    if isinstance(layers, Tensor):
-        raise TypeError(f"{where}: expected {what} to be a list with one entry per hooked layer, "
-                        f"got a single Tensor of shape {tuple(layers.shape)}; wrap one layer as [map]")
-    try:
-        return [layers[index] for index in range(len(layers))]
-    except TypeError:
-        raise TypeError(f"{where}: expected {what} to be an indexable sequence (list, tuple, ModuleList) "
-                        f"with one entry per hooked layer, got {type(layers).__name__}") from None
-
-
 def _paired_layers(layer_outputs_source, layer_outputs_target, where: str) -> Tuple[List[Tensor], List[Tensor]]:
-    sources = _layer_list(layer_outputs_source, "layer_outputs_source", where)
-    targets = _layer_list(layer_outputs_target, "layer_outputs_target", where)
-    if len(sources) != len(targets):
-        raise ValueError(f"{where}: expected as many source as target maps, got {len(sources)} source "
-                         f"and {len(targets)} target maps")
+    """(sources, targets): the maps of every hooked layer as two equally long lists, maybe empty."""
+    targets, sources = functional.feature_layer_lists(layer_outputs_target, layer_outputs_source, where,
+                                                      names=("layer_outputs_target", "layer_outputs_source"),
+                                                      allow_empty=True)
     return sources, targets
 
 
 def _per_layer(values, what: str, layers: int, where: str) -> List:
-    entries = _layer_list(values, what, where)
+    entries = functional.layer_list(values, what, where, "a list with one entry per hooked layer")
     if len(entries) != layers:
         raise ValueError(f"{where}: expected {what} for {layers} layers, as many as feature maps, got {len(entries)}")
     return entries

@@ -24,6 +24,7 @@ autograd gives second derivatives with every backend.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -86,30 +87,70 @@ def _backend_for(backend: str, targets: List[Tensor], sources: List[Tensor], gro
                                       lambda: torch.cuda.synchronize(device))
 
 
-def _as_list(value, what: str, where: str, layers: int) -> List:
-    if layers == 0:
-        return [value]
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{where}: expected {what} to be a list with one entry per layer like target, "
-                        f"got {type(value).__name__}")
-    if len(value) != layers:
-        raise ValueError(f"{where}: expected {layers} layers of {what}, as many as of target, got {len(value)}")
-    return list(value)
+def layer_list(value, what: str, where: str, expected: str = "a list with one entry per layer") -> List:
+    """``value``, an argument with one entry per layer, as a list.
+
+    A list, tuple or other indexable sequence (an ``nn.ModuleList``) gives its entries. A
+    single Tensor, a string, a mapping, or anything without ``len`` and ``[i]`` raises
+    TypeError: "{where}: expected {what} to be {expected}, got ...". The one check of a
+    per-layer argument for ``afa_ext.functional``, ``afa_ext.nn`` and ``afa_ext.compat``.
+    """
+    if isinstance(value, Tensor):
+        raise TypeError(f"{where}: expected {what} to be {expected}, got Tensor of shape {tuple(value.shape)} "
+                        f"(a single Tensor: wrap one layer as [{what}])")
+    if not isinstance(value, (str, bytes, Mapping)):
+        try:
+            return [value[index] for index in range(len(value))]
+        except TypeError:
+            pass
+    raise TypeError(f"{where}: expected {what} to be {expected}, got {type(value).__name__}")
+
+
+def feature_layers(value, what: str, where: str, allow_empty: bool = False) -> List[Tensor]:
+    """``layer_list`` of feature maps: one Tensor of shape (B, C, *spatial) per layer, at
+    least one unless ``allow_empty``."""
+    layers = layer_list(value, what, where, "a list of feature maps, one per layer")
+    if not layers and not allow_empty:
+        raise ValueError(f"{where}: expected at least one layer, got an empty {what} list")
+    for index, layer in enumerate(layers):
+        expected = f"{where}: expected layer {index} of {what} to be a Tensor of shape (B, C, *spatial), got"
+        if not isinstance(layer, Tensor):
+            raise TypeError(f"{expected} {type(layer).__name__}")
+        if layer.dim() < 3:
+            raise ValueError(f"{expected} shape {tuple(layer.shape)}")
+    return layers
+
+
+def feature_layer_lists(targets, sources, where: str, names: Tuple[str, str] = ("targets", "sources"),
+                        allow_empty: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
+    """Target and source ``feature_layers`` as two equally long lists; ``names`` are the
+    arguments' names in the errors."""
+    target_layers = feature_layers(targets, names[0], where, allow_empty)
+    source_layers = feature_layers(sources, names[1], where, allow_empty)
+    if len(source_layers) != len(target_layers):
+        raise ValueError(f"{where}: expected as many source as target layers, got {len(source_layers)} source "
+                         f"and {len(target_layers)} target maps")
+    return target_layers, source_layers
 
 
 def _layer_lists(where: str, target, source, *weights) -> Tuple[List[Tensor], ...]:
-    """Target, source and each weight argument as equally long lists, one entry per layer
-    (a single tensor is one layer); every layer's features checked and on one device."""
-    layers = len(target) if isinstance(target, (list, tuple)) else 0
+    """Target, source and each (name, value) weight argument as equally long lists, one
+    entry per layer (a single target Tensor is one layer); every layer's features checked
+    and on one device."""
     if isinstance(target, (list, tuple)):
-        if layers == 0:
-            raise ValueError(f"{where}: expected at least one layer, got an empty target list")
         for entry in target:
             if not isinstance(entry, Tensor):
                 raise TypeError(f"{where}: expected target to be a torch.Tensor or a list of Tensors, one "
                                 f"per layer; got a {type(target).__name__} of {type(entry).__name__}")
-    lists = [_as_list(target, "target", where, layers), _as_list(source, "source", where, layers)]
-    lists += [_as_list(weight, name, where, layers) for name, weight in weights]
+        lists = list(feature_layer_lists(target, source, where, names=("target", "source")))
+        for name, weight in weights:
+            entries = layer_list(weight, name, where, "a list with one entry per layer like target")
+            if len(entries) != len(lists[0]):
+                raise ValueError(f"{where}: expected {len(lists[0])} layers of {name}, as many as of target, "
+                                 f"got {len(entries)}")
+            lists.append(entries)
+    else:
+        lists = [[target], [source]] + [[weight] for _, weight in weights]
     for index, (t, s) in enumerate(zip(lists[0], lists[1])):
         prefix = _layer_name(where, index, lists[0])
         check_features(t, s, prefix)

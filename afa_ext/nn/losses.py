@@ -32,40 +32,6 @@ __all__ = [
 ]
 
 
-def _as_layers(features, what: str, where: str) -> List[Tensor]:
-    """A non-empty list of feature maps (B, C, *spatial), one per layer."""
-    if isinstance(features, Tensor):
-        raise TypeError(
-            f"{where}: expected {what} to be a list of feature maps, one per layer, got a "
-            f"single Tensor of shape {tuple(features.shape)}; wrap one layer as [features]"
-        )
-    layers = list(features)
-    if not layers:
-        raise ValueError(f"{where}: expected at least one layer of {what}, got an empty list")
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, Tensor):
-            raise TypeError(
-                f"{where}: expected layer {index} of {what} to be a Tensor of shape "
-                f"(B, C, *spatial), got {type(layer).__name__}"
-            )
-        if layer.dim() < 3:
-            raise ValueError(
-                f"{where}: expected layer {index} of {what} to be a Tensor of shape "
-                f"(B, C, *spatial), got shape {tuple(layer.shape)}"
-            )
-    return layers
-
-
-def _pair_layers(targets, sources, where: str) -> Tuple[List[Tensor], List[Tensor]]:
-    targets = _as_layers(targets, "targets", where)
-    sources = _as_layers(sources, "sources", where)
-    if len(targets) != len(sources):
-        raise ValueError(
-            f"{where}: expected as many source as target layers ({len(targets)}), got {len(sources)}"
-        )
-    return targets, sources
-
-
 class FeatureMapAlignment(nn.Module):
     """Plain feature-map L2: sum over layers of 0.5 * sum_{n,j,p} D^2 (no division by B)."""
 
@@ -74,7 +40,7 @@ class FeatureMapAlignment(nn.Module):
         self.backend = check_backend_name(backend, type(self).__name__)
 
     def forward(self, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> Tensor:
-        targets, sources = _pair_layers(targets, sources, type(self).__name__)
+        targets, sources = functional.feature_layer_lists(targets, sources, type(self).__name__)
         return functional.feature_map_loss(targets, sources, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -93,9 +59,7 @@ class DeltaAlignment(nn.Module):
         super().__init__()
         where = type(self).__name__
         self.backend = check_backend_name(backend, where)
-        if isinstance(channel_weights, Tensor):
-            raise TypeError(f"{where}: expected channel_weights to be a list of (C,) tensors, one per layer, got a Tensor")
-        weights = list(channel_weights)
+        weights = functional.layer_list(channel_weights, "channel_weights", where, "a list of (C,) tensors, one per layer")
         if not weights:
             raise ValueError(f"{where}: expected channel weights for at least one layer, got an empty list")
         for index, weight in enumerate(weights):
@@ -114,7 +78,7 @@ class DeltaAlignment(nn.Module):
 
     def forward(self, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> Tensor:
         where = type(self).__name__
-        targets, sources = _pair_layers(targets, sources, where)
+        targets, sources = functional.feature_layer_lists(targets, sources, where)
         if len(targets) != self.num_layers:
             raise ValueError(f"{where}: expected {self.num_layers} layers, as many as channel weights, got {len(targets)}")
         return functional.delta_loss(targets, sources, self.layer_weights(), backend=self.backend)
@@ -162,7 +126,7 @@ class _AttentiveAlignment(nn.Module):
 
         Does nothing but check the shapes when the modules exist already.
         """
-        layers = _as_layers(source_features, "source_features", type(self).__name__)
+        layers = functional.feature_layers(source_features, "source_features", type(self).__name__)
         shapes = [tuple(layer.shape[1:]) for layer in layers]
         if self._feature_shapes is None:
             self._build(shapes, device=layers[0].device)
@@ -173,7 +137,7 @@ class _AttentiveAlignment(nn.Module):
             )
 
     def forward(self, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> Tensor:
-        targets, sources = _pair_layers(targets, sources, type(self).__name__)
+        targets, sources = functional.feature_layer_lists(targets, sources, type(self).__name__)
         self.materialize(sources)
         attentions = [attention(source.detach()) for source, attention in zip(sources, self.attention)]
         return self._loss(targets, sources, attentions)

@@ -41,11 +41,10 @@ __all__ = [
     "delta_loss",
     "channel_attentive_loss",
     "spatial_attentive_loss",
-    "sqdist",
 ]
 
 
-def sqdist(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, backend: str) -> List[Tensor]:
+def _partial_sums(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, backend: str) -> List[Tensor]:
     """The partial sums of every layer from a compiled backend (``backend`` resolved, inputs
     checked): d[n, j] = sum_p (t - s)^2 for grouping "channel", e[n, p] = sum_j (t - s)^2 for
     "spatial". Layers of one dtype share one launch; the sources get no gradient."""
@@ -179,7 +178,7 @@ def feature_map_loss(target, source, *, backend: str = "auto") -> Tensor:
     name = _backend_for(backend, targets, sources, "channel", where)
     if name == "reference":
         return _total(reference.feature_map_loss(t, s) for t, s in zip(targets, sources))
-    return _total(0.5 * torch.sum(d) for d in sqdist(targets, sources, "channel", name))
+    return _total(0.5 * torch.sum(d) for d in _partial_sums(targets, sources, "channel", name))
 
 
 def delta_loss(target, source, channel_weights, *, backend: str = "auto") -> Tensor:
@@ -191,7 +190,7 @@ def delta_loss(target, source, channel_weights, *, backend: str = "auto") -> Ten
     name = _backend_for(backend, targets, sources, "channel", where)
     if name == "reference":
         return _total(reference.delta_loss(t, s, w) for t, s, w in zip(targets, sources, weights))
-    distances = sqdist(targets, sources, "channel", name)
+    distances = _partial_sums(targets, sources, "channel", name)
     return _total((0.5 * t.shape[1] / max(spatial_positions(t), 1)) * torch.sum(w.to(d.dtype) * d)
                   for t, w, d in zip(targets, weights, distances))
 
@@ -205,7 +204,7 @@ def channel_attentive_loss(target, source, attention, *, backend: str = "auto") 
     name = _backend_for(backend, targets, sources, "channel", where)
     if name == "reference":
         return _total(reference.channel_attentive_loss(t, s, g) for t, s, g in zip(targets, sources, attentions))
-    distances = sqdist(targets, sources, "channel", name)
+    distances = _partial_sums(targets, sources, "channel", name)
     return _total((0.5 * t.shape[1] / max(t.shape[0], 1)) * torch.sum(g.to(d.dtype) * d)
                   for t, g, d in zip(targets, attentions, distances))
 
@@ -224,7 +223,7 @@ def spatial_attentive_loss(target, source, attention, *, backend: str = "auto") 
     if name == "reference":
         return _total(reference.spatial_attentive_loss(t, s, a) for t, s, a in zip(targets, sources, attentions))
     losses = []
-    for t, a, e in zip(targets, attentions, sqdist(targets, sources, "spatial", name)):
+    for t, a, e in zip(targets, attentions, _partial_sums(targets, sources, "spatial", name)):
         batch, positions = t.shape[0], spatial_positions(t)
         scaled = a.reshape(batch, positions).to(e.dtype) * positions
         losses.append((0.5 / max(batch, 1)) * torch.sum(scaled * scaled * e))

@@ -103,13 +103,13 @@ def l2sp_loss(
                 f"l2sp_loss: parameter {name!r} has no source value in source_state; "
                 f"pass exclude=(...) with its prefix to skip it"
             )
-        anchor = source_state[name]
-        if anchor.shape != param.shape:
+        source_value = source_state[name]
+        if source_value.shape != param.shape:
             raise ValueError(
                 f"l2sp_loss: parameter {name!r} has shape {tuple(param.shape)} but its "
-                f"source value has shape {tuple(anchor.shape)}"
+                f"source value has shape {tuple(source_value.shape)}"
             )
-        term = torch.sum((param - anchor.to(device=param.device, dtype=param.dtype)) ** 2)
+        term = torch.sum((param - source_value.to(device=param.device, dtype=param.dtype)) ** 2)
         total = term if total is None else total + term
     if total is None:
         first = next(model.parameters(), None)

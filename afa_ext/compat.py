@@ -5,7 +5,7 @@ Change ``from models.regularizer import ...`` to ``from afa_ext.compat import ..
 names, signatures, argument order (source maps first) and returned shapes, and the
 attention modules keep the original parameters and state_dict keys, so checkpoints saved
 by the original code load with ``strict=True``. The feature losses run through
-``afa_ext.functional`` as one grouped call over all hooked layers (fused kernels for the
+``afa_ext.functional`` as one call with all hooked layers (fused kernels for the
 ``cpu``, ``cuda`` and ``triton`` backends, ``backend="auto"``) instead of building the
 difference map and scaled copies of it layer by layer. The four feature losses take one
 argument the original lacks, the keyword ``backend`` of ``afa_ext.functional``.

@@ -5,8 +5,8 @@ layers, (C, H, W) = (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7) a
 --batch, float32, target maps requiring grad, source maps frozen. "original" is a
 transcription of the published AFA code (xiezheng-cs/AFA; bench/original_losses.py): per
 layer, the difference map, its scaled copies and torch.norm, accumulated into a zero
-tensor; "afa_ext.compat" is the drop-in replacement on the given backend (one grouped
-call for all layers). The attentive losses include their attention modules (the same
+tensor; "afa_ext.compat" is the drop-in replacement on the given backend (one call
+with all layers). The attentive losses include their attention modules (the same
 weights in both) and the backward into their parameters. Methods are timed round-robin
 in one process; the table gives medians, the speed-up, and each loss value's relative
 error against the transcription run in float64.

@@ -57,7 +57,7 @@ def partial_sums_backward(grouping: str, grad: Tensor, target: Tensor, source: T
 
 
 def channel_weight_matrix(name: str, shape, weights: Optional[Tensor]) -> Tensor:
-    """W[n, j] of the channel-grouped losses (loss = sum_{n,j} W[n, j] d[n, j]), float64
+    """W[n, j] of the losses of grouping "channel" (loss = sum_{n,j} W[n, j] d[n, j]), float64
     (B, C)."""
     batch, channels = shape[0], shape[1]
     positions = math.prod(shape[2:])

@@ -50,7 +50,7 @@ def check_op_pair(ops, grouping, target, source, generator):
     assert relative_error(dt.cpu(), model) <= backward_tolerance(dtype)
 
 
-def check_grouped_gradients(ops, grouping, targets, sources):
+def check_multi_layer_gradients(ops, grouping, targets, sources):
     """gradcheck and gradgradcheck of ``ops.grouped_<grouping>_sqdist`` in the targets
     (float64 layers)."""
     targets = [t.detach().requires_grad_(True) for t in targets]

@@ -3,7 +3,7 @@ emulation of tests/ops/cuda_emulation/ (one thread per CUDA thread, barriers for
 __syncthreads and the warp shuffles), checked against the float64 model.
 
 This is how a machine without a GPU (CI) tests what the CUDA kernels compute: every
-layout through the vector and the strided paths, the reductions, grouped launches of
+layout through the vector and the strided paths, the reductions, multi-layer launches of
 more layers than one launch holds, 64-bit offsets. What it cannot test (timing, memory
 coalescing, the inline-PTX store, streams) is left to test_cuda_kernels.py on a GPU.
 """
@@ -95,7 +95,7 @@ def test_op_misaligned_base_pointer(ops, grouping, dtype):
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("count", [4, 11], ids=["4-layers", "11-layers"])
-def test_grouped_ops_match_the_model(ops, grouping, dtype, count):
+def test_multi_layer_ops_match_the_model(ops, grouping, dtype, count):
     """All layers at once, including more than one launch holds (8) and an empty one."""
     shapes = (RESNET_LIKE * 3)[:count]
     shapes[1] = (3, 16, 0, 12)
@@ -211,7 +211,7 @@ def test_backward_into_rejects_a_gradient_sharing_memory_with_an_input(ops, grou
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_backward_into_rejects_a_gradient_sharing_another_layers_input(ops, grouping):
+def test_multi_layer_backward_into_rejects_a_gradient_sharing_another_layers_input(ops, grouping):
     """One launch reads every layer: layer 1's gradient may not overlap layer 0's target."""
     op = f"grouped_{grouping}_sqdist_backward"
     pairs = [_features((2, 8, 6, 5), torch.float32, seed=seed) for seed in (18, 19)]
@@ -258,7 +258,7 @@ def test_copied_layers_keep_the_fakes_gradient_layout(ops, case):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_copied_layers_keep_the_fakes_gradient_layout(ops, grouping):
+def test_multi_layer_copied_layers_keep_the_fakes_gradient_layout(ops, grouping):
     """Copied layers between layers walked in place, in one launch."""
     cases = [case for case in UNFITTING_LAYERS if case[0] == grouping]
     layers = [_unfitting_layer(ops, case, seed=24 + i) for i, case in enumerate(cases)]

@@ -1,5 +1,5 @@
 """The hand-written CUDA kernels (csrc/cuda/) of the eight afa_ext ops: values against the
-float64 model in every dtype and layout, odd shapes, grouped launches, gradcheck and
+float64 model in every dtype and layout, odd shapes, multi-layer launches, gradcheck and
 gradgradcheck, determinism, opcheck and errors on CUDA tensors.
 
 All but the first test need a CUDA device; the first checks, on any machine, that a build
@@ -26,7 +26,7 @@ from op_checks import backward_tolerance as _backward_tolerance
 from op_checks import UNFITTING_IDS, UNFITTING_LAYERS, check_op_pair, grad_for, stored_in_order
 from op_checks import forward_tolerance as _forward_tolerance
 
-OP_NAMES = [f"{group}{grouping}_sqdist{backward}" for group in ("", "grouped_")
+OP_NAMES = [f"{prefix}{grouping}_sqdist{backward}" for prefix in ("", "grouped_")
             for grouping in ("channel", "spatial") for backward in ("", "_backward")]
 GROUPINGS = ("channel", "spatial")
 HAS_CUDA_KERNELS = torch.cuda.is_available() and "cuda" in afa_ext.available_backends()
@@ -158,7 +158,7 @@ def test_op_features_with_many_unmergeable_dims(case):
 
 @needs_cuda
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_ops_with_copied_layers(grouping):
+def test_multi_layer_ops_with_copied_layers(grouping):
     layers = [_copied_layer(case, seed) for seed, case in enumerate(UNFITTING_LAYERS) if case[0] == grouping]
     layers.insert(1, _features((2, 8, 6, 5), torch.float32, ("channels_last", "cropped"), seed=9))
     targets, sources = [t for t, _ in layers], [s for _, s in layers]
@@ -246,7 +246,7 @@ def test_64_bit_offsets():
     torch.cuda.empty_cache()
 
 
-# --------------------------------------------------------------------------- grouped ops
+# --------------------------------------------------------------------------- multi-layer ops
 
 
 def _layers(shapes, dtype, layouts, seed=0):
@@ -261,7 +261,7 @@ MIXED_LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"
 @needs_cuda
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grouped_ops_match_the_model_and_the_single_ops(grouping, dtype):
+def test_multi_layer_ops_match_the_model_and_the_single_ops(grouping, dtype):
     """Four ResNet-like layers, each in another layout, in one launch per pass: every
     layer's result is bit for bit the single op's (one launch walks each layer alike)."""
     targets, sources = _layers(RESNET_LIKE, dtype, MIXED_LAYOUTS)
@@ -280,7 +280,7 @@ def test_grouped_ops_match_the_model_and_the_single_ops(grouping, dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_ops_more_layers_than_one_launch_holds_and_empty_ones(grouping):
+def test_multi_layer_ops_more_layers_than_one_launch_holds_and_empty_ones(grouping):
     shapes = [RESNET_LIKE[i % 4] for i in range(11)] + [(2, 3, 0, 4), (1, 7, 5), (2, 1, 1, 1)]
     targets, sources = _layers(shapes, torch.float32, MIXED_LAYOUTS, seed=20)
     partials = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
@@ -311,7 +311,7 @@ def test_gradcheck_single_op(check, grouping, shape, layout):
 @needs_cuda
 @pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["grad", "gradgrad"])
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_gradcheck_grouped_op(check, grouping):
+def test_gradcheck_multi_layer_op(check, grouping):
     targets, sources = _layers([(2, 3, 3, 2), (1, 4, 5), (1, 2, 3, 2, 2)], torch.float64,
                                [("contiguous", "contiguous"), ("cropped", "cropped"), ("channels_last", "contiguous")])
     op = getattr(OPS, f"grouped_{grouping}_sqdist")
@@ -377,7 +377,7 @@ def test_opcheck(grouping, shape, dtype, layout):
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_cpu_tensor_mixed_with_cuda_tensor_raises(grouping):
     op, backward = getattr(OPS, f"{grouping}_sqdist"), getattr(OPS, f"{grouping}_sqdist_backward")
-    grouped = getattr(OPS, f"grouped_{grouping}_sqdist")
+    layers_op = getattr(OPS, f"grouped_{grouping}_sqdist")
     name = f"afa_ext::{grouping}_sqdist"
     target, source = _features((2, 3, 4, 5), torch.float32)
     grad = _grad_for(grouping, target)
@@ -388,9 +388,9 @@ def test_cpu_tensor_mixed_with_cuda_tensor_raises(grouping):
     with pytest.raises(RuntimeError, match=f"{name}_backward: expected grad on cuda:0, got cpu"):
         backward(grad.cpu(), target, source)
     with pytest.raises(RuntimeError, match=f"{name}: expected target and source on one CUDA device"):
-        grouped([target, target], [source, source.cpu()])
+        layers_op([target, target], [source, source.cpu()])
     with pytest.raises(RuntimeError, match="expected every layer on one device with one dtype"):
-        grouped([target, target.cpu()], [source, source.cpu()])
+        layers_op([target, target.cpu()], [source, source.cpu()])
 
 
 @needs_cuda

@@ -1,4 +1,4 @@
-"""The grouped ops of the C++ library (afa_ext::grouped_*) on the CPU, and the losses'
+"""The multi-layer ops of the C++ library (afa_ext::grouped_*) on the CPU, and the losses'
 lists of layers: equal to the single ops layer by layer, autograd, opcheck, errors."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loss_cases import needs_cpu
-from op_checks import check_grouped_gradients, check_list_loss, grad_for, layer_weights
+from op_checks import check_multi_layer_gradients, check_list_loss, grad_for, layer_weights
 
 pytestmark = needs_cpu
 OPS = torch.ops.afa_ext
@@ -28,7 +28,7 @@ def _layers(dtype=torch.float32, shapes=SHAPES, seed=0):
 @pytest.mark.parametrize("shapes", [SHAPES, LARGE_SHAPES], ids=["small", "large"])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_grouped_ops_equal_the_single_ops(grouping, dtype, shapes):
+def test_multi_layer_ops_equal_the_single_ops(grouping, dtype, shapes):
     targets, sources = _layers(dtype, shapes)
     partials = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
     generator = torch.Generator().manual_seed(1)
@@ -40,19 +40,19 @@ def test_grouped_ops_equal_the_single_ops(grouping, dtype, shapes):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_gradcheck_and_gradgradcheck(grouping):
-    check_grouped_gradients(OPS, grouping, *_layers(torch.float64, [(2, 3, 3, 2), (1, 4, 5)]))
+def test_multi_layer_gradcheck_and_gradgradcheck(grouping):
+    check_multi_layer_gradients(OPS, grouping, *_layers(torch.float64, [(2, 3, 3, 2), (1, 4, 5)]))
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_opcheck(grouping):
+def test_multi_layer_opcheck(grouping):
     targets, sources = _layers()
     torch.library.opcheck(getattr(OPS, f"grouped_{grouping}_sqdist"), (targets, sources))
     grads = [grad_for(grouping, t, torch.Generator().manual_seed(2)) for t in targets]
     torch.library.opcheck(getattr(OPS, f"grouped_{grouping}_sqdist_backward"), (grads, targets, sources))
 
 
-def test_grouped_ops_refuse_bad_lists():
+def test_multi_layer_ops_refuse_bad_lists():
     targets, sources = _layers()
     with pytest.raises(RuntimeError, match="expected one source per target, got 4 targets and 3 sources"):
         OPS.grouped_channel_sqdist(targets, sources[:3])
@@ -66,7 +66,7 @@ def test_grouped_ops_refuse_bad_lists():
 
 @pytest.mark.parametrize("name", ["feature_map_loss", "delta_loss", "channel_attentive_loss", "spatial_attentive_loss"])
 def test_losses_over_layers_of_mixed_dtypes(name):
-    """Layers of several dtypes: one grouped call per dtype, the sum of the layers' losses."""
+    """Layers of several dtypes: one multi-layer call per dtype, the sum of the layers' losses."""
     targets, sources = _layers()
     targets[1], sources[1] = targets[1].double(), sources[1].double()
     weights = layer_weights(name, targets, torch.Generator().manual_seed(3))

@@ -1,4 +1,4 @@
-"""The Triton backend against the float64 model: ops, grouped launches, losses, autograd.
+"""The Triton backend against the float64 model: ops, multi-layer launches, losses, autograd.
 
 On a machine with a CUDA GPU these run on it. Without one, ``make test`` runs this file
 a second time with TRITON_INTERPRET=1, which makes ``triton`` available for CPU tensors
@@ -26,7 +26,7 @@ from loss_cases import (
     run_loss,
 )
 from op_checks import backward_tolerance as _backward_tolerance
-from op_checks import check_grouped_gradients, check_list_loss, check_op_pair, grad_for, layer_weights
+from op_checks import check_multi_layer_gradients, check_list_loss, check_op_pair, grad_for, layer_weights
 from op_checks import forward_tolerance as _forward_tolerance
 
 pytestmark = pytest.mark.skipif(
@@ -134,7 +134,7 @@ def test_a_copied_layout_gives_the_gradient_the_fake_kernel_promises(grouping, m
         assert relative_error(gradient.cpu(), expected) <= 2e-6
 
 
-# --------------------------------------------------------------------------- grouped launches
+# --------------------------------------------------------------------------- multi-layer launches
 
 
 def _layers(shapes, dtype, layouts=("contiguous", "contiguous")):
@@ -146,7 +146,7 @@ def _layers(shapes, dtype, layouts=("contiguous", "contiguous")):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "contiguous")],
                          ids=lambda p: "-".join(p))
-def test_grouped_ops_match_the_model_layer_by_layer(grouping, dtype, layouts):
+def test_multi_layer_ops_match_the_model_layer_by_layer(grouping, dtype, layouts):
     targets, sources = _layers(RESNET_LIKE, dtype, layouts)
     partials = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
     assert len(partials) == len(targets)
@@ -161,7 +161,7 @@ def test_grouped_ops_match_the_model_layer_by_layer(grouping, dtype, layouts):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_grouped_ops_mix_empty_and_odd_layers(grouping):
+def test_multi_layer_ops_mix_empty_and_odd_layers(grouping):
     shapes = [(2, 3, 0, 4), (1, 7, 5), (3, 2, 4, 4), (2, 1, 1, 1)]
     targets, sources = _layers(shapes, torch.float32)
     for partial, target, source in zip(getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources),
@@ -186,7 +186,7 @@ def test_split_forward_is_exact_and_deterministic(grouping, dtype, monkeypatch):
         assert relative_error(a.cpu(), float64_model.partial_sums(grouping, target, source)) <= _forward_tolerance(dtype)
 
 
-def test_grouped_ops_refuse_bad_lists():
+def test_multi_layer_ops_refuse_bad_lists():
     target, source = _features((2, 3, 4, 4), torch.float32)
     with pytest.raises(RuntimeError, match="non-empty list of Tensors"):  # the dispatcher's own check
         OPS.grouped_channel_sqdist([], [])
@@ -232,8 +232,8 @@ def test_multi_layer_losses_match_the_sum_of_reference_layers(name):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-def test_gradcheck_and_gradgradcheck_grouped(grouping):
-    check_grouped_gradients(OPS, grouping, *_layers([(2, 3, 3, 2), (1, 4, 5)], torch.float64))
+def test_gradcheck_and_gradgradcheck_multi_layer(grouping):
+    check_multi_layer_gradients(OPS, grouping, *_layers([(2, 3, 3, 2), (1, 4, 5)], torch.float64))
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)

@@ -1,7 +1,7 @@
 """Host side of the Triton kernels: describe each layer, split the work, launch once.
 
-``sqdist_forward(targets, sources, grouping)`` returns the partial sums of every layer
-and ``sqdist_backward(grads, targets, sources, grouping)`` the gradients of every target,
+``sqdist_forward(targets, sources, grouping, op)`` returns the partial sums of every layer
+and ``sqdist_backward(grads, targets, sources, grouping, op)`` the gradients of every target,
 each in one kernel launch for all layers (kernels.py). A layer's dims are kept (they
 index the partial sums; rows = their product) or reduced (summed over; K = their
 product), as in the C++ planner. Inputs are read through their strides; only a layout
@@ -467,11 +467,9 @@ def _nothing() -> None:
     pass
 
 
-def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str,
-                   op: Optional[str] = None) -> List[Tensor]:
+def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, op: str) -> List[Tensor]:
     """d = sum over K of (t - s)^2 for every layer, in one launch (inputs already checked;
     ``op`` names the caller in errors)."""
-    op = op or f"afa_ext_triton::grouped_{grouping}_sqdist"
     dtype, device = targets[0].dtype, targets[0].device
     acc = accumulate_dtype(dtype)
     outputs, plans, live = [], [], []
@@ -504,10 +502,9 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
 
 
 def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources: Sequence[Tensor],
-                    grouping: str, op: Optional[str] = None) -> List[Tensor]:
+                    grouping: str, op: str) -> List[Tensor]:
     """dt = 2 * g * (t - s) for every layer, in one launch, each shaped and strided as
     torch.empty_like(t) (inputs already checked; ``op`` names the caller in errors)."""
-    op = op or f"afa_ext_triton::grouped_{grouping}_sqdist_backward"
     dtype, device = targets[0].dtype, targets[0].device
     acc = accumulate_dtype(dtype)
     outputs, plans, dense_grads = [], [], []

@@ -23,6 +23,7 @@ needs_kernels = pytest.mark.skipif(
     "triton" not in afa_ext.available_backends(),
     reason="launching the kernels needs a CUDA device or TRITON_INTERPRET=1",
 )
+OPS = torch.ops.afa_ext_triton  # registered by the lookup of the triton backend just above
 MANY_SPLITS = launch.SplitPolicy(target_programs=4096, min_k_per_split=1)
 
 
@@ -77,13 +78,13 @@ def test_an_aborted_split_forward_leaves_later_sums_right(grouping, atomics_that
 
     atomics_that_fail_after(2)
     with pytest.raises(Exception, match="launch aborted by the test"):
-        launch.sqdist_forward([aborted_target], [aborted_source], grouping)
+        getattr(OPS, f"grouped_{grouping}_sqdist")([aborted_target], [aborted_source])
     monkeypatch.undo()
     monkeypatch.setattr(launch, "default_policy", lambda device: MANY_SPLITS)
 
     target, source = _features(shape, seed=2)
     for _ in range(2):
-        partials = launch.sqdist_forward([target], [source], grouping)
+        partials = getattr(OPS, f"grouped_{grouping}_sqdist")([target], [source])
         _assert_forward_matches_model(partials, [target], [source], grouping)
 
 
@@ -249,13 +250,13 @@ def test_the_autotune_setting_is_read_at_every_launch(launches, monkeypatch):
         monkeypatch.setenv("AFA_EXT_TRITON_AUTOTUNE", setting)
         launches.clear()
         timed.clear()
-        partials = launch.sqdist_forward([target], [source], "channel")
+        partials = OPS.grouped_channel_sqdist([target], [source])
         assert launches[-1] == candidates[expected_config] and len(timed) == expected_timings
         _assert_forward_matches_model(partials, [target], [source], "channel")
 
 
 _RANKS_WORKER = """
-    from afa_ext.ops.triton import launch
+    from afa_ext.ops.triton import launch, library  # library registers torch.ops.afa_ext_triton
     import float64_model
 
     candidates = launch.configs(False)
@@ -277,10 +278,10 @@ _RANKS_WORKER = """
     grad = torch.rand(2, 4, generator=generator)
     many = launch.SplitPolicy(target_programs=4096, min_k_per_split=1)
     default_policy, launch.default_policy = launch.default_policy, lambda device: many
-    partial = launch.sqdist_forward([target], [source], "channel")[0]
+    partial = torch.ops.afa_ext_triton.grouped_channel_sqdist([target], [source])[0]
     launch.default_policy = default_policy
     forward_config = launched[-1]
-    gradient = launch.sqdist_backward([grad], [target], [source], "channel")[0]
+    gradient = torch.ops.afa_ext_triton.grouped_channel_sqdist_backward([grad], [target], [source])[0]
     result = dict(
         forward_config=forward_config, backward_config=launched[-1], timed=timed, candidates=candidates,
         splits=launch._splits([launch.plan_layer(target, source, None, "channel")], False, many)[0][0],

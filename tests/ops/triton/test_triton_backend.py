@@ -177,8 +177,8 @@ def test_split_forward_is_exact_and_deterministic(grouping, dtype, monkeypatch):
     targets, sources = _layers([(2, 24, 9, 9), (1, 96, 5), (2, 64, 3, 3)], dtype)
     many = triton_launch.SplitPolicy(target_programs=4096, min_k_per_split=1)
     monkeypatch.setattr(triton_launch, "default_policy", lambda device: many)
-    first = triton_launch.sqdist_forward(targets, sources, grouping)
-    again = triton_launch.sqdist_forward(targets, sources, grouping)
+    first = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
+    again = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
     plans = [triton_launch.plan_layer(t, s, None, grouping) for t, s in zip(targets, sources)]
     assert any(splits > 1 for splits, _ in triton_launch._splits(plans, plans[0].rows_fast, many))
     for a, b, target, source in zip(first, again, targets, sources):

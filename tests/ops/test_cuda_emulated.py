@@ -118,7 +118,7 @@ def test_multi_layer_ops_match_the_model(ops, grouping, dtype, count):
 @pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "cropped")],
                          ids=lambda p: "-".join(p))
 def test_backward_is_bitwise_the_cpu_kernels(ops, grouping, layouts):
-    """Both compute dt = 2 w (t - s) with the shared maths of csrc/common/sqdist_math.h."""
+    """Both compute dt = 2 g (t - s) with the shared maths of csrc/common/sqdist_math.h."""
     target, source = _features((3, 16, 6, 8), torch.bfloat16, layouts, seed=9)
     grad = grad_for(grouping, target, torch.Generator().manual_seed(10))
     emulated = getattr(ops, f"{grouping}_sqdist_backward")(grad, target, source)

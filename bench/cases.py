@@ -147,7 +147,7 @@ def backends_on(device: torch.device, include_reference: bool = True) -> List[st
     """Available backends that compute on ``device``, in afa_ext's fixed order."""
     names = []
     for name in afa_ext.available_backends():
-        devices = backends._devices(name)
+        devices = backends.backend_devices(name)
         if name == "reference" and not include_reference:
             continue
         if devices is None or device.type in devices:

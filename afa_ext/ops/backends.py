@@ -67,7 +67,9 @@ def triton_interpreted() -> bool:
 _FIXED_DEVICES: Dict[str, Devices] = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",)}
 
 
-def _devices(name: str) -> Devices:
+def backend_devices(name: str) -> Devices:
+    """The device types backend ``name`` computes on (None: any), looked up now. The
+    interpreter reads tensors through host addresses, so it cannot take CUDA tensors."""
     if name == "triton":
         return ("cpu",) if triton_interpreted() else ("cuda",)
     return _FIXED_DEVICES[name]
@@ -140,7 +142,7 @@ def _availability(name: str) -> Availability:
     """``name``'s availability, looked up now; the last eager answer while tracing."""
     if torch.compiler.is_compiling():
         return _LAST_FOUND[name]
-    found = Availability(_REASON_FINDERS[name](), _devices(name))
+    found = Availability(_REASON_FINDERS[name](), backend_devices(name))
     _LAST_FOUND[name] = found
     return found
 
@@ -192,8 +194,8 @@ def _answers_without_loading_triton() -> Dict[str, Availability]:
     """Every backend's availability as far as it is known without importing triton (whose
     kernels load at the first eager lookup of the triton backend): what a trace reads until
     an eager call computes a newer answer. Importing afa_ext must not import triton."""
-    answers = {name: Availability(_REASON_FINDERS[name](), _devices(name)) for name in BACKEND_NAMES if name != "triton"}
-    answers["triton"] = Availability(_triton_reason_before_loading(), _devices("triton"))
+    answers = {name: Availability(_REASON_FINDERS[name](), backend_devices(name)) for name in BACKEND_NAMES if name != "triton"}
+    answers["triton"] = Availability(_triton_reason_before_loading(), backend_devices("triton"))
     return answers
 
 

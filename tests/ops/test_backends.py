@@ -67,10 +67,10 @@ def test_triton_devices_follow_the_environment_until_the_kernels_load(monkeypatc
     monkeypatch.delitem(sys.modules, launch, raising=False)
     for interpreted, devices in (("1", ("cpu",)), ("0", ("cuda",))):
         monkeypatch.setenv("TRITON_INTERPRET", interpreted)
-        assert backends._devices("triton") == devices
+        assert backends.backend_devices("triton") == devices
         assert backends.triton_interpreted() == (interpreted == "1")
     monkeypatch.setitem(sys.modules, launch, types.SimpleNamespace(INTERPRETED=True))
-    assert backends._devices("triton") == ("cpu",), "loaded kernels keep the mode they were defined in"
+    assert backends.backend_devices("triton") == ("cpu",), "loaded kernels keep the mode they were defined in"
 
 
 def test_a_compiled_auto_loss_reads_the_last_eager_availability(monkeypatch):

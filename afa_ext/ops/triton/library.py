@@ -13,12 +13,12 @@ from typing import List
 from torch import Tensor
 
 from . import launch
+from ..backends import backend_devices
 from ..formulas import check_layer_inputs, register_formulas
 from ..schemas import GROUPINGS, define_ops
 
 NAMESPACE = "afa_ext_triton"
-# The interpreter reads tensors through host addresses, so it cannot take CUDA tensors.
-DEVICE_TYPES = ("cpu",) if launch.INTERPRETED else ("cuda",)
+DEVICE_TYPES = backend_devices("triton")  # the mode of launch.py, imported above
 
 
 def _check_device(op: str, tensors: List[Tensor]) -> None:

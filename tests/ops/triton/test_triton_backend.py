@@ -200,7 +200,7 @@ def test_multi_layer_ops_refuse_bad_lists():
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="only the interpreter refuses CUDA tensors")
 def test_interpreter_names_its_device():
-    assert afa_ext.ops.backends._devices("triton") == ("cpu",)
+    assert afa_ext.ops.backends.backend_devices("triton") == ("cpu",)
 
 
 # --------------------------------------------------------------------------- losses and autograd

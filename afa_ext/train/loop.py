@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -41,7 +42,7 @@ from .identity import file_identity
 from .models import FeatureHooks, build_model, feature_shapes, head_module_name, resolve_layers
 from .outputs import CHECKPOINT, CONFIG, CURVES, MODEL, check_out_folder, write_metrics, write_result
 from .pretrain import digits_source_path, digits_source_weights
-from .regularizers import REGULARIZERS, check_channel_weights, source_parameters
+from .regularizers import REGULARIZERS, Regularizer, check_channel_weights, source_parameters
 from .state import BestModel, EpochRecord, EpochSums, RunState, StageResult
 from .step import StepLosses, StepModule, step_losses
 
@@ -61,6 +62,22 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by {signal.Signals(signum).name}: checkpoint written to {path}; "
                          f"continue with --resume")
         self.signum = signum
+
+
+@dataclass
+class StageSetup:
+    """What trains in the stage under way: its regulariser and feature term (with attention
+    modules), the optimizer and its schedule, L2-SP's source values, and the step module
+    (``wrapped`` in DistributedDataParallel under torchrun, made on first use)."""
+
+    stage: Stage
+    regularizer: Regularizer
+    term: Optional[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    source_values: Optional[Dict[str, torch.Tensor]]
+    step_module: StepModule
+    wrapped: Optional[nn.Module] = None
 
 
 class _StopFlag:
@@ -206,29 +223,30 @@ class Run:
 
     def _setup_stage(self, index: int) -> None:
         stage = self.stages[index]
-        self.regularizer = REGULARIZERS[stage.reg]
+        regularizer = REGULARIZERS[stage.reg]
         weights = None if self.channel_weights is None else [w.to(self.device) for w in self.channel_weights]
-        build = self.regularizer.loss_module
-        self.term = None if build is None else build(self.config.backend, self.shapes, weights).to(self.device)
-        parameters = list(self.model.parameters()) + ([] if self.term is None else list(self.term.parameters()))
-        self.optimizer = torch.optim.SGD(parameters, lr=stage.lr, momentum=self.config.momentum,
-                                         weight_decay=self.config.weight_decay)
+        build = regularizer.loss_module
+        term = None if build is None else build(self.config.backend, self.shapes, weights).to(self.device)
+        parameters = list(self.model.parameters()) + ([] if term is None else list(term.parameters()))
+        optimizer = torch.optim.SGD(parameters, lr=stage.lr, momentum=self.config.momentum,
+                                    weight_decay=self.config.weight_decay)
         milestone = max(1, round(self.config.lr_decay_at * self.epochs))
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, [milestone], gamma=self.config.lr_gamma)
-        self.source_values = source_parameters(self.source, self.head) \
-            if self.regularizer.reads_source_parameters else None
-        self.step_module = StepModule(self.model, self.forward_model, self.hooks, self.term)
-        self.wrapped = None
+        self.current = StageSetup(
+            stage, regularizer, term, optimizer,
+            torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=self.config.lr_gamma),
+            source_parameters(self.source, self.head) if regularizer.reads_source_parameters else None,
+            StepModule(self.model, self.forward_model, self.hooks, term))
 
-    def _wrapped_step(self):
+    def _wrapped_step(self) -> nn.Module:
         """The step module, in DistributedDataParallel under torchrun (made after any state is loaded)."""
-        if self.wrapped is None:
+        current = self.current
+        if current.wrapped is None:
             if self.dist.enabled:
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                self.wrapped = nn.parallel.DistributedDataParallel(self.step_module, device_ids=ids)
+                current.wrapped = nn.parallel.DistributedDataParallel(current.step_module, device_ids=ids)
             else:
-                self.wrapped = self.step_module
-        return self.wrapped
+                current.wrapped = current.step_module
+        return current.wrapped
 
     # ------------------------------------------------------------------ state
 
@@ -241,9 +259,9 @@ class Run:
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "source": self.source.state_dict(),
-            "term": None if self.term is None else self.term.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "term": None if self.current.term is None else self.current.term.state_dict(),
+            "optimizer": self.current.optimizer.state_dict(),
+            "scheduler": self.current.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_states(),
         })
@@ -259,10 +277,10 @@ class Run:
         self.source.load_state_dict(saved["source"])
         if state.stage < len(self.stages):
             self._setup_stage(state.stage)
-            if self.term is not None:
-                self.term.load_state_dict(saved["term"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
+            if self.current.term is not None:
+                self.current.term.load_state_dict(saved["term"])
+            self.current.optimizer.load_state_dict(saved["optimizer"])
+            self.current.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         checkpoint.restore_rng_states(saved["rng"])
         return state
@@ -296,18 +314,18 @@ class Run:
         return before + time.perf_counter() - started
 
     def _run_stage(self, state: RunState, stop: _StopFlag) -> None:
-        stage = self.stages[state.stage]
+        stage = self.current.stage
         while state.epoch < self.epochs:
             self._train_epoch(state, stop)
-            self._check_finite(state, stage)
+            self._check_finite(state)
             val_acc = self.evaluate(self.data.val)
             best = state.best
             if val_acc > best.val_acc:
                 best.val_acc, best.epoch = val_acc, state.epoch + 1
                 best.model = copy.deepcopy(self.model.state_dict())
-                best.term = None if self.term is None else copy.deepcopy(self.term.state_dict())
-            self._record_epoch(state, stage, val_acc)
-            self.scheduler.step()
+                best.term = None if self.current.term is None else copy.deepcopy(self.current.term.state_dict())
+            self._record_epoch(state, val_acc)
+            self.current.scheduler.step()
             state.epoch, state.step, state.sums = state.epoch + 1, 0, EpochSums()
             state.elapsed = self._elapsed()
             self._checkpoint(state)
@@ -327,12 +345,12 @@ class Run:
             self.log(f"stage {state.stage + 1}: starting from the best stage-{state.stage} model "
                      f"(val acc {best.val_acc:.4f}), which also becomes the source model")
 
-    def _check_finite(self, state: RunState, stage: Stage) -> None:
+    def _check_finite(self, state: RunState) -> None:
         """Raise Diverged unless the epoch's losses and the model's weights and statistics after it are finite."""
-        sums = state.sums
+        sums, stage = state.sums, self.current.stage
         terms = {"ce": sums.ce, "regulariser": sums.regularizer, "head L2": sums.head}
         tensors = list(self.model.state_dict().values())
-        tensors += [] if self.term is None else list(self.term.state_dict().values())
+        tensors += [] if self.current.term is None else list(self.current.term.state_dict().values())
         weights_finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
         if weights_finite and all(math.isfinite(value) for value in terms.values()):
             return
@@ -342,7 +360,7 @@ class Run:
         flags = "--lr or --alpha" if state.stage == 0 else "--stage2-lr or --stage2-alpha"
         raise Diverged(
             f"stage {state.stage + 1} ({stage.reg}) epoch {state.epoch + 1}: the loss is not finite ({values}) "
-            f"at alpha {stage.alpha:g} and lr {self.optimizer.param_groups[0]['lr']:g}; lower {flags}; "
+            f"at alpha {stage.alpha:g} and lr {self.current.optimizer.param_groups[0]['lr']:g}; lower {flags}; "
             + ("the checkpoint of the epoch before is kept" if (self.out / CHECKPOINT).is_file()
                else "no checkpoint had been written"))
 
@@ -363,7 +381,7 @@ class Run:
         return images
 
     def _train_epoch(self, state: RunState, stop: _StopFlag) -> None:
-        stage = self.stages[state.stage]
+        stage = self.current.stage
         epoch, first_step, sums = state.epoch, state.step, state.sums
         self.sampler.set_epoch(epoch)
         self.data.train.set_epoch(epoch)
@@ -377,8 +395,8 @@ class Run:
                                              generator=torch.Generator().manual_seed(
                                                  mix_seed(self.config.seed, epoch)))
         self.model.train()
-        if self.term is not None:
-            self.term.train()
+        if self.current.term is not None:
+            self.current.term.train()
         from tqdm import tqdm
 
         bar = tqdm(total=len(global_batches), initial=first_step, leave=False, dynamic_ncols=True,
@@ -387,7 +405,7 @@ class Run:
         device_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         started = time.perf_counter()
         for step, (images, labels) in enumerate(loader, start=first_step):
-            losses = self.train_step(images, labels, len(global_batches[step]), stage)
+            losses = self.train_step(images, labels, len(global_batches[step]))
             device_sums += torch.stack([losses.ce.double(), losses.regularizer.double(), losses.head.double(),
                                         losses.correct.double()])
             sums.steps += 1
@@ -402,7 +420,7 @@ class Run:
         bar.close()
         self._add_sums(sums, device_sums, started)
 
-    def train_step(self, images, labels, global_batch: int, stage: Stage) -> StepLosses:
+    def train_step(self, images, labels, global_batch: int) -> StepLosses:
         """One optimizer step on this rank's share of a global batch; returns its StepLosses."""
         images, labels = self._to_device(images), labels.to(self.device, non_blocking=True)
         mean_scale, sum_scale = distributed.loss_scales(self.dist, len(labels), global_batch)
@@ -411,13 +429,14 @@ class Run:
                 self.source(images)
                 source_features = [f.detach() for f in self.source_hooks.features]
             logits, feature_term = self._wrapped_step()(images, source_features)
-            losses = step_losses(logits, labels, feature_term, regularizer=self.regularizer, alpha=stage.alpha,
-                                 beta=self.config.beta, model=self.model, head=self.head,
-                                 source_values=self.source_values, mean_scale=mean_scale, sum_scale=sum_scale,
+            current = self.current
+            losses = step_losses(logits, labels, feature_term, regularizer=current.regularizer,
+                                 alpha=current.stage.alpha, beta=self.config.beta, model=self.model, head=self.head,
+                                 source_values=current.source_values, mean_scale=mean_scale, sum_scale=sum_scale,
                                  world=self.dist.world)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.current.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses.total).backward()
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.current.optimizer)
         self.scaler.update()
         self.hooks.clear()  # the feature maps are not kept beyond the step
         self.source_hooks.clear()
@@ -432,14 +451,15 @@ class Run:
         sums.correct += int(round(reduced[3]))
         sums.seconds += time.perf_counter() - started
 
-    def _record_epoch(self, state: RunState, stage: Stage, val_acc: float) -> None:
+    def _record_epoch(self, state: RunState, val_acc: float) -> None:
+        stage = self.current.stage
         sums = state.sums
         steps = max(sums.steps, 1)
         ce, regularizer, head = sums.ce / steps, sums.regularizer / steps, sums.head / steps
         seen = sum(len(batch) for batch in self.sampler.global_batches())
         record = EpochRecord(
             stage=state.stage + 1, reg=stage.reg, epoch=state.epoch + 1,
-            lr=float(self.optimizer.param_groups[0]["lr"]), ce=ce, feature=regularizer, head_l2=head,
+            lr=float(self.current.optimizer.param_groups[0]["lr"]), ce=ce, feature=regularizer, head_l2=head,
             total=ce + stage.alpha * regularizer + self.config.beta * head,
             train_acc=sums.correct / max(seen, 1), val_acc=val_acc,
             best_val_acc=max(state.best.val_acc, val_acc), seconds=sums.seconds)

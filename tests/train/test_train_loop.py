@@ -178,22 +178,22 @@ def test_first_step_loss_and_sgd_update_match_a_hand_computation(case, tmp_path,
         for p in run.model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
     run.model.train()
-    if run.term is not None:
-        run.term.train()
+    if run.current.term is not None:
+        run.current.term.train()
     images, labels = first_global_batch(run)
 
     model64 = float64_digits_cnn(run.model.state_dict(), training=True)
     source64 = float64_digits_cnn(run.source.state_dict(), training=False)
     attention64 = None
     if kind in ("ast", "act"):
-        attention64 = copy.deepcopy(run.term.attention).double()
+        attention64 = copy.deepcopy(run.current.term.attention).double()
         assert len(attention64) == len(DIGITS_LAYERS)
     hand = hand_losses(kind, model64, source64, attention64, weights, images, labels, stage.alpha, 0.05)
     if kind != "none":
         assert hand.feature.item() > 1e-3  # the regulariser is really exercised
 
     model_params = dict(run.model.named_parameters())
-    term_params = {} if run.term is None else dict(run.term.named_parameters())
+    term_params = {} if run.current.term is None else dict(run.current.term.named_parameters())
     hand_params = dict(model64.named_parameters())
     if attention64 is not None:
         hand_params.update({f"attention.{name}": p for name, p in attention64.named_parameters()})
@@ -203,7 +203,7 @@ def test_first_step_loss_and_sgd_update_match_a_hand_computation(case, tmp_path,
     before = {name: p.detach().clone() for name, p in {**model_params, **term_params}.items()}
     source_before = copy.deepcopy(run.source.state_dict())
 
-    losses = run.train_step(images, labels, len(labels), stage)
+    losses = run.train_step(images, labels, len(labels))
 
     assert losses.total.item() == pytest.approx(hand.total.item(), rel=1e-5)
     assert losses.ce.item() == pytest.approx(hand.ce.item(), rel=1e-5)

@@ -253,11 +253,14 @@ def validate(config: TrainConfig) -> None:
         if value is not None or name not in optional:
             _check_number(name, value, bounds)
     _check_choice("reg", config.reg, REGULARIZERS)
+    own_stages = REGULARIZERS[config.reg].stage_regularizers
     if config.stages is not None:
         _check_choice("stages", config.stages, STAGE_COUNTS)
-        if config.reg == "afa" and config.stages != 2:
-            raise ConfigError(f"--stages {config.stages}: afa is two stages (AST, then ACT); "
-                              f"use --reg ast for one AST stage")
+        if own_stages and config.stages != len(own_stages):
+            first = own_stages[0]
+            raise ConfigError(f"--stages {config.stages}: {config.reg} is {len(own_stages)} stages "
+                              f"({', then '.join(reg.upper() for reg in own_stages)}); "
+                              f"use --reg {first} for one {first.upper()} stage")
     _check_choice("backend", config.backend, BACKENDS)
     if config.amp is not None:
         _check_choice("amp", config.amp, AMP_DTYPES)

@@ -20,7 +20,6 @@ import argparse
 import copy
 import datetime
 import functools
-import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
+import history  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import compat  # noqa: E402
@@ -151,8 +151,7 @@ def main(argv=None) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     sources, targets = feature_maps(args.batch)
     rows = [time_loss(loss, sources, targets, args, device) for loss in args.losses]
-    command = " ".join(["python", "bench/compat_speed.py"] + [shlex.quote(a) for a in (argv or sys.argv[1:])])
-    print(f"command: {command}")
+    print(f"command: {history.command_line(__file__, argv)}")
     print(f"machine: {timing.machine_line(timing.machine_description(device))}")
     print(f"date: {datetime.date.today().isoformat()}; fwd+bwd, float32, batch {args.batch}, "
           f"compat backend {args.backend!r}, medians of interleaved rounds\n")

@@ -32,7 +32,6 @@ Writes <out>/multilayer.csv and <out>/multilayer.png, prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import sys
 from pathlib import Path
@@ -44,6 +43,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
+import history  # noqa: E402
+import plots  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import functional, reference  # noqa: E402
@@ -205,10 +206,7 @@ def markdown(rows: List[dict]) -> str:
 
 
 def plot(rows: List[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     groups = sorted({(r["loss"], r["dtype"]) for r in rows})
     figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for axis, (loss, dtype) in zip(axes[0], groups):
@@ -219,9 +217,7 @@ def plot(rows: List[dict], path: Path) -> None:
         axis.set_ylabel("ms (median)")
         axis.tick_params(axis="x", rotation=45)
         axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    plots.save(figure, path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -236,11 +232,7 @@ def main(argv=None) -> int:
     work = [(loss, cases.DTYPES[name]) for loss in args.losses for name in args.dtypes]
     for loss_name, dtype in tqdm(work, desc="cases", file=sys.stderr):
         rows += run_case(loss_name, dtype, shapes, device, args, bandwidth)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "multilayer.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    history.write_rows(rows, args.out / "multilayer.csv", fields=list(rows[0]))
     plot(rows, args.out / "multilayer.png")
     print(f"{args.model} hooked layers at batch {args.batch}: {' + '.join(cases.shape_text(s) for s in shapes)}; "
           f"{description.get('gpu', description['cpu'])}; copy bandwidth {bandwidth / 1e9:.1f} GB/s before the cases; "

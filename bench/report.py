@@ -22,9 +22,7 @@ bench/RESULTS.md on stdout (progress goes to stderr).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,8 @@ from tqdm import tqdm  # noqa: E402
 
 import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
 import afa_ext  # noqa: E402
+import history  # noqa: E402
+import plots  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
 
@@ -87,10 +87,6 @@ def chosen_shapes(args) -> List[tuple]:
     if args.preset:
         shapes += [cases.parse_shape(text) for text in PRESETS[args.preset]]
     return shapes or [cases.parse_shape(text) for text in DEFAULT_SHAPES]
-
-
-def command_line() -> str:
-    return shlex.join(["python", "bench/report.py", *sys.argv[1:]])
 
 
 # --------------------------------------------------------------------------- measuring
@@ -215,31 +211,18 @@ def summary_rows(run: Run) -> List[dict]:
     return rows
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: round(value, 6) if isinstance(value, float) else value for key, value in row.items()})
-
-
 def plot_speed(rows: Sequence[dict], path: Path) -> None:
     """Bars of time / 5N floor per method, grouped by shape and dtype, one panel per loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     losses = list(dict.fromkeys(row["loss"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows))
     groups = list(dict.fromkeys((row["shape"], row["dtype"]) for row in rows))
     figure, axes = plt.subplots(1, len(losses), figsize=(max(6, 3 + 2.2 * len(groups)) * len(losses), 4.8), squeeze=False)
-    width = 0.8 / len(methods)
+    width, offsets = plots.bar_slots(len(methods))
     for axis, loss_name in zip(axes[0], losses):
         by_key = {(row["shape"], row["dtype"], row["method"]): row["x_floor"] for row in rows if row["loss"] == loss_name}
         for index, method in enumerate(methods):
-            positions = [g + (index - (len(methods) - 1) / 2) * width for g in range(len(groups))]
+            positions = [g + offsets[index] for g in range(len(groups))]
             heights = [by_key.get(group + (method,), 0.0) for group in groups]
             bars = axis.bar(positions, heights, width, label=method)
             axis.bar_label(bars, labels=[f"{h:.1f}" if h else "" for h in heights], fontsize=7, padding=1)
@@ -251,22 +234,13 @@ def plot_speed(rows: Sequence[dict], path: Path) -> None:
         axis.set_title(cases.SHORT_NAMES[loss_name])
     axes[0][0].legend(fontsize=8)
     figure.suptitle(f"afa_ext fwd+bwd on {rows[0]['device']}, relative to 5N bytes at copy bandwidth")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    plots.save(figure, path, dpi=120)
 
 
 MARKDOWN_HEADERS = [
     "loss", "shape", "dtype", "method", "median ms", "IQR ms", "x 5N floor",
     "% copy BW", "vs eager", "vs compile", "peak extra MB",
 ]
-
-
-def peak_megabytes(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def markdown_row(row: dict) -> List[str]:
@@ -276,12 +250,13 @@ def markdown_row(row: dict) -> List[str]:
         row["dtype"],
         row["method"],
         tables.milliseconds(row["median_ms"] / 1e3),
-        f"{tables.milliseconds(row['q1_ms'] / 1e3)}-{tables.milliseconds(row['q3_ms'] / 1e3)}",
+        tables.millisecond_range(row["q1_ms"] / 1e3, row["q3_ms"] / 1e3),
         f"{row['x_floor']:.2f}",
         tables.percent(row["bandwidth_fraction"]),
         tables.ratio(row["speedup_vs_eager"]),
         tables.ratio(row["speedup_vs_compile"]),
-        peak_megabytes(row["peak_extra_mb"]),
+        tables.megabytes(None if row["peak_extra_mb"] is None else row["peak_extra_mb"] * 2**20,
+                         decimal_below_10=True),
     ]
 
 
@@ -293,7 +268,7 @@ def markdown_report(run: Run, rows: Sequence[dict], args) -> str:
         f"### {datetime.date.today().isoformat()}: {run.device}, {', '.join(args.dtypes)}",
         "",
         f"- machine: {timing.machine_line(run.machine)}",
-        f"- command: `{command_line()}`",
+        f"- command: `{history.command_line(__file__)}`",
         f"- copy bandwidth (dst.copy_(src), 256 MB float32, 2 x size bytes): "
         f"{run.bandwidth_before / 1e9:.1f} GB/s before, {run.bandwidth_after / 1e9:.1f} GB/s after; "
         f"floors use {run.bandwidth / 1e9:.1f} GB/s",
@@ -326,7 +301,7 @@ def main(argv=None) -> None:
         print(f"WARNING: {busy}", file=sys.stderr)
     run = measure_all(args, device)
     rows = summary_rows(run)
-    write_csv(rows, args.out / "results.csv")
+    history.write_rows(rows, args.out / "results.csv", fields=list(rows[0]))
     plot_speed(rows, args.out / "speed.png")
     for warning in flagged_losses(rows):
         print(f"WARNING: {warning}", file=sys.stderr)

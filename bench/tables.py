@@ -32,6 +32,11 @@ def milliseconds(seconds: Optional[float]) -> str:
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
 
 
+def millisecond_range(low_seconds: Optional[float], high_seconds: Optional[float]) -> str:
+    """A range of times as "low-high" in ms, e.g. an interquartile range."""
+    return f"{milliseconds(low_seconds)}-{milliseconds(high_seconds)}"
+
+
 def ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -40,9 +45,13 @@ def scientific(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
-def megabytes(num_bytes: Optional[float]) -> str:
-    return "-" if num_bytes is None else f"{num_bytes / 2**20:.0f}"
+def megabytes(num_bytes: Optional[float], decimal_below_10: bool = False) -> str:
+    """MiB without decimals; with ``decimal_below_10``, one decimal under 10 MiB."""
+    if num_bytes is None:
+        return "-"
+    mib = num_bytes / 2**20
+    return f"{mib:.1f}" if decimal_below_10 and mib < 10 else f"{mib:.0f}"
 
 
-def percent(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
+def percent(value: Optional[float], decimals: int = 0) -> str:
+    return "-" if value is None else f"{100 * value:.{decimals}f}%"

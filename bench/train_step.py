@@ -47,12 +47,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
-import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -67,6 +63,8 @@ from torch import nn  # noqa: E402
 
 import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
 import afa_ext  # noqa: E402
+import history  # noqa: E402
+import plots  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import compat  # noqa: E402
@@ -77,10 +75,10 @@ from afa_ext.train.regularizers import REGULARIZERS, head_l2  # noqa: E402
 from original_losses import ORIGINAL_LOSSES, OriginalChannelAttention, OriginalPixelAttention  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-REPO_ROOT = BENCH.parent
 DEFAULT_HISTORY = BENCH / "data" / "train_step.csv"
 DEFAULT_RESULTS = BENCH / "RESULTS.md"
-BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
+SECTION = "train_step"  # the name in the markers of its RESULTS.md section
+BEGIN, END = history.section_markers(SECTION)
 SECTION_TITLE = "## A whole training step (`bench/train_step.py`)"
 
 MODELS = ("resnet50", "mobilenet_v2")
@@ -140,22 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def command_line(argv: Optional[Sequence[str]]) -> str:
-    arguments = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python", "bench/train_step.py"] + [shlex.quote(str(a)) for a in arguments])
-
-
 # --------------------------------------------------------------------------- provenance
-
-
-def git_commit() -> str:
-    """The checkout's short commit, "unknown" outside a git checkout."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, check=False, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
 
 
 def triton_version() -> str:
@@ -489,7 +472,8 @@ def run(args, argv) -> List[dict]:
     description = timing.machine_description(device)
     common = {
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "command": command_line(argv), "machine": timing.machine_line(description),
+        "commit": history.git_commit(), "command": history.command_line(__file__, argv),
+        "machine": timing.machine_line(description),
         "load_avg": timing.load_average(), "device": device.type,
         "device_name": device_name(device, description), "torch": torch.__version__, "triton": triton_version(),
         "batch": args.batch, "dtype": "float32",
@@ -507,69 +491,6 @@ def run(args, argv) -> List[dict]:
                   file=sys.stderr)
             rows += [dict(common, image_size=size, **row) for row in case_rows]
     return rows
-
-
-# --------------------------------------------------------------------------- history
-
-
-def check_history(path: Path) -> bool:
-    """Whether ``path`` holds rows already; SystemExit when its columns are not FIELDS."""
-    if not (path.is_file() and path.stat().st_size > 0):
-        return False
-    with open(path, newline="") as handle:
-        header = next(csv.reader(handle), None)
-    if tuple(header or ()) != FIELDS:
-        raise SystemExit(f"{path}: its columns are not this script's ({', '.join(FIELDS)}); "
-                         "write to another --history")
-    return True
-
-
-def append_history(rows: List[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    exists = check_history(path)
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if not exists:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({key: _cell(row.get(key)) for key in FIELDS})
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def read_history(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def machine_key(row: dict) -> tuple:
-    """What makes two rows the same (machine, device): the device's name and the CPU part of
-    the machine line (model, logical CPUs, torch threads); not the platform string, which
-    names the kernel build and changes from one VM to the next."""
-    parts = [part for part in row["machine"].split("; ") if part.startswith("CPU ")]
-    return row["device_name"], parts[0] if parts else row["machine"]
-
-
-def latest_runs(history: List[dict]) -> List[List[dict]]:
-    """The rows of the latest run of each (machine, device), oldest group first."""
-    latest: Dict[tuple, str] = {}
-    for row in history:
-        latest[machine_key(row)] = max(latest.get(machine_key(row), ""), row["datetime"])
-    groups = [[row for row in history if machine_key(row) == key and row["datetime"] == when]
-              for key, when in latest.items()]
-    return sorted(groups, key=lambda group: group[0]["datetime"])
-
-
-def _number(text: str) -> Optional[float]:
-    return None if text in ("", None) else float(text)
 
 
 # --------------------------------------------------------------------------- report
@@ -598,23 +519,20 @@ def markdown(group: List[dict]) -> str:
                "grad split"]
     body = []
     for r in group:
-        seconds = {key: _number(r[key]) / 1e3 for key in ("step_ms_median", "step_ms_q1", "step_ms_q3",
+        seconds = {key: history.number(r[key]) / 1e3 for key in ("step_ms_median", "step_ms_q1", "step_ms_q3",
                                                            "feature_fwd_ms", "feature_bwd_ms")}
         body.append([
             r["model"], r["reg"], r["implementation"], tables.milliseconds(seconds["step_ms_median"]),
-            f"{tables.milliseconds(seconds['step_ms_q1'])}-{tables.milliseconds(seconds['step_ms_q3'])}",
+            tables.millisecond_range(seconds["step_ms_q1"], seconds["step_ms_q3"]),
             tables.milliseconds(seconds["feature_fwd_ms"]), tables.milliseconds(seconds["feature_bwd_ms"]),
-            _share(_number(r["feature_share"])),
-            tables.megabytes(None if r["peak_mb"] == "" else _number(r["peak_mb"]) * 2**20),
-            tables.ratio(_number(r["speedup_vs_original"])), f"{_number(r['total_loss']):.6g}",
-            tables.scientific(_number(r["total_rel_diff_vs_original"])),
-            tables.scientific(_number(r["feature_rel_err_f64"])), tables.scientific(_number(r["grad_split_rel_err"])),
+            tables.percent(history.number(r["feature_share"]), decimals=1),
+            tables.megabytes(None if r["peak_mb"] == "" else history.number(r["peak_mb"]) * 2**20),
+            tables.ratio(history.number(r["speedup_vs_original"])), f"{history.number(r['total_loss']):.6g}",
+            tables.scientific(history.number(r["total_rel_diff_vs_original"])),
+            tables.scientific(history.number(r["feature_rel_err_f64"])),
+            tables.scientific(history.number(r["grad_split_rel_err"])),
         ])
     return tables.markdown_table(headers, body, right_align_from=3)
-
-
-def _share(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 INTRODUCTION = [
@@ -642,49 +560,28 @@ LEGEND = [
 ]
 
 
-def report_text(history: List[dict], history_path: Path, results_path: Path, plot_path: Path) -> str:
+def report_text(rows: List[dict], history_path: Path, results_path: Path, plot_path: Path) -> str:
     """The generated part of the RESULTS.md section: each (machine, device)'s latest run."""
     lines = [f"Generated by `bench/train_step.py` (after each run, or with `--report`) from the history "
-             f"`{_relative(history_path, results_path)}`: the latest run per (machine, device); do not edit by hand.",
+             f"`{history.relative_link(history_path, results_path)}`: the latest run per (machine, device); "
+             "do not edit by hand.",
              ""]
     lines += INTRODUCTION + [""]
-    if not history:
+    if not rows:
         return "\n".join(lines + ["No runs recorded yet."])
     lines += LEGEND + [""]
-    for group in latest_runs(history):
+    for group in history.latest_runs(rows):
         lines += [f"### {group[0]['device_name']}, {group[0]['datetime'][:10]}", ""] + run_header(group) + [""]
         lines += [markdown(group), ""]
-    lines.append(f"![step time and peak memory per implementation]({_relative(plot_path, results_path)})")
+    lines.append(f"![step time and peak memory per implementation]({history.relative_link(plot_path, results_path)})")
     return "\n".join(lines)
 
 
-def _relative(path: Path, results_path: Path) -> str:
-    return Path(os.path.relpath(Path(path).resolve(), Path(results_path).resolve().parent)).as_posix()
-
-
-def rewrite_section(results_path: Path, text: str) -> None:
-    """Put ``text`` between the markers of ``results_path``; add the section (title and
-    markers) at the end when the file lacks it, create the file when it does not exist."""
-    block = f"{BEGIN}\n{text}\n{END}"
-    content = results_path.read_text() if results_path.is_file() else ""
-    if BEGIN in content and END in content and content.index(BEGIN) < content.index(END):
-        before, rest = content.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
-        content = before + block + after
-    else:
-        content = content.rstrip("\n") + ("\n\n" if content else "") + f"{SECTION_TITLE}\n\n{block}\n"
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(content)
-
-
-def plot(history: List[dict], path: Path) -> None:
+def plot(rows: List[dict], path: Path) -> None:
     """Per latest run of each (machine, device): step time per implementation for each model
     (the feature term's fwd + bwd hatched), and peak memory per implementation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = latest_runs(history)
+    plt = plots.pyplot()
+    groups = history.latest_runs(rows)
     if not groups:
         return
     models = [sorted({r["model"] for r in group}, key=_model_order) for group in groups]
@@ -700,10 +597,7 @@ def plot(history: List[dict], path: Path) -> None:
             axis.axis("off")
         _bars(row_axes[-1], group, colours, step=False)
         row_axes[-1].set_title(f"peak memory of the step ({group[0]['device']})", fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save(figure, path, dpi=110)
 
 
 SHORT_MODELS = {"resnet50": "ResNet-50", "mobilenet_v2": "MobileNetV2"}
@@ -721,24 +615,24 @@ def _bars(axis, rows: List[dict], colours: Dict[str, str], step: bool) -> None:
     for r in rows:
         if label(r) not in keys:
             keys.append(label(r))
-    width = 0.8 / max(len(names), 1)
+    width, offsets = plots.bar_slots(len(names))
     for index, name in enumerate(names):
         chosen = {label(r): r for r in rows if r["implementation"] == name}
-        xs = [k + (index - (len(names) - 1) / 2) * width for k, key in enumerate(keys) if key in chosen]
+        xs = [k + offsets[index] for k, key in enumerate(keys) if key in chosen]
         picked = [chosen[key] for key in keys if key in chosen]
         if step:
-            medians = [_number(r["step_ms_median"]) for r in picked]
-            spread = [[m - _number(r["step_ms_q1"]) for m, r in zip(medians, picked)],
-                      [_number(r["step_ms_q3"]) - m for m, r in zip(medians, picked)]]
+            medians = [history.number(r["step_ms_median"]) for r in picked]
+            spread = [[m - history.number(r["step_ms_q1"]) for m, r in zip(medians, picked)],
+                      [history.number(r["step_ms_q3"]) - m for m, r in zip(medians, picked)]]
             axis.bar(xs, medians, width, yerr=spread, capsize=3, color=colours[name], label=name)
-            feature = [_number(r["feature_fwd_ms"]) + _number(r["feature_bwd_ms"]) for r in picked]
+            feature = [history.number(r["feature_fwd_ms"]) + history.number(r["feature_bwd_ms"]) for r in picked]
             axis.bar(xs, feature, width, color="none", edgecolor="black", hatch="//", linewidth=0.5,
                      label="feature term fwd+bwd" if index == 0 else None)
             for x, m, r in zip(xs, medians, picked):  # the speed-up over original, inside the bar
-                axis.text(x, m / 2, tables.ratio(_number(r["speedup_vs_original"])), ha="center", va="center",
+                axis.text(x, m / 2, tables.ratio(history.number(r["speedup_vs_original"])), ha="center", va="center",
                           rotation=90, fontsize=8, color="white", fontweight="bold")
         else:
-            values = [_number(r["peak_mb"]) or 0.0 for r in picked]
+            values = [history.number(r["peak_mb"]) or 0.0 for r in picked]
             axis.bar(xs, values, width, color=colours[name], label=name)
     axis.set_xticks(range(len(keys)), keys, fontsize=8 if step else 7)
     axis.set_ylabel("ms per step (median, IQR)" if step else "MB above live (peak)")
@@ -752,8 +646,8 @@ def _bars(axis, rows: List[dict], colours: Dict[str, str], step: bool) -> None:
 def _clip_outliers(axis, rows: List[dict]) -> None:
     """Keep the bars readable when a noisy round stretches an IQR: the y axis stops at twice
     the largest median, and the title says so."""
-    top = 2 * max(_number(r["step_ms_median"]) for r in rows)
-    if max(_number(r["step_ms_q3"]) for r in rows) > top:
+    top = 2 * max(history.number(r["step_ms_median"]) for r in rows)
+    if max(history.number(r["step_ms_q3"]) for r in rows) > top:
         axis.set_ylim(0, top)
         axis.text(0.99, 0.98, "IQR clipped at 2x the largest median", transform=axis.transAxes, ha="right",
                   va="top", fontsize=7)
@@ -761,10 +655,10 @@ def _clip_outliers(axis, rows: List[dict]) -> None:
 
 def write_report(history_path: Path, results_path: Path, plot_path: Path) -> str:
     """Regenerate the plot and the RESULTS section from the history; returns the section text."""
-    history = read_history(history_path)
-    plot(history, plot_path)
-    text = report_text(history, history_path, results_path, plot_path)
-    rewrite_section(results_path, text)
+    rows = history.read_rows(history_path)
+    plot(rows, plot_path)
+    text = report_text(rows, history_path, results_path, plot_path)
+    history.rewrite_section(results_path, SECTION, SECTION_TITLE, text)
     return text
 
 
@@ -774,11 +668,11 @@ def write_report(history_path: Path, results_path: Path, plot_path: Path) -> str
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.report:
-        check_history(args.history)  # before the run, not after it
+        history.has_rows(args.history, FIELDS)  # its columns checked before the run, not after it
         started = time.perf_counter()
         rows = run(args, argv)
-        append_history(rows, args.history)
-        group = latest_runs(read_history(args.history))
+        history.write_rows(rows, args.history, FIELDS, append=True)
+        group = history.latest_runs(history.read_rows(args.history))
         group = next(g for g in group if g[0]["datetime"] == rows[0]["datetime"]
                      and g[0]["machine"] == rows[0]["machine"])
         print("\n".join(run_header(group)))
@@ -786,7 +680,7 @@ def main(argv=None) -> int:
         print(markdown(group))
     write_report(args.history, args.results, args.plot)
     if args.report:
-        for group in latest_runs(read_history(args.history)):
+        for group in history.latest_runs(history.read_rows(args.history)):
             print("\n".join(run_header(group)) + "\n\n" + markdown(group) + "\n")
     print(f"\nhistory: {args.history}; plot: {args.plot}; section rewritten in {args.results}", file=sys.stderr)
     return 0

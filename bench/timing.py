@@ -3,6 +3,7 @@ and a description of the machine. Nothing here knows about AFA's losses."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import platform
@@ -114,11 +115,11 @@ def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 10
     numel = megabytes * 2**20 // 4
     source = torch.ones(numel, dtype=torch.float32, device=device)
     destination = torch.zeros(numel, dtype=torch.float32, device=device)
-    copy = lambda: destination.copy_(source)  # noqa: E731
+    copy = functools.partial(destination.copy_, source)
     for _ in range(2):
         time_once(copy, device)
     seconds = median([time_once(copy, device) for _ in range(repeats)])
-    del source, destination
+    del copy, source, destination
     return 2 * numel * 4 / seconds
 
 

@@ -13,6 +13,7 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST     CUDA architectures, default "8.0;9.0" (A100, H100/H200)
   MAX_JOBS                 parallel compile jobs for ninja
 """
+
 from __future__ import annotations
 
 import glob
@@ -34,8 +35,16 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 CPU_ISA_FLAGS = {
     "default": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
 }
 CPU_ISA_NEEDS = {
     "default": set(),
@@ -96,10 +105,7 @@ def cpu_isa() -> str:
 
 def write_build_config(isa: str) -> None:
     """afa_ext/_build_config.py, read before afa_ext._C is loaded (generated, not tracked)."""
-    BUILD_CONFIG.write_text(
-        '"""Written by setup.py: how afa_ext._C was built."""\n\n'
-        f"CPU_ISA = {isa!r}\n"
-    )
+    BUILD_CONFIG.write_text(f'"""Written by setup.py: how afa_ext._C was built."""\n\nCPU_ISA = {isa!r}\n')
 
 
 def math_library_include_dirs() -> list[str]:
@@ -133,26 +139,41 @@ def make_extension():
     isa = cpu_isa()
     write_build_config(isa)
     # -Wno-unknown-pragmas: torch's vector headers use "#pragma unroll", which gcc does not know.
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"] + \
-        CPU_ISA_FLAGS[isa]
+    cxx_flags = [
+        "-O3",
+        "-fopenmp",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter",
+        "-Wno-unknown-pragmas",
+    ] + CPU_ISA_FLAGS[isa]
     link_flags = ["-fopenmp"]
     include_dirs = [str(CSRC)]
     if not cuda_build_wanted(cuda_sources):
         return cpp_extension.CppExtension(
-            "afa_ext._C", cpp_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
+            "afa_ext._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     arch_define = "-DAFA_EXT_CUDA_ARCHS=" + archs.replace(";", ",").replace(" ", ",")
     return cpp_extension.CUDAExtension(
-        "afa_ext._C", cpp_sources + cuda_sources,
+        "afa_ext._C",
+        cpp_sources + cuda_sources,
         include_dirs=include_dirs + math_library_include_dirs(),
         extra_compile_args={
             "cxx": cxx_flags + [arch_define, "-DAFA_EXT_WITH_CUDA"],
             # -Xptxas=-v prints registers and spills per kernel ("ptxas info" lines, not
             # warnings): bench/cuda_resource_usage.py tabulates them from the build log.
-            "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v", "-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter",
-                     "-DAFA_EXT_WITH_CUDA"],
+            "nvcc": [
+                "-O3",
+                "-lineinfo",
+                "-Xptxas=-v",
+                "-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter",
+                "-DAFA_EXT_WITH_CUDA",
+            ],
         },
         extra_link_args=link_flags,
     )

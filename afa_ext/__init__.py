@@ -12,6 +12,7 @@ The package in layers, each calling only the one below it:
 code, and ``afa_ext.train`` is the AFA trainer (``python -m afa_ext.train``); neither is
 imported here.
 """
+
 from . import functional, nn, reference
 from .nn import (
     AttentiveChannelAlignment,

@@ -55,12 +55,13 @@ Differences from the original:
 - ``channel_weights_from_scores`` gives uniform weights, not NaN, to a layer whose scores
   are all equal.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -91,11 +92,13 @@ def _layer_scores(scores, index: int, where: str) -> Tensor:
     try:
         values = torch.as_tensor(scores, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"{where}: expected layer {index} to be a 1-D array of numbers, "
-                        f"got {type(scores).__name__} ({error})") from None
+        raise TypeError(
+            f"{where}: expected layer {index} to be a 1-D array of numbers, got {type(scores).__name__} ({error})"
+        ) from None
     if values.dim() != 1 or values.numel() == 0:
-        raise ValueError(f"{where}: expected layer {index} to be a non-empty 1-D array of scores, "
-                         f"got shape {tuple(values.shape)}")
+        raise ValueError(
+            f"{where}: expected layer {index} to be a non-empty 1-D array of scores, got shape {tuple(values.shape)}"
+        )
     if not torch.isfinite(values).all():
         raise ValueError(f"{where}: expected finite scores, layer {index} holds NaN or infinity")
     return values
@@ -110,16 +113,18 @@ def _softmax_of_z_scores(values: Tensor) -> Tensor:
     return torch.softmax(z / 5.0, dim=0)
 
 
-def _weights_from_scores(scores, where: str) -> List[Tensor]:
+def _weights_from_scores(scores, where: str) -> list[Tensor]:
     expected = "a list with one 1-D array of scores per layer"
     if isinstance(scores, np.ndarray):
-        raise TypeError(f"{where}: expected scores to be {expected}, got ndarray of shape {scores.shape} "
-                        f"(a single array: wrap one layer as [scores])")
+        raise TypeError(
+            f"{where}: expected scores to be {expected}, got ndarray of shape {scores.shape} "
+            f"(a single array: wrap one layer as [scores])"
+        )
     layers = functional.layer_list(scores, "scores", where, expected)
     return [_softmax_of_z_scores(_layer_scores(layer, index, where)) for index, layer in enumerate(layers)]
 
 
-def channel_weights_from_scores(scores: Sequence) -> List[Tensor]:
+def channel_weights_from_scores(scores: Sequence) -> list[Tensor]:
     """DELTA's channel weights from per-channel scores, one 1-D array per layer.
 
     For the scores x of one layer (C channels): z = (x - mean(x)) / std(x), with the
@@ -134,7 +139,7 @@ def channel_weights_from_scores(scores: Sequence) -> List[Tensor]:
     return _weights_from_scores(scores, "channel_weights_from_scores")
 
 
-def get_channel_weight(json_path, logger=None) -> Optional[List[Tensor]]:
+def get_channel_weight(json_path, logger=None) -> list[Tensor] | None:
     """DELTA's channel weights read from its published JSON file.
 
     The file holds a list with one list of per-channel scores per layer; each layer's
@@ -158,8 +163,10 @@ def get_channel_weight(json_path, logger=None) -> Optional[List[Tensor]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{where}: {path!r} is not valid JSON ({error})") from None
     if not isinstance(layers, list) or not layers:
-        raise ValueError(f"{where}: expected {path!r} to hold a non-empty list with one list of per-channel "
-                         f"scores per layer, got {type(layers).__name__}")
+        raise ValueError(
+            f"{where}: expected {path!r} to hold a non-empty list with one list of per-channel "
+            f"scores per layer, got {type(layers).__name__}"
+        )
     weights = _weights_from_scores(layers, f"{where} ({path!r})")
     if logger is not None:
         logger.info(f"load channel_weight_path={path} success!")
@@ -169,22 +176,28 @@ def get_channel_weight(json_path, logger=None) -> Optional[List[Tensor]]:
 # --------------------------------------------------------------------------- attention modules
 
 
-def _flat_source(features, module: nn.Module, channels: Optional[int]) -> Tensor:
+def _flat_source(features, module: nn.Module, channels: int | None) -> Tensor:
     """Source features (B, C, *spatial) as (B, C, P), after checking P = feature_size^2 and,
     when given, C = ``channels``; the errors name the constructor's arguments."""
     where = type(module).__name__
     if not isinstance(features, Tensor):
         raise TypeError(f"{where}: expected the source feature map to be a torch.Tensor, got {type(features).__name__}")
     if features.dim() < 3:
-        raise ValueError(f"{where}: expected a source feature map of shape (B, C, H, W), got shape {tuple(features.shape)}")
+        raise ValueError(
+            f"{where}: expected a source feature map of shape (B, C, H, W), got shape {tuple(features.shape)}"
+        )
     positions = module.feature_size * module.feature_size
     batch, given_channels, given_positions = features.shape[0], features.shape[1], math.prod(features.shape[2:])
     if given_positions != positions:
-        raise ValueError(f"{where}: built for feature_size={module.feature_size} ({positions} positions), "
-                         f"got a map of shape {tuple(features.shape)} ({given_positions} positions)")
+        raise ValueError(
+            f"{where}: built for feature_size={module.feature_size} ({positions} positions), "
+            f"got a map of shape {tuple(features.shape)} ({given_positions} positions)"
+        )
     if channels is not None and given_channels != channels:
-        raise ValueError(f"{where}: built for in_channels={channels}, got a map of "
-                         f"shape {tuple(features.shape)} ({given_channels} channels)")
+        raise ValueError(
+            f"{where}: built for in_channels={channels}, got a map of "
+            f"shape {tuple(features.shape)} ({given_channels} channels)"
+        )
     return features.reshape(batch, given_channels, positions)
 
 
@@ -244,22 +257,26 @@ class channel_attention(nn.Module):  # noqa: N801 - the original's name, for dro
 # --------------------------------------------------------------------------- feature losses
 
 
-def _paired_layers(layer_outputs_source, layer_outputs_target, where: str) -> Tuple[List[Tensor], List[Tensor]]:
+def _paired_layers(layer_outputs_source, layer_outputs_target, where: str) -> tuple[list[Tensor], list[Tensor]]:
     """(sources, targets): the maps of every hooked layer as two equally long lists, maybe empty."""
-    targets, sources = functional.feature_layer_lists(layer_outputs_target, layer_outputs_source, where,
-                                                      names=("layer_outputs_target", "layer_outputs_source"),
-                                                      allow_empty=True)
+    targets, sources = functional.feature_layer_lists(
+        layer_outputs_target,
+        layer_outputs_source,
+        where,
+        names=("layer_outputs_target", "layer_outputs_source"),
+        allow_empty=True,
+    )
     return sources, targets
 
 
-def _per_layer(values, what: str, layers: int, where: str) -> List:
+def _per_layer(values, what: str, layers: int, where: str) -> list:
     entries = functional.layer_list(values, what, where, "a list with one entry per hooked layer")
     if len(entries) != layers:
         raise ValueError(f"{where}: expected {what} for {layers} layers, as many as feature maps, got {len(entries)}")
     return entries
 
 
-def _no_layers_zero(shape: Tuple[int, ...] = ()) -> Tensor:
+def _no_layers_zero(shape: tuple[int, ...] = ()) -> Tensor:
     return torch.zeros(shape, dtype=torch.float32)
 
 
@@ -299,14 +316,15 @@ def reg_att_fea_map(layer_outputs_source, layer_outputs_target, channel_weights,
     return functional.delta_loss(targets, sources, weights, backend=backend).to(torch.float32)
 
 
-def _attentions(feature_criterions, sources: List[Tensor], where: str) -> List[Tensor]:
+def _attentions(feature_criterions, sources: list[Tensor], where: str) -> list[Tensor]:
     """Each layer's attention module applied to its source map, as given (not detached)."""
     criterions = _per_layer(feature_criterions, "feature_criterions", len(sources), where)
     return [criterion(source) for criterion, source in zip(criterions, sources)]
 
 
-def reg_pixel_att_fea_map_learn(layer_outputs_source, layer_outputs_target, feature_criterions, *,
-                                backend: str = "auto") -> Tensor:
+def reg_pixel_att_fea_map_learn(
+    layer_outputs_source, layer_outputs_target, feature_criterions, *, backend: str = "auto"
+) -> Tensor:
     """AFA spatial: sum over layers of (0.5 / B) * sum_{n,p} (P * a_{n,p})^2 * sum_j (F_t - F_s)^2.
 
     a = feature_criterions[l](F_s) of layer l, (B, 1, P) (``pixel_attention``); it enters
@@ -322,8 +340,9 @@ def reg_pixel_att_fea_map_learn(layer_outputs_source, layer_outputs_target, feat
     return functional.spatial_attentive_loss(targets, sources, weights, backend=backend).to(torch.float32)
 
 
-def reg_channel_att_fea_map_learn(layer_outputs_source, layer_outputs_target, feature_criterions, *,
-                                  backend: str = "auto") -> Tensor:
+def reg_channel_att_fea_map_learn(
+    layer_outputs_source, layer_outputs_target, feature_criterions, *, backend: str = "auto"
+) -> Tensor:
     """AFA channel: sum over layers of (0.5 / B) * sum_{n,j} C * g_{n,j} * sum_p (F_t - F_s)^2.
 
     g = feature_criterions[l](F_s) of layer l, (B, C) (``channel_attention``). The

@@ -22,10 +22,11 @@ torch.func's ``grad``, ``jacrev`` and ``vmap`` over a gradient work with every b
 (``jacrev(jacrev(...))``, ``hessian``) work with the ``reference`` backend only. Plain
 autograd gives second derivatives with every backend.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,15 +45,15 @@ __all__ = [
 ]
 
 
-def _partial_sums(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, backend: str) -> List[Tensor]:
+def _partial_sums(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, backend: str) -> list[Tensor]:
     """The partial sums of every layer from a compiled backend (``backend`` resolved, inputs
     checked): d[n, j] = sum_p (t - s)^2 for grouping "channel", e[n, p] = sum_j (t - s)^2 for
     "spatial". Layers of one dtype share one launch; the sources get no gradient."""
     sources = [source.detach() for source in sources]
-    by_dtype: Dict[torch.dtype, List[int]] = {}
+    by_dtype: dict[torch.dtype, list[int]] = {}
     for index, target in enumerate(targets):
         by_dtype.setdefault(target.dtype, []).append(index)
-    results: List[Tensor] = [targets[0]] * len(targets)
+    results: list[Tensor] = [targets[0]] * len(targets)
     for indices in by_dtype.values():
         partials = layer_partial_sums(backend, grouping, [targets[i] for i in indices], [sources[i] for i in indices])
         for index, partial in zip(indices, partials):
@@ -60,7 +61,7 @@ def _partial_sums(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping
     return results
 
 
-def _one_pass(backend: str, targets: List[Tensor], sources: List[Tensor], grouping: str) -> None:
+def _one_pass(backend: str, targets: list[Tensor], sources: list[Tensor], grouping: str) -> None:
     """One forward and one backward of the partial sums, without autograd: what ``auto``
     times to choose a GPU backend."""
     ops = op_library(backend)
@@ -69,7 +70,7 @@ def _one_pass(backend: str, targets: List[Tensor], sources: List[Tensor], groupi
         getattr(ops, f"grouped_{grouping}_sqdist_backward")(partials, targets, sources)
 
 
-def _backend_for(backend: str, targets: List[Tensor], sources: List[Tensor], grouping: str, where: str) -> str:
+def _backend_for(backend: str, targets: list[Tensor], sources: list[Tensor], grouping: str, where: str) -> str:
     """The backend to run: ``backend`` resolved, and for ``auto`` on CUDA tensors the
     faster of the GPU backends for these layers."""
     device = targets[0].device
@@ -80,13 +81,13 @@ def _backend_for(backend: str, targets: List[Tensor], sources: List[Tensor], gro
     if name not in names or len(names) < 2:
         return name
     detached = [source.detach() for source in sources]
-    candidates = {candidate: (lambda c=candidate: _one_pass(c, targets, detached, grouping))
-                  for candidate in names}
-    return auto_choice.choose_fastest(auto_choice.layers_key(grouping, targets), candidates,
-                                      lambda: torch.cuda.synchronize(device))
+    candidates = {candidate: (lambda c=candidate: _one_pass(c, targets, detached, grouping)) for candidate in names}
+    return auto_choice.choose_fastest(
+        auto_choice.layers_key(grouping, targets), candidates, lambda: torch.cuda.synchronize(device)
+    )
 
 
-def layer_list(value, what: str, where: str, expected: str = "a list with one entry per layer") -> List:
+def layer_list(value, what: str, where: str, expected: str = "a list with one entry per layer") -> list:
     """``value``, an argument with one entry per layer, as a list.
 
     A list, tuple or other indexable sequence (an ``nn.ModuleList``) gives its entries. A
@@ -95,8 +96,10 @@ def layer_list(value, what: str, where: str, expected: str = "a list with one en
     per-layer argument for ``afa_ext.functional``, ``afa_ext.nn`` and ``afa_ext.compat``.
     """
     if isinstance(value, Tensor):
-        raise TypeError(f"{where}: expected {what} to be {expected}, got Tensor of shape {tuple(value.shape)} "
-                        f"(a single Tensor: wrap one layer as [{what}])")
+        raise TypeError(
+            f"{where}: expected {what} to be {expected}, got Tensor of shape {tuple(value.shape)} "
+            f"(a single Tensor: wrap one layer as [{what}])"
+        )
     if not isinstance(value, (str, bytes, Mapping)):
         try:
             return [value[index] for index in range(len(value))]
@@ -105,7 +108,7 @@ def layer_list(value, what: str, where: str, expected: str = "a list with one en
     raise TypeError(f"{where}: expected {what} to be {expected}, got {type(value).__name__}")
 
 
-def feature_layers(value, what: str, where: str, allow_empty: bool = False) -> List[Tensor]:
+def feature_layers(value, what: str, where: str, allow_empty: bool = False) -> list[Tensor]:
     """``layer_list`` of feature maps: one Tensor of shape (B, C, *spatial) per layer, at
     least one unless ``allow_empty``."""
     layers = layer_list(value, what, where, "a list of feature maps, one per layer")
@@ -120,33 +123,39 @@ def feature_layers(value, what: str, where: str, allow_empty: bool = False) -> L
     return layers
 
 
-def feature_layer_lists(targets, sources, where: str, names: Tuple[str, str] = ("targets", "sources"),
-                        allow_empty: bool = False) -> Tuple[List[Tensor], List[Tensor]]:
+def feature_layer_lists(
+    targets, sources, where: str, names: tuple[str, str] = ("targets", "sources"), allow_empty: bool = False
+) -> tuple[list[Tensor], list[Tensor]]:
     """Target and source ``feature_layers`` as two equally long lists; ``names`` are the
     arguments' names in the errors."""
     target_layers = feature_layers(targets, names[0], where, allow_empty)
     source_layers = feature_layers(sources, names[1], where, allow_empty)
     if len(source_layers) != len(target_layers):
-        raise ValueError(f"{where}: expected as many source as target layers, got {len(source_layers)} source "
-                         f"and {len(target_layers)} target maps")
+        raise ValueError(
+            f"{where}: expected as many source as target layers, got {len(source_layers)} source "
+            f"and {len(target_layers)} target maps"
+        )
     return target_layers, source_layers
 
 
-def _layer_lists(where: str, target, source, *weights) -> Tuple[List[Tensor], ...]:
+def _layer_lists(where: str, target, source, *weights) -> tuple[list[Tensor], ...]:
     """Target, source and each (name, value) weight argument as equally long lists, one
     entry per layer (a single target Tensor is one layer); every layer's features checked
     and on one device."""
     if isinstance(target, (list, tuple)):
         for entry in target:
             if not isinstance(entry, Tensor):
-                raise TypeError(f"{where}: expected target to be a torch.Tensor or a list of Tensors, one "
-                                f"per layer; got a {type(target).__name__} of {type(entry).__name__}")
+                raise TypeError(
+                    f"{where}: expected target to be a torch.Tensor or a list of Tensors, one "
+                    f"per layer; got a {type(target).__name__} of {type(entry).__name__}"
+                )
         lists = list(feature_layer_lists(target, source, where, names=("target", "source")))
         for name, weight in weights:
             entries = layer_list(weight, name, where, "a list with one entry per layer like target")
             if len(entries) != len(lists[0]):
-                raise ValueError(f"{where}: expected {len(lists[0])} layers of {name}, as many as of target, "
-                                 f"got {len(entries)}")
+                raise ValueError(
+                    f"{where}: expected {len(lists[0])} layers of {name}, as many as of target, got {len(entries)}"
+                )
             lists.append(entries)
     else:
         lists = [[target], [source]] + [[weight] for _, weight in weights]
@@ -154,12 +163,14 @@ def _layer_lists(where: str, target, source, *weights) -> Tuple[List[Tensor], ..
         prefix = _layer_name(where, index, lists[0])
         check_features(t, s, prefix)
         if t.device != lists[0][0].device:
-            raise ValueError(f"{prefix}: expected every layer on one device, got layer 0 on "
-                             f"{lists[0][0].device} and this one on {t.device}")
+            raise ValueError(
+                f"{prefix}: expected every layer on one device, got layer 0 on "
+                f"{lists[0][0].device} and this one on {t.device}"
+            )
     return tuple(lists)
 
 
-def _layer_name(where: str, index: int, layers: List[Tensor]) -> str:
+def _layer_name(where: str, index: int, layers: list[Tensor]) -> str:
     """What an error names: the function, and the layer when there are several."""
     return f"{where} (layer {index})" if len(layers) > 1 else where
 
@@ -191,8 +202,10 @@ def delta_loss(target, source, channel_weights, *, backend: str = "auto") -> Ten
     if name == "reference":
         return _total(reference.delta_loss(t, s, w) for t, s, w in zip(targets, sources, weights))
     distances = _partial_sums(targets, sources, "channel", name)
-    return _total((0.5 * t.shape[1] / max(spatial_positions(t), 1)) * torch.sum(w.to(d.dtype) * d)
-                  for t, w, d in zip(targets, weights, distances))
+    return _total(
+        (0.5 * t.shape[1] / max(spatial_positions(t), 1)) * torch.sum(w.to(d.dtype) * d)
+        for t, w, d in zip(targets, weights, distances)
+    )
 
 
 def channel_attentive_loss(target, source, attention, *, backend: str = "auto") -> Tensor:
@@ -205,8 +218,10 @@ def channel_attentive_loss(target, source, attention, *, backend: str = "auto") 
     if name == "reference":
         return _total(reference.channel_attentive_loss(t, s, g) for t, s, g in zip(targets, sources, attentions))
     distances = _partial_sums(targets, sources, "channel", name)
-    return _total((0.5 * t.shape[1] / max(t.shape[0], 1)) * torch.sum(g.to(d.dtype) * d)
-                  for t, g, d in zip(targets, attentions, distances))
+    return _total(
+        (0.5 * t.shape[1] / max(t.shape[0], 1)) * torch.sum(g.to(d.dtype) * d)
+        for t, g, d in zip(targets, attentions, distances)
+    )
 
 
 def spatial_attentive_loss(target, source, attention, *, backend: str = "auto") -> Tensor:

@@ -11,10 +11,11 @@ bfloat16 features D is formed in the features' dtype and then squared and summed
 float32 (the sums of squares of a real feature map overflow float16), so the loss is a
 float32 scalar, as it is from every backend.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -47,7 +48,7 @@ def _loss_dtype(features: Tensor) -> torch.dtype:
 def feature_map_loss(target: Tensor, source: Tensor) -> Tensor:
     """Plain feature-map L2: 0.5 * sum_{n,j,p} D[n,j,p]^2 (no division by B)."""
     diff = _flat_difference(target, source)
-    return 0.5 * torch.sum(diff ** 2)
+    return 0.5 * torch.sum(diff**2)
 
 
 def delta_loss(target: Tensor, source: Tensor, channel_weights: Tensor) -> Tensor:
@@ -63,7 +64,7 @@ def channel_attentive_loss(target: Tensor, source: Tensor, attention: Tensor) ->
     """Attentive channel (ACT): (0.5 / B) * sum_{n,j} C * g[n,j] * sum_p D[n,j,p]^2."""
     diff = _flat_difference(target, source)
     batch, channels = diff.shape[0], diff.shape[1]
-    distance = torch.sum(diff ** 2, dim=2)  # (B, C)
+    distance = torch.sum(diff**2, dim=2)  # (B, C)
     weighted = channels * torch.mul(attention.to(diff.dtype), distance)
     return _batch_scale(batch) * torch.sum(weighted)
 
@@ -78,7 +79,7 @@ def spatial_attentive_loss(target: Tensor, source: Tensor, attention: Tensor) ->
     batch, positions = diff.shape[0], diff.shape[2]
     scaled_attention = attention.reshape(batch, 1, positions).to(diff.dtype) * positions
     attended = diff * scaled_attention  # a second full-size copy of D, as in the original
-    return _batch_scale(batch) * torch.sum(attended ** 2)
+    return _batch_scale(batch) * torch.sum(attended**2)
 
 
 def l2sp_loss(

@@ -1,6 +1,7 @@
 """The benchmark cases: inputs for the four AFA losses, the loss function of each method
 (eager reference, torch.compile of it, a compiled backend), one forward+backward step,
 and error measures. Shared by compare_backends.py, report.py and test_bench_losses.py."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -43,8 +44,8 @@ DTYPES = {
 # --------------------------------------------------------------------------- shapes
 
 
-def parse_shape(text: str) -> Tuple[int, ...]:
-    """"64x512x28x28" -> (64, 512, 28, 28)."""
+def parse_shape(text: str) -> tuple[int, ...]:
+    """ "64x512x28x28" -> (64, 512, 28, 28)."""
     try:
         shape = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
@@ -54,7 +55,7 @@ def parse_shape(text: str) -> Tuple[int, ...]:
     return shape
 
 
-def shape_argument(text: str) -> Tuple[int, ...]:
+def shape_argument(text: str) -> tuple[int, ...]:
     """parse_shape for argparse, which then prints the reason of a bad shape."""
     try:
         return parse_shape(text)
@@ -88,18 +89,18 @@ class LossInputs:
     loss_name: str
     target: Tensor
     source: Tensor
-    weights: Optional[Tensor]
+    weights: Tensor | None
 
     def args(self) -> tuple:
         return (self.target, self.source) if self.weights is None else (self.target, self.source, self.weights)
 
-    def grad_leaves(self) -> List[Tensor]:
+    def grad_leaves(self) -> list[Tensor]:
         return [tensor for tensor in (self.target, self.weights) if tensor is not None and tensor.requires_grad]
 
-    def converted(self, dtype: torch.dtype) -> "LossInputs":
+    def converted(self, dtype: torch.dtype) -> LossInputs:
         """A detached copy in ``dtype`` (features and weights), with the same leaves requiring grad."""
 
-        def convert(tensor: Optional[Tensor]) -> Optional[Tensor]:
+        def convert(tensor: Tensor | None) -> Tensor | None:
             if tensor is None:
                 return None
             return tensor.detach().to(dtype).requires_grad_(tensor.requires_grad)
@@ -112,7 +113,7 @@ def weights_dtype(features_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if features_dtype in (torch.float16, torch.bfloat16) else features_dtype
 
 
-def make_weights(loss_name: str, shape: Sequence[int], dtype: torch.dtype, device, generator) -> Optional[Tensor]:
+def make_weights(loss_name: str, shape: Sequence[int], dtype: torch.dtype, device, generator) -> Tensor | None:
     batch, channels, positions = shape[0], shape[1], numel(shape[2:])
     if loss_name == "feature_map_loss":
         return None
@@ -143,7 +144,7 @@ def make_inputs(loss_name: str, shape: Sequence[int], dtype: torch.dtype, device
 # --------------------------------------------------------------------------- methods
 
 
-def backends_on(device: torch.device, include_reference: bool = True) -> List[str]:
+def backends_on(device: torch.device, include_reference: bool = True) -> list[str]:
     """Available backends that compute on ``device``, in afa_ext's fixed order."""
     names = []
     for name in afa_ext.available_backends():
@@ -204,7 +205,7 @@ def step(loss_fn: Callable[..., Tensor], inputs: LossInputs) -> Callable[[], Ten
 class Evaluation:
     loss: Tensor
     target_grad: Tensor
-    weights_grad: Optional[Tensor]
+    weights_grad: Tensor | None
 
 
 def evaluate(loss_fn: Callable[..., Tensor], inputs: LossInputs) -> Evaluation:
@@ -220,7 +221,7 @@ def float64_reference(inputs: LossInputs) -> Evaluation:
     return evaluate(reference_loss(inputs.loss_name), inputs.converted(torch.float64))
 
 
-def relative_error(value: Optional[Tensor], expected: Optional[Tensor]) -> Optional[float]:
+def relative_error(value: Tensor | None, expected: Tensor | None) -> float | None:
     """||value - expected|| / ||expected|| in float64 (absolute error when expected is 0)."""
     if value is None or expected is None:
         return None

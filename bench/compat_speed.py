@@ -14,6 +14,7 @@ error against the transcription run in float64.
     python bench/compat_speed.py                 # batch 16, cpu backend
     python bench/compat_speed.py --batch 64 --budget 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,20 +23,22 @@ import datetime
 import functools
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import cases  # noqa: E402  (first: it puts the repository on sys.path when needed)
 import history  # noqa: E402
 import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import compat  # noqa: E402
-from original_losses import (ORIGINAL_LOSSES, OriginalChannelAttention,  # noqa: E402
-                             OriginalPixelAttention)
+from original_losses import (
+    ORIGINAL_LOSSES,
+    OriginalChannelAttention,  # noqa: E402
+    OriginalPixelAttention,
+)
 
 RESNET50_LAYERS = ((256, 56), (512, 28), (1024, 14), (2048, 7))  # (C, side) at 224 px input
 LOSSES = ("reg_fea_map", "reg_att_fea_map", "reg_pixel_att_fea_map_learn", "reg_channel_att_fea_map_learn")
@@ -52,8 +55,9 @@ ATTENTION_MODULES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--backend", default="cpu", help="the afa_ext backend of compat (default cpu)")
     parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
@@ -104,8 +108,7 @@ def forward_backward(loss_fn: Callable, sources, targets, extra) -> torch.Tensor
 
 def float64_value(loss: str, sources, targets, original_extra) -> torch.Tensor:
     """The transcription's loss in float64: what the errors are measured against."""
-    extra = [copy.deepcopy(e).double() if isinstance(e, nn.Module) else [w.double() for w in e]
-             for e in original_extra]
+    extra = [copy.deepcopy(e).double() if isinstance(e, nn.Module) else [w.double() for w in e] for e in original_extra]
     with torch.no_grad():
         value = ORIGINAL_LOSSES[loss]([s.double() for s in sources], [t.double() for t in targets], *extra)
     return value.double().sum()
@@ -113,29 +116,56 @@ def float64_value(loss: str, sources, targets, original_extra) -> torch.Tensor:
 
 def time_loss(loss: str, sources, targets, args, device) -> dict:
     original_extra, compat_extra = third_arguments(loss)
-    steps: Dict[str, Callable] = {
+    steps: dict[str, Callable] = {
         ORIGINAL: functools.partial(forward_backward, ORIGINAL_LOSSES[loss], sources, targets, original_extra),
-        COMPAT: functools.partial(forward_backward, functools.partial(getattr(compat, loss), backend=args.backend),
-                                  sources, targets, compat_extra),
+        COMPAT: functools.partial(
+            forward_backward,
+            functools.partial(getattr(compat, loss), backend=args.backend),
+            sources,
+            targets,
+            compat_extra,
+        ),
     }
     exact = float64_value(loss, sources, targets, original_extra)
     errors = {name: abs((step().double().sum() - exact) / exact).item() for name, step in steps.items()}
     timing.warm_up(steps, device, 2)
     one_round = sum(timing.time_once(step, device) for step in steps.values())
     rounds = args.rounds or timing.rounds_for_budget(one_round, args.budget, 5, 100)
-    medians = {name: timing.median(samples) for name, samples in timing.interleaved_times(steps, device, rounds).items()}
+    medians = {
+        name: timing.median(samples) for name, samples in timing.interleaved_times(steps, device, rounds).items()
+    }
     return {
-        "loss": loss, "rounds": rounds, "original_s": medians[ORIGINAL], "compat_s": medians[COMPAT],
-        "original_error": errors[ORIGINAL], "compat_error": errors[COMPAT],
+        "loss": loss,
+        "rounds": rounds,
+        "original_s": medians[ORIGINAL],
+        "compat_s": medians[COMPAT],
+        "original_error": errors[ORIGINAL],
+        "compat_error": errors[COMPAT],
     }
 
 
-def markdown(rows: List[dict]) -> str:
-    headers = ["loss (4 ResNet-50 layers)", "original ms", "afa_ext.compat ms", "speed-up",
-               "original rel. err.", "compat rel. err.", "rounds"]
-    body = [[r["loss"], tables.milliseconds(r["original_s"]), tables.milliseconds(r["compat_s"]),
-             tables.ratio(r["original_s"] / r["compat_s"]), tables.scientific(r["original_error"]),
-             tables.scientific(r["compat_error"]), str(r["rounds"])] for r in rows]
+def markdown(rows: list[dict]) -> str:
+    headers = [
+        "loss (4 ResNet-50 layers)",
+        "original ms",
+        "afa_ext.compat ms",
+        "speed-up",
+        "original rel. err.",
+        "compat rel. err.",
+        "rounds",
+    ]
+    body = [
+        [
+            r["loss"],
+            tables.milliseconds(r["original_s"]),
+            tables.milliseconds(r["compat_s"]),
+            tables.ratio(r["original_s"] / r["compat_s"]),
+            tables.scientific(r["original_error"]),
+            tables.scientific(r["compat_error"]),
+            str(r["rounds"]),
+        ]
+        for r in rows
+    ]
     return tables.markdown_table(headers, body)
 
 
@@ -145,7 +175,9 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.backend not in ("cpu", "reference"):
-        raise SystemExit(f"--backend: expected a backend that runs on CPU tensors (cpu, reference), got {args.backend!r}")
+        raise SystemExit(
+            f"--backend: expected a backend that runs on CPU tensors (cpu, reference), got {args.backend!r}"
+        )
     warning = timing.busy_machine_warning(torch.get_num_threads())
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -153,8 +185,10 @@ def main(argv=None) -> int:
     rows = [time_loss(loss, sources, targets, args, device) for loss in args.losses]
     print(f"command: {history.command_line(__file__, argv)}")
     print(f"machine: {timing.machine_line(timing.machine_description(device))}")
-    print(f"date: {datetime.date.today().isoformat()}; fwd+bwd, float32, batch {args.batch}, "
-          f"compat backend {args.backend!r}, medians of interleaved rounds\n")
+    print(
+        f"date: {datetime.date.today().isoformat()}; fwd+bwd, float32, batch {args.batch}, "
+        f"compat backend {args.backend!r}, medians of interleaved rounds\n"
+    )
     print(markdown(rows))
     return 0
 

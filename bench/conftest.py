@@ -1,5 +1,6 @@
 """pytest setup for the benchmarks in bench/ (run them with `pytest bench/ --benchmark-only`;
 the main test run, `pytest tests`, does not collect this folder)."""
+
 import sys
 from pathlib import Path
 

@@ -11,6 +11,7 @@ architecture, lines such as
 Usage: python bench/cuda_resource_usage.py BUILD_LOG   (prints a markdown table; exits
 with status 1 when a kernel spills to local memory).
 """
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")
-FRAME = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
-                   r"(?P<loads>\d+) bytes spill loads")
+FRAME = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+    r"(?P<loads>\d+) bytes spill loads"
+)
 USED = re.compile(r"Used (?P<registers>\d+) registers")
 SHARED = re.compile(r"(?P<smem>\d+) bytes smem")
 
@@ -72,11 +75,15 @@ def short_names(mangled: list[str]) -> dict[str, str]:
 
 def markdown_table(kernels: list[KernelUsage]) -> str:
     names = short_names(sorted({k.name for k in kernels}))
-    rows = ["| kernel | arch | registers | spill stores / loads (bytes) | stack (bytes) | shared memory (bytes) |",
-            "|---|---|---:|---:|---:|---:|"]
+    rows = [
+        "| kernel | arch | registers | spill stores / loads (bytes) | stack (bytes) | shared memory (bytes) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for k in sorted(kernels, key=lambda k: (names[k.name], k.arch)):
-        rows.append(f"| `{names[k.name]}` | {k.arch} | {k.registers} | {k.spill_stores} / {k.spill_loads} "
-                    f"| {k.stack} | {k.shared} |")
+        rows.append(
+            f"| `{names[k.name]}` | {k.arch} | {k.registers} | {k.spill_stores} / {k.spill_loads} "
+            f"| {k.stack} | {k.shared} |"
+        )
     return "\n".join(rows)
 
 

@@ -13,6 +13,7 @@ designs are timed interleaved in one process, per op and in total.
 
     python bench/design_compare.py [--shape 64x512x28x28] [--rounds 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,12 +68,24 @@ def main(argv=None) -> None:
     for design in ("recompute", "stored"):
         forward, backward = ms[f"{design} forward"], ms[f"{design} backward"]
         held = "none" if design == "recompute" else f"{cases.numel(args.shape) * 4 / 1e6:.0f} MB"
-        rows.append([design, f"{forward:.2f}", f"{backward:.2f}", f"{forward + backward:.2f}",
-                     f"{(forward + backward) / floor_ms:.2f}", held])
+        rows.append(
+            [
+                design,
+                f"{forward:.2f}",
+                f"{backward:.2f}",
+                f"{forward + backward:.2f}",
+                f"{(forward + backward) / floor_ms:.2f}",
+                held,
+            ]
+        )
     print(timing.machine_line(timing.machine_description(device)))
-    print(f"shape {cases.shape_text(args.shape)} float32, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"5N floor {floor_ms:.2f} ms, median of {args.rounds} interleaved rounds")
-    print(tables.markdown_table(["design", "forward ms", "backward ms", "total ms", "x 5N floor", "held fwd->bwd"], rows))
+    print(
+        f"shape {cases.shape_text(args.shape)} float32, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+        f"5N floor {floor_ms:.2f} ms, median of {args.rounds} interleaved rounds"
+    )
+    print(
+        tables.markdown_table(["design", "forward ms", "backward ms", "total ms", "x 5N floor", "held fwd->bwd"], rows)
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and DELTA's two channel-weight estimates.
 
     python bench/digits_transfer.py            # seed 0, 20 rounds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def loss_times(cache_dir: str, seed: int, rounds: int) -> list:
     targets = [(s + 0.1 * torch.randn(s.shape, generator=generator)).requires_grad_(True) for s in sources]
     batch = images.shape[0]
     channel_attention = [torch.softmax(torch.randn(batch, t.shape[1], generator=generator), dim=1) for t in targets]
-    spatial_attention = [torch.softmax(torch.randn(batch, t[0, 0].numel(), generator=generator), dim=1)
-                         for t in targets]
+    spatial_attention = [
+        torch.softmax(torch.randn(batch, t[0, 0].numel(), generator=generator), dim=1) for t in targets
+    ]
     channel_weights = [torch.softmax(torch.randn(t.shape[1], generator=generator), dim=0) for t in targets]
     losses = {
         "fea_map": lambda b: functional.feature_map_loss(targets, sources, backend=b),
@@ -75,6 +77,7 @@ def loss_times(cache_dir: str, seed: int, rounds: int) -> list:
             loss(backend).backward()
             for t in targets:
                 t.grad = None
+
         return call
 
     methods = {(name, backend): step(loss, backend) for name, loss in losses.items() for backend in backends}
@@ -85,22 +88,37 @@ def loss_times(cache_dir: str, seed: int, rounds: int) -> list:
     for name in losses:
         reference = timing.median(samples[(name, "reference")])
         fused_time = timing.median(samples[(name, fused)]) if fused else None
-        rows.append([name, tables.milliseconds(reference), tables.milliseconds(fused_time),
-                     tables.ratio(None if fused_time is None else reference / fused_time)])
+        rows.append(
+            [
+                name,
+                tables.milliseconds(reference),
+                tables.milliseconds(fused_time),
+                tables.ratio(None if fused_time is None else reference / fused_time),
+            ]
+        )
     return rows, fused
 
 
 def delta_estimates(cache_dir: str, seed: int) -> dict:
     data, model, layers = demo_source_model(cache_dir, seed)
     loader = torch.utils.data.DataLoader(
-        data.train, batch_sampler=GlobalBatchSampler(len(data.train), DEMO.batch_size, seed=seed, shuffle=True))
+        data.train, batch_sampler=GlobalBatchSampler(len(data.train), DEMO.batch_size, seed=seed, shuffle=True)
+    )
     seconds, weights = {}, {}
     for method in METHODS:
         started = time.perf_counter()
         weights[method], _ = compute_channel_weights(
-            model, head_module_name(model, "digits_cnn"), layers, loader, method=method,
-            head_epochs=DEMO.delta_head_epochs, head_lr=DEMO.lr, score_batches=DEMO.delta_batches, cache_dir=None,
-            key_parts={})
+            model,
+            head_module_name(model, "digits_cnn"),
+            layers,
+            loader,
+            method=method,
+            head_epochs=DEMO.delta_head_epochs,
+            head_lr=DEMO.lr,
+            score_batches=DEMO.delta_batches,
+            cache_dir=None,
+            key_parts={},
+        )
         seconds[method] = time.perf_counter() - started
     rhos = [float(spearmanr(a, b).statistic) for a, b in zip(weights["removal"], weights["taylor"])]
     return {"seconds": seconds, "rank_correlation": rhos, "layers": layers}
@@ -114,13 +132,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cache_dir = args.cache_dir or default_cache_dir()
     rows, fused = loss_times(cache_dir, args.seed, args.rounds)
-    print(f"Feature loss fwd+bwd over digits_cnn's 3 hooked layers, the demo's {DEMO.shots * 5} training images "
-          f"(seed {args.seed}), median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads:\n")
+    print(
+        f"Feature loss fwd+bwd over digits_cnn's 3 hooked layers, the demo's {DEMO.shots * 5} training images "
+        f"(seed {args.seed}), median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads:\n"
+    )
     print(tables.markdown_table(["loss", "pure PyTorch ms", f"{fused or 'no fused backend'} ms", "speed-up"], rows))
     delta = delta_estimates(cache_dir, args.seed)
     rhos = ", ".join(f"{layer} {rho:.2f}" for layer, rho in zip(delta["layers"], delta["rank_correlation"]))
-    print(f"\nDELTA channel weights (uncached): removal {delta['seconds']['removal']:.2f} s, taylor "
-          f"{delta['seconds']['taylor']:.2f} s; Spearman rank correlation per layer: {rhos}")
+    print(
+        f"\nDELTA channel weights (uncached): removal {delta['seconds']['removal']:.2f} s, taylor "
+        f"{delta['seconds']['taylor']:.2f} s; Spearman rank correlation per layer: {rhos}"
+    )
     return 0
 
 

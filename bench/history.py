@@ -1,5 +1,6 @@
 """Where a benchmark's results go: CSV files of rows, a history of runs kept in one, the
 command and commit a run came from, and the generated section of bench/RESULTS.md."""
+
 from __future__ import annotations
 
 import csv
@@ -8,7 +9,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 BENCH = Path(__file__).resolve().parent
 REPO_ROOT = BENCH.parent
@@ -17,7 +18,7 @@ REPO_ROOT = BENCH.parent
 # --------------------------------------------------------------------------- provenance
 
 
-def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
     """The shell command that reruns ``script`` (a path) with ``argv`` (default: this
     process's arguments) from the repository root, e.g. "python bench/report.py --quick"."""
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -28,8 +29,14 @@ def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
 def git_commit() -> str:
     """The checkout's short commit, "unknown" outside a git checkout."""
     try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, check=False, timeout=10)
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() else "unknown"
@@ -54,8 +61,7 @@ def has_rows(path: Path, fields: Sequence[str]) -> bool:
     with open(path, newline="") as handle:
         header = next(csv.reader(handle), None)
     if tuple(header or ()) != tuple(fields):
-        raise SystemExit(f"{path}: its columns are not this script's ({', '.join(fields)}); "
-                         "write to another file")
+        raise SystemExit(f"{path}: its columns are not this script's ({', '.join(fields)}); write to another file")
     return True
 
 
@@ -72,7 +78,7 @@ def write_rows(rows: Sequence[dict], path: Path, fields: Sequence[str], append: 
             writer.writerow({key: cell(row.get(key)) for key in fields})
 
 
-def read_rows(path: Path) -> List[Dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
     """The rows of the CSV file ``path`` as dicts of strings; [] when there is no such file."""
     if not path.is_file():
         return []
@@ -80,7 +86,7 @@ def read_rows(path: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def number(text: Optional[str]) -> Optional[float]:
+def number(text: str | None) -> float | None:
     """A CSV cell's float, None for an empty cell."""
     return None if text in ("", None) else float(text)
 
@@ -88,7 +94,7 @@ def number(text: Optional[str]) -> Optional[float]:
 # --------------------------------------------------------------------------- a history of runs
 
 
-def machine_key(row: Dict[str, str]) -> tuple:
+def machine_key(row: dict[str, str]) -> tuple:
     """What makes two history rows the same (machine, device): the "device_name" and the CPU
     part of the "machine" line (timing.machine_line: model, logical CPUs, torch threads);
     not the platform string, which names the kernel build and changes from one VM to the next."""
@@ -96,13 +102,14 @@ def machine_key(row: Dict[str, str]) -> tuple:
     return row["device_name"], parts[0] if parts else row["machine"]
 
 
-def latest_runs(history: Sequence[Dict[str, str]]) -> List[List[Dict[str, str]]]:
+def latest_runs(history: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:
     """The rows of the latest run (by "datetime") of each (machine, device), oldest group first."""
-    latest: Dict[tuple, str] = {}
+    latest: dict[tuple, str] = {}
     for row in history:
         latest[machine_key(row)] = max(latest.get(machine_key(row), ""), row["datetime"])
-    groups = [[row for row in history if machine_key(row) == key and row["datetime"] == when]
-              for key, when in latest.items()]
+    groups = [
+        [row for row in history if machine_key(row) == key and row["datetime"] == when] for key, when in latest.items()
+    ]
     return sorted(groups, key=lambda group: group[0]["datetime"])
 
 

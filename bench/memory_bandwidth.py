@@ -27,6 +27,7 @@ torch.utils.cpp_extension, about a minute).
     python bench/memory_bandwidth.py                  # N of ResNet-101's hooked layers at batch 32
     python bench/memory_bandwidth.py --batch 64 --rounds 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ import functools
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -131,9 +132,13 @@ def build_kernels():
     build = Path(tempfile.gettempdir()) / "afa_ext_memory_bandwidth"
     build.mkdir(exist_ok=True)
     return load_inline(
-        "afa_ext_memory_bandwidth", cpp_sources=KERNELS, functions=["read_pair", "stream_difference", "copy"],
-        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        build_directory=str(build), verbose=False,
+        "afa_ext_memory_bandwidth",
+        cpp_sources=KERNELS,
+        functions=["read_pair", "stream_difference", "copy"],
+        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build),
+        verbose=False,
     )
 
 
@@ -146,22 +151,23 @@ def has_avx2() -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(multilayer.LAYERS), default="resnet101")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=20)
     return parser.parse_args(argv)
 
 
-def interleaved_medians(methods: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
+def interleaved_medians(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds per call, each timed call right after an untimed one, in rounds of a
     fresh random order (as bench/timing.py's interleaved_times with settle=1)."""
     samples = timing.interleaved_times(methods, torch.device("cpu"), rounds, settle=1)
     return {name: timing.median(values) for name, values in samples.items()}
 
 
-def backend_ops(shapes, element: int) -> Dict[str, tuple]:
+def backend_ops(shapes, element: int) -> dict[str, tuple]:
     """The cpu backend's multi-layer spatial ops on features of ``shapes``."""
     ops = torch.ops.afa_ext
     targets = [torch.rand(shape) for shape in shapes]
@@ -174,8 +180,10 @@ def backend_ops(shapes, element: int) -> Dict[str, tuple]:
 
     return {
         "cpu backend: forward": (functools.partial(ops.grouped_spatial_sqdist, targets, sources), 2 * n * element),
-        "cpu backend: backward": (functools.partial(ops.grouped_spatial_sqdist_backward, grads, targets, sources),
-                                  3 * n * element),
+        "cpu backend: backward": (
+            functools.partial(ops.grouped_spatial_sqdist_backward, grads, targets, sources),
+            3 * n * element,
+        ),
         "cpu backend: fwd+bwd": (both, 5 * n * element),
     }
 
@@ -198,28 +206,38 @@ def main(argv=None) -> int:
         "stream difference": (functools.partial(kernels.stream_difference, c, a, b), 3 * n * element),
         "plain copy": (functools.partial(kernels.copy, c, a, False), 2 * n * element),
         "streaming copy": (functools.partial(kernels.copy, c, a, True), 2 * n * element),
-        "torch copy_ (5N floor)": (functools.partial(copy_target.copy_, copy_source), 2 * copy_source.numel() * element),
+        "torch copy_ (5N floor)": (
+            functools.partial(copy_target.copy_, copy_source),
+            2 * copy_source.numel() * element,
+        ),
     }
     if "cpu" in afa_ext.available_backends():
         methods.update(backend_ops(shapes, element))
     description = timing.machine_description(torch.device("cpu"))
     print(f"machine: {timing.machine_line(description)}", file=sys.stderr)
     medians = interleaved_medians({name: call for name, (call, _) in methods.items()}, args.rounds)
-    rows: List[List[str]] = []
+    rows: list[list[str]] = []
     for name, (_, counted) in methods.items():
-        rows.append([name, f"{counted / 2**20:.0f}", tables.milliseconds(medians[name]),
-                     f"{counted / medians[name] / 1e9:.1f}"])
+        rows.append(
+            [name, f"{counted / 2**20:.0f}", tables.milliseconds(medians[name]), f"{counted / medians[name] / 1e9:.1f}"]
+        )
     best = medians["read pair"] + medians["stream difference"]
     floor = medians["torch copy_ (5N floor)"]
-    print(f"N = {n} float32 elements per array ({args.model}'s hooked layers at batch {args.batch}), "
-          f"{args.rounds} interleaved rounds; {description['cpu']}\n")
+    print(
+        f"N = {n} float32 elements per array ({args.model}'s hooked layers at batch {args.batch}), "
+        f"{args.rounds} interleaved rounds; {description['cpu']}\n"
+    )
     print(tables.markdown_table(["traffic", "MiB counted", "ms", "GB/s"], rows, right_align_from=1))
-    print(f"\nread pair + stream difference (a fwd+bwd's traffic at these bandwidths): "
-          f"{best * 1e3:.2f} ms = {best / floor:.2f}x the 5N floor ({floor * 1e3:.2f} ms)")
+    print(
+        f"\nread pair + stream difference (a fwd+bwd's traffic at these bandwidths): "
+        f"{best * 1e3:.2f} ms = {best / floor:.2f}x the 5N floor ({floor * 1e3:.2f} ms)"
+    )
     if "cpu backend: fwd+bwd" in medians:
         ours = medians["cpu backend: fwd+bwd"]
-        print(f"cpu backend's four-layer spatial fwd+bwd: {ours * 1e3:.2f} ms = {ours / floor:.2f}x the 5N floor, "
-              f"{ours / best:.2f}x what these bandwidths allow")
+        print(
+            f"cpu backend's four-layer spatial fwd+bwd: {ours * 1e3:.2f} ms = {ours / floor:.2f}x the 5N floor, "
+            f"{ours / best:.2f}x what these bandwidths allow"
+        )
     return 0
 
 

@@ -12,8 +12,8 @@ and dtype this times, side by side in one process, round-robin, median of the ro
 and reports each as ms, as a multiple of the 5N floor, as speed-ups over eager and
 compile, its peak extra memory, the page faults of one call (CPU: memory the OS maps
 afresh, a fault and a zeroed page per 4 KiB, paid inside the call), and its loss's
-relative error against the float64 reference. The floor is measured, not computed from a bandwidth taken once: a copy that
-moves 5 * sum_l N_l elements (read + write) is timed in the same interleaved rounds as
+relative error against the float64 reference. The floor is measured, not computed from a
+bandwidth taken once: a copy that moves 5 * sum_l N_l elements (read + write) is timed in the same interleaved rounds as
 the losses, so it meets the same state of the machine (on the 2-core VMs the copy
 bandwidth reads anywhere from 22 to 36 GB/s from one measurement to the next).
 
@@ -29,13 +29,14 @@ Writes <out>/multilayer.csv and <out>/multilayer.png, prints a markdown table.
     python bench/multilayer.py --device cuda --dtypes float32 bfloat16
     python bench/multilayer.py --quick                          # batch 2 on the CPU: a smoke test
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -56,19 +57,25 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(LAYERS), default="resnet101")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(cases.DTYPES), default=["float32"])
-    parser.add_argument("--losses", nargs="+", choices=cases.LOSS_NAMES,
-                        default=["channel_attentive_loss", "spatial_attentive_loss"])
+    parser.add_argument(
+        "--losses", nargs="+", choices=cases.LOSS_NAMES, default=["channel_attentive_loss", "spatial_attentive_loss"]
+    )
     parser.add_argument("--rounds", type=int, help="timed rounds (default: fit --budget, 5 to 100)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per case")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile of the reference out")
-    parser.add_argument("--settle", type=int, default=1,
-                        help="untimed calls of a method right before each timed one (default 1; see timing.interleaved_times)")
+    parser.add_argument(
+        "--settle",
+        type=int,
+        default=1,
+        help="untimed calls of a method right before each timed one (default 1; see timing.interleaved_times)",
+    )
     parser.add_argument("--quick", action="store_true", help="batch 2, short budget: a smoke test")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -77,11 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_layers(loss_name: str, shapes, dtype, device) -> List[cases.LossInputs]:
+def make_layers(loss_name: str, shapes, dtype, device) -> list[cases.LossInputs]:
     return [cases.make_inputs(loss_name, shape, dtype, device, seed=index) for index, shape in enumerate(shapes)]
 
 
-def _columns(layers: List[cases.LossInputs]):
+def _columns(layers: list[cases.LossInputs]):
     targets = [layer.target for layer in layers]
     sources = [layer.source for layer in layers]
     weights = [layer.weights for layer in layers]
@@ -100,7 +107,9 @@ def summed_reference(loss_name: str) -> Callable:
 
 def grouped_backend(loss_name: str, backend: str) -> Callable:
     loss = functools.partial(getattr(functional, loss_name), backend=backend)
-    return lambda targets, sources, weights: loss(targets, sources) if weights is None else loss(targets, sources, weights)
+    return lambda targets, sources, weights: (
+        loss(targets, sources) if weights is None else loss(targets, sources, weights)
+    )
 
 
 def per_layer_backend(loss_name: str, backend: str) -> Callable:
@@ -113,7 +122,7 @@ def per_layer_backend(loss_name: str, backend: str) -> Callable:
     return total
 
 
-def methods_for(loss_name: str, device: torch.device, with_compile: bool) -> Dict[str, Callable]:
+def methods_for(loss_name: str, device: torch.device, with_compile: bool) -> dict[str, Callable]:
     methods = {cases.EAGER: summed_reference(loss_name)}
     if with_compile:
         methods[cases.COMPILE] = torch.compile(summed_reference(loss_name), dynamic=False)
@@ -123,7 +132,7 @@ def methods_for(loss_name: str, device: torch.device, with_compile: bool) -> Dic
     return methods
 
 
-def forward_backward(fn: Callable, layers: List[cases.LossInputs]) -> torch.Tensor:
+def forward_backward(fn: Callable, layers: list[cases.LossInputs]) -> torch.Tensor:
     for layer in layers:
         cases.clear_grads(layer)
     loss = fn(*_columns(layers))
@@ -131,7 +140,7 @@ def forward_backward(fn: Callable, layers: List[cases.LossInputs]) -> torch.Tens
     return loss.detach()
 
 
-def float64_loss(loss_name: str, layers: List[cases.LossInputs]) -> torch.Tensor:
+def float64_loss(loss_name: str, layers: list[cases.LossInputs]) -> torch.Tensor:
     converted = [layer.converted(torch.float64) for layer in layers]
     return forward_backward(summed_reference(loss_name), converted)
 
@@ -148,7 +157,7 @@ def floor_copy(elements: int, dtype: torch.dtype, device: torch.device) -> Calla
     return functools.partial(destination.copy_, source)
 
 
-def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
+def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> list[dict]:
     layers = make_layers(loss_name, shapes, dtype, device)
     methods = methods_for(loss_name, device, not args.no_compile)
     steps = {name: functools.partial(forward_backward, fn, layers) for name, fn in methods.items()}
@@ -163,8 +172,9 @@ def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
     one_round = sum(timing.time_once(step, device) for step in timed.values())
     rounds = args.rounds or timing.rounds_for_budget(one_round * (1 + args.settle), args.budget, 5, 100)
     samples = timing.interleaved_times(timed, device, rounds, settle=args.settle)
-    eager_rounds = args.rounds or timing.rounds_for_budget(timing.time_once(eager[cases.EAGER], device),
-                                                           args.budget / 4, 3, 20)
+    eager_rounds = args.rounds or timing.rounds_for_budget(
+        timing.time_once(eager[cases.EAGER], device), args.budget / 4, 3, 20
+    )
     samples.update(timing.interleaved_times(eager, device, eager_rounds))
     memory = {name: timing.peak_memory_growth(step, device) for name, step in steps.items()}
     faults = {name: timing.page_faults_per_call(step, device) for name, step in steps.items()}
@@ -172,40 +182,69 @@ def run_case(loss_name, dtype, shapes, device, args, bandwidth) -> List[dict]:
     medians = {name: timing.median(samples[name]) for name in steps}
     rows = []
     for name, seconds in medians.items():
-        rows.append({
-            "loss": loss_name, "dtype": cases.dtype_name(dtype), "method": name,
-            "layers": " + ".join(cases.shape_text(s) for s in shapes), "elements": elements,
-            "median_ms": 1e3 * seconds, "x_floor": seconds / floor, "floor_ms": 1e3 * floor,
-            "speedup_vs_eager": medians[cases.EAGER] / seconds,
-            "speedup_vs_compile": medians[cases.COMPILE] / seconds if cases.COMPILE in medians else None,
-            "peak_extra_mb": None if memory[name] is None else memory[name] / 2**20,
-            "page_faults": faults[name],
-            "loss_rel_error": errors[name],
-            "rounds": eager_rounds if name == cases.EAGER else rounds,
-            "floor_bandwidth_gbs": 5 * elements * torch.empty((), dtype=dtype).element_size() / floor / 1e9,
-        })
+        rows.append(
+            {
+                "loss": loss_name,
+                "dtype": cases.dtype_name(dtype),
+                "method": name,
+                "layers": " + ".join(cases.shape_text(s) for s in shapes),
+                "elements": elements,
+                "median_ms": 1e3 * seconds,
+                "x_floor": seconds / floor,
+                "floor_ms": 1e3 * floor,
+                "speedup_vs_eager": medians[cases.EAGER] / seconds,
+                "speedup_vs_compile": medians[cases.COMPILE] / seconds if cases.COMPILE in medians else None,
+                "peak_extra_mb": None if memory[name] is None else memory[name] / 2**20,
+                "page_faults": faults[name],
+                "loss_rel_error": errors[name],
+                "rounds": eager_rounds if name == cases.EAGER else rounds,
+                "floor_bandwidth_gbs": 5 * elements * torch.empty((), dtype=dtype).element_size() / floor / 1e9,
+            }
+        )
     return rows
 
 
-def floor_bandwidths(rows: List[dict]) -> str:
+def floor_bandwidths(rows: list[dict]) -> str:
     """The bandwidth each case's floor copy reached, e.g. "ACT float32: 31.2 GB/s"."""
     firsts = [r for r in rows if r["method"] == cases.EAGER]
-    return ", ".join(f"{cases.SHORT_NAMES.get(r['loss'], r['loss'])} {r['dtype']}: {r['floor_bandwidth_gbs']:.1f} GB/s"
-                     for r in firsts)
+    return ", ".join(
+        f"{cases.SHORT_NAMES.get(r['loss'], r['loss'])} {r['dtype']}: {r['floor_bandwidth_gbs']:.1f} GB/s"
+        for r in firsts
+    )
 
 
-def markdown(rows: List[dict]) -> str:
-    headers = ["loss", "dtype", "method", "ms", "x 5N floor", "vs eager", "vs compile", "peak extra MB",
-               "page faults", "loss rel. err"]
-    body = [[cases.SHORT_NAMES.get(r["loss"], r["loss"]), r["dtype"], r["method"], f"{r['median_ms']:.3f}",
-             f"{r['x_floor']:.2f}", tables.ratio(r["speedup_vs_eager"]), tables.ratio(r["speedup_vs_compile"]),
-             tables.megabytes(None if r["peak_extra_mb"] is None else r["peak_extra_mb"] * 2**20),
-             "-" if r["page_faults"] is None else str(r["page_faults"]),
-             tables.scientific(r["loss_rel_error"])] for r in rows]
+def markdown(rows: list[dict]) -> str:
+    headers = [
+        "loss",
+        "dtype",
+        "method",
+        "ms",
+        "x 5N floor",
+        "vs eager",
+        "vs compile",
+        "peak extra MB",
+        "page faults",
+        "loss rel. err",
+    ]
+    body = [
+        [
+            cases.SHORT_NAMES.get(r["loss"], r["loss"]),
+            r["dtype"],
+            r["method"],
+            f"{r['median_ms']:.3f}",
+            f"{r['x_floor']:.2f}",
+            tables.ratio(r["speedup_vs_eager"]),
+            tables.ratio(r["speedup_vs_compile"]),
+            tables.megabytes(None if r["peak_extra_mb"] is None else r["peak_extra_mb"] * 2**20),
+            "-" if r["page_faults"] is None else str(r["page_faults"]),
+            tables.scientific(r["loss_rel_error"]),
+        ]
+        for r in rows
+    ]
     return tables.markdown_table(headers, body, right_align_from=3)
 
 
-def plot(rows: List[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     plt = plots.pyplot()
     groups = sorted({(r["loss"], r["dtype"]) for r in rows})
     figure, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
@@ -234,9 +273,11 @@ def main(argv=None) -> int:
         rows += run_case(loss_name, dtype, shapes, device, args, bandwidth)
     history.write_rows(rows, args.out / "multilayer.csv", fields=list(rows[0]))
     plot(rows, args.out / "multilayer.png")
-    print(f"{args.model} hooked layers at batch {args.batch}: {' + '.join(cases.shape_text(s) for s in shapes)}; "
-          f"{description.get('gpu', description['cpu'])}; copy bandwidth {bandwidth / 1e9:.1f} GB/s before the cases; "
-          f"each case's 5N floor is a copy of 5N elements' traffic timed in its rounds ({floor_bandwidths(rows)})\n")
+    print(
+        f"{args.model} hooked layers at batch {args.batch}: {' + '.join(cases.shape_text(s) for s in shapes)}; "
+        f"{description.get('gpu', description['cpu'])}; copy bandwidth {bandwidth / 1e9:.1f} GB/s before the cases; "
+        f"each case's 5N floor is a copy of 5N elements' traffic timed in its rounds ({floor_bandwidths(rows)})\n"
+    )
     print(markdown(rows))
     return 0
 

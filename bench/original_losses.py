@@ -9,6 +9,7 @@ Used by compat_speed.py (the losses alone) and train_step.py (inside a training 
 The accumulators start from new_zeros(()): the original's torch.tensor(0.) for float32
 maps, and float64 for the float64 value the errors are measured against.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,7 +65,7 @@ def original_reg_att_fea_map(sources, targets, channel_weights):
     for index, (source, target) in enumerate(zip(sources, targets)):
         b, c, h, w = source.shape
         distance = torch.norm(_flat(target) - _flat(source).detach(), 2, 2)
-        loss += 0.5 * torch.sum(c * torch.mul(channel_weights[index], distance ** 2) / (h * w))
+        loss += 0.5 * torch.sum(c * torch.mul(channel_weights[index], distance**2) / (h * w))
     return loss
 
 
@@ -84,7 +85,7 @@ def original_reg_channel_att_fea_map_learn(sources, targets, criterions):
         attention = criterion(source)
         b, c, h, w = source.shape
         distance = torch.norm(_flat(target) - _flat(source).detach(), 2, 2)
-        loss += 0.5 * torch.sum(torch.mul(attention, distance ** 2) * c) / b
+        loss += 0.5 * torch.sum(torch.mul(attention, distance**2) * c) / b
     return loss
 
 

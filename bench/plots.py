@@ -1,9 +1,9 @@
 """What the benchmarks' figures share: matplotlib without a display, saving a figure, and
 the places of side-by-side bars."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Tuple
 
 
 def pyplot():
@@ -24,7 +24,7 @@ def save(figure, path: Path, dpi: int) -> None:
     pyplot().close(figure)
 
 
-def bar_slots(series: int, group_width: float = 0.8) -> Tuple[float, List[float]]:
+def bar_slots(series: int, group_width: float = 0.8) -> tuple[float, list[float]]:
     """(width of one bar, offset of each series' bar from its group's centre) for ``series``
     bars side by side in each group of a grouped bar chart, ``group_width`` wide in all."""
     width = group_width / max(series, 1)

@@ -19,6 +19,7 @@ bench/RESULTS.md on stdout (progress goes to stderr).
     python bench/report.py --shapes 8x64x56x56 --dtypes float32 bfloat16 --device cuda
     python bench/report.py --preset resnet101-b64 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import datetime
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,18 +61,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shapes", nargs="+", type=cases.shape_argument, help=f"B x C x H x W ... (default {' '.join(DEFAULT_SHAPES)})")
+    parser.add_argument(
+        "--shapes", nargs="+", type=cases.shape_argument, help=f"B x C x H x W ... (default {' '.join(DEFAULT_SHAPES)})"
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named set of shapes, added to --shapes")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(cases.DTYPES), default=["float32"])
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto")
     parser.add_argument("--losses", nargs="+", choices=cases.LOSS_NAMES, default=list(DEFAULT_LOSSES))
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: fit --budget, 5 to 50)")
-    parser.add_argument("--budget", type=float, default=12.0, help="seconds of timed rounds per case when --rounds is not given")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed fwd+bwd calls per method first (the first compiles)")
+    parser.add_argument(
+        "--budget", type=float, default=12.0, help="seconds of timed rounds per case when --rounds is not given"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed fwd+bwd calls per method first (the first compiles)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads before anything runs")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile of the reference out")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--quick", action="store_true", help=f"small shapes only ({' '.join(QUICK_SHAPES)}), short budget")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"small shapes only ({' '.join(QUICK_SHAPES)}), short budget"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results.csv and speed.png")
     args = parser.parse_args(argv)
     args.shapes = chosen_shapes(args)
@@ -80,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def chosen_shapes(args) -> List[tuple]:
+def chosen_shapes(args) -> list[tuple]:
     if args.quick:
         return [cases.parse_shape(text) for text in QUICK_SHAPES]
     shapes = list(args.shapes or [])
@@ -98,10 +107,10 @@ class MethodResult:
     shape: tuple
     dtype: torch.dtype
     method: str
-    samples: List[float]
+    samples: list[float]
     first_call_s: float  # for compile: compilation of forward and backward included
-    peak_bytes: Optional[int]
-    loss_rel_diff: Optional[float]  # relative difference of its loss from eager's
+    peak_bytes: int | None
+    loss_rel_diff: float | None  # relative difference of its loss from eager's
 
     @property
     def median_s(self) -> float:
@@ -111,10 +120,10 @@ class MethodResult:
 @dataclass
 class Run:
     device: torch.device
-    machine: Dict[str, str]
+    machine: dict[str, str]
     bandwidth_before: float
     bandwidth_after: float = 0.0
-    results: List[MethodResult] = field(default_factory=list)
+    results: list[MethodResult] = field(default_factory=list)
 
     @property
     def bandwidth(self) -> float:
@@ -122,18 +131,18 @@ class Run:
         return max(self.bandwidth_before, self.bandwidth_after)
 
 
-def method_names(device: torch.device, include_compile: bool) -> List[str]:
+def method_names(device: torch.device, include_compile: bool) -> list[str]:
     names = [cases.EAGER] + ([cases.COMPILE] if include_compile else [])
     return names + cases.backends_on(device, include_reference=False)
 
 
-def loss_differences(steps, reference_method: str) -> Dict[str, float]:
+def loss_differences(steps, reference_method: str) -> dict[str, float]:
     """Relative difference of each method's loss from the reference method's, one call each."""
     losses = {name: step() for name, step in steps.items()}
     return {name: cases.relative_error(loss, losses[reference_method]) for name, loss in losses.items()}
 
 
-def peak_memory(step, inputs: cases.LossInputs, device: torch.device) -> Optional[int]:
+def peak_memory(step, inputs: cases.LossInputs, device: torch.device) -> int | None:
     """Peak memory of one fwd+bwd above the inputs alone: the previous call's gradients are
     freed first (an optimizer's zero_grad(set_to_none=True)), and the cpu backend's cache
     of gradient blocks is emptied, so the new gradients count."""
@@ -142,7 +151,7 @@ def peak_memory(step, inputs: cases.LossInputs, device: torch.device) -> Optiona
     return timing.peak_memory_growth(step, device)
 
 
-def measure_case(loss_name: str, shape: tuple, dtype: torch.dtype, device: torch.device, args) -> List[MethodResult]:
+def measure_case(loss_name: str, shape: tuple, dtype: torch.dtype, device: torch.device, args) -> list[MethodResult]:
     """Time every method on one (loss, shape, dtype), interleaved; then their peak memory."""
     torch._dynamo.reset()  # every case compiles afresh, with static shapes
     inputs = cases.make_inputs(loss_name, shape, dtype, device)
@@ -175,7 +184,7 @@ def measure_all(args, device: torch.device) -> Run:
 # --------------------------------------------------------------------------- summarising
 
 
-def summary_rows(run: Run) -> List[dict]:
+def summary_rows(run: Run) -> list[dict]:
     """One dict per method and case: times, floor multiples, speed-ups, memory."""
     medians = {(r.loss_name, r.shape, r.dtype, r.method): r.median_s for r in run.results}
     rows = []
@@ -185,29 +194,31 @@ def summary_rows(run: Run) -> List[dict]:
         eager = medians.get(case + (cases.EAGER,))
         compiled = medians.get(case + (cases.COMPILE,))
         q1, q3 = timing.quartiles(result.samples)
-        rows.append({
-            "loss": result.loss_name,
-            "shape": cases.shape_text(result.shape),
-            "dtype": cases.dtype_name(result.dtype),
-            "device": str(run.device),
-            "method": result.method,
-            "median_ms": result.median_s * 1e3,
-            "q1_ms": q1 * 1e3,
-            "q3_ms": q3 * 1e3,
-            "min_ms": min(result.samples) * 1e3,
-            "rounds": len(result.samples),
-            "first_call_s": result.first_call_s,
-            "floor_5n_ms": floor * 1e3,
-            "x_floor": result.median_s / floor,
-            "bandwidth_fraction": floor / result.median_s,
-            "speedup_vs_eager": eager / result.median_s if eager else None,
-            "speedup_vs_compile": compiled / result.median_s if compiled else None,
-            "peak_extra_mb": None if result.peak_bytes is None else result.peak_bytes / 2**20,
-            "loss_rel_diff_vs_eager": result.loss_rel_diff,
-            "copy_bandwidth_gbps": run.bandwidth / 1e9,
-            "threads": run.machine["torch_threads"],
-            "torch": run.machine["torch"],
-        })
+        rows.append(
+            {
+                "loss": result.loss_name,
+                "shape": cases.shape_text(result.shape),
+                "dtype": cases.dtype_name(result.dtype),
+                "device": str(run.device),
+                "method": result.method,
+                "median_ms": result.median_s * 1e3,
+                "q1_ms": q1 * 1e3,
+                "q3_ms": q3 * 1e3,
+                "min_ms": min(result.samples) * 1e3,
+                "rounds": len(result.samples),
+                "first_call_s": result.first_call_s,
+                "floor_5n_ms": floor * 1e3,
+                "x_floor": result.median_s / floor,
+                "bandwidth_fraction": floor / result.median_s,
+                "speedup_vs_eager": eager / result.median_s if eager else None,
+                "speedup_vs_compile": compiled / result.median_s if compiled else None,
+                "peak_extra_mb": None if result.peak_bytes is None else result.peak_bytes / 2**20,
+                "loss_rel_diff_vs_eager": result.loss_rel_diff,
+                "copy_bandwidth_gbps": run.bandwidth / 1e9,
+                "threads": run.machine["torch_threads"],
+                "torch": run.machine["torch"],
+            }
+        )
     return rows
 
 
@@ -217,10 +228,14 @@ def plot_speed(rows: Sequence[dict], path: Path) -> None:
     losses = list(dict.fromkeys(row["loss"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows))
     groups = list(dict.fromkeys((row["shape"], row["dtype"]) for row in rows))
-    figure, axes = plt.subplots(1, len(losses), figsize=(max(6, 3 + 2.2 * len(groups)) * len(losses), 4.8), squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(losses), figsize=(max(6, 3 + 2.2 * len(groups)) * len(losses), 4.8), squeeze=False
+    )
     width, offsets = plots.bar_slots(len(methods))
     for axis, loss_name in zip(axes[0], losses):
-        by_key = {(row["shape"], row["dtype"], row["method"]): row["x_floor"] for row in rows if row["loss"] == loss_name}
+        by_key = {
+            (row["shape"], row["dtype"], row["method"]): row["x_floor"] for row in rows if row["loss"] == loss_name
+        }
         for index, method in enumerate(methods):
             positions = [g + offsets[index] for g in range(len(groups))]
             heights = [by_key.get(group + (method,), 0.0) for group in groups]
@@ -238,12 +253,21 @@ def plot_speed(rows: Sequence[dict], path: Path) -> None:
 
 
 MARKDOWN_HEADERS = [
-    "loss", "shape", "dtype", "method", "median ms", "IQR ms", "x 5N floor",
-    "% copy BW", "vs eager", "vs compile", "peak extra MB",
+    "loss",
+    "shape",
+    "dtype",
+    "method",
+    "median ms",
+    "IQR ms",
+    "x 5N floor",
+    "% copy BW",
+    "vs eager",
+    "vs compile",
+    "peak extra MB",
 ]
 
 
-def markdown_row(row: dict) -> List[str]:
+def markdown_row(row: dict) -> list[str]:
     return [
         cases.SHORT_NAMES[row["loss"]],
         row["shape"],
@@ -255,15 +279,17 @@ def markdown_row(row: dict) -> List[str]:
         tables.percent(row["bandwidth_fraction"]),
         tables.ratio(row["speedup_vs_eager"]),
         tables.ratio(row["speedup_vs_compile"]),
-        tables.megabytes(None if row["peak_extra_mb"] is None else row["peak_extra_mb"] * 2**20,
-                         decimal_below_10=True),
+        tables.megabytes(None if row["peak_extra_mb"] is None else row["peak_extra_mb"] * 2**20, decimal_below_10=True),
     ]
 
 
 def markdown_report(run: Run, rows: Sequence[dict], args) -> str:
     floors = dict.fromkeys(f"{row['shape']} {row['dtype']}: {row['floor_5n_ms']:.2f} ms" for row in rows)
-    compile_times = [f"{row['shape']} {cases.SHORT_NAMES[row['loss']]} {row['first_call_s']:.1f} s"
-                     for row in rows if row["method"] == cases.COMPILE]
+    compile_times = [
+        f"{row['shape']} {cases.SHORT_NAMES[row['loss']]} {row['first_call_s']:.1f} s"
+        for row in rows
+        if row["method"] == cases.COMPILE
+    ]
     lines = [
         f"### {datetime.date.today().isoformat()}: {run.device}, {', '.join(args.dtypes)}",
         "",
@@ -283,9 +309,10 @@ def markdown_report(run: Run, rows: Sequence[dict], args) -> str:
     return "\n".join(lines)
 
 
-def flagged_losses(rows: Sequence[dict]) -> List[str]:
+def flagged_losses(rows: Sequence[dict]) -> list[str]:
     return [
-        f"{row['method']} {row['loss']} {row['shape']} {row['dtype']}: loss differs from eager by {row['loss_rel_diff_vs_eager']:.1e}"
+        f"{row['method']} {row['loss']} {row['shape']} {row['dtype']}: "
+        f"loss differs from eager by {row['loss_rel_diff_vs_eager']:.1e}"
         for row in rows
         if row["loss_rel_diff_vs_eager"] is not None and row["loss_rel_diff_vs_eager"] > LOSS_TOLERANCE
     ]

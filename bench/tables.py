@@ -1,7 +1,8 @@
 """Plain-text and markdown tables, and number formats for them."""
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right_align_from: int = 1) -> str:
@@ -25,27 +26,27 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right_
     return "\n".join(lines)
 
 
-def milliseconds(seconds: Optional[float]) -> str:
+def milliseconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     ms = seconds * 1e3
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.1f}"
 
 
-def millisecond_range(low_seconds: Optional[float], high_seconds: Optional[float]) -> str:
+def millisecond_range(low_seconds: float | None, high_seconds: float | None) -> str:
     """A range of times as "low-high" in ms, e.g. an interquartile range."""
     return f"{milliseconds(low_seconds)}-{milliseconds(high_seconds)}"
 
 
-def ratio(value: Optional[float]) -> str:
+def ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def scientific(value: Optional[float]) -> str:
+def scientific(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
-def megabytes(num_bytes: Optional[float], decimal_below_10: bool = False) -> str:
+def megabytes(num_bytes: float | None, decimal_below_10: bool = False) -> str:
     """MiB without decimals; with ``decimal_below_10``, one decimal under 10 MiB."""
     if num_bytes is None:
         return "-"
@@ -53,5 +54,5 @@ def megabytes(num_bytes: Optional[float], decimal_below_10: bool = False) -> str
     return f"{mib:.1f}" if decimal_below_10 and mib < 10 else f"{mib:.0f}"
 
 
-def percent(value: Optional[float], decimals: int = 0) -> str:
+def percent(value: float | None, decimals: int = 0) -> str:
     return "-" if value is None else f"{100 * value:.{decimals}f}%"

@@ -7,6 +7,7 @@ at a small and a medium shape.
 Each case also checks that the loss is finite and within LOSS_TOLERANCE of the reference
 loss evaluated in float64, and that dL/d(target) is within GRAD_TOLERANCE of its gradient.
 """
+
 import functools
 
 import pytest
@@ -23,12 +24,12 @@ LOSS_TOLERANCE = 1e-4
 GRAD_TOLERANCE = 1e-4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_inputs(loss_name: str, size: str) -> cases.LossInputs:
     return cases.make_inputs(loss_name, SHAPES[size], DTYPE, DEVICE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_truth(loss_name: str, size: str) -> cases.Evaluation:
     return cases.float64_reference(cached_inputs(loss_name, size))
 

@@ -1,5 +1,6 @@
 """bench/digits_transfer.py end to end with few rounds: every loss timed on both sides,
 and DELTA's two estimates timed with one rank correlation per hooked layer."""
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """bench/memory_bandwidth.py end to end on a small N: its kernels build and run, and it
 reports every kind of traffic and the floor a fused fwd+bwd can reach."""
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,14 @@ pytestmark = pytest.mark.skipif(not memory_bandwidth.has_avx2(), reason="needs a
 def test_memory_bandwidth_small_run(capsys):
     assert memory_bandwidth.main(["--batch", "1", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
-    for name in ("read pair", "stream difference", "plain copy", "streaming copy", "torch copy_ (5N floor)",
-                 "cpu backend: fwd+bwd"):
+    for name in (
+        "read pair",
+        "stream difference",
+        "plain copy",
+        "streaming copy",
+        "torch copy_ (5N floor)",
+        "cpu backend: fwd+bwd",
+    ):
         assert f"| {name} |" in out, name
     ratio = re.search(r"= ([0-9.]+)x the 5N floor", out)
     assert ratio is not None and 0 < float(ratio.group(1)) < 10

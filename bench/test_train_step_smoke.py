@@ -4,6 +4,7 @@ slower), into a temporary history and a copy of RESULTS.md. DELTA runs all three
 implementations (its torch.compile is quick), AST the two eager ones. Checks the CSV rows,
 that the implementations' losses agree with each other and with float64, that the
 gradient-split check ran, and that the plot and the RESULTS.md section were written."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,20 @@ import torch
 
 import train_step
 
-COMMON = ["--device", "cpu", "--models", "mobilenet_v2", "--size", "64", "--batch", "2", "--rounds", "1",
-          "--threads", "1"]
+COMMON = [
+    "--device",
+    "cpu",
+    "--models",
+    "mobilenet_v2",
+    "--size",
+    "64",
+    "--batch",
+    "2",
+    "--rounds",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture
@@ -35,7 +48,12 @@ def test_train_step_tiny_run(tmp_path, capsys, restore_threads):
 
     rows = list(csv.DictReader(open(history)))
     assert [(r["reg"], r["implementation"]) for r in rows] == [
-        ("delta", "original"), ("delta", "original+compile"), ("delta", "fused"), ("ast", "original"), ("ast", "fused")]
+        ("delta", "original"),
+        ("delta", "original+compile"),
+        ("delta", "fused"),
+        ("ast", "original"),
+        ("ast", "fused"),
+    ]
     for row in rows:
         assert row["model"] == "mobilenet_v2" and row["batch"] == "2" and row["device"] == "cpu", row
         assert row["commit"] and row["command"].startswith("python bench/train_step.py") and row["machine"], row

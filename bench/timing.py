@@ -1,5 +1,6 @@
 """Measurement helpers shared by the bench scripts: timing, copy bandwidth, peak memory
 and a description of the machine. Nothing here knows about AFA's losses."""
+
 from __future__ import annotations
 
 import ctypes
@@ -10,7 +11,7 @@ import platform
 import random
 import statistics
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -62,7 +63,7 @@ def quartiles(values: Sequence[float]) -> tuple:
     return q1, q3
 
 
-def warm_up(methods: Mapping[str, Callable[[], object]], device: torch.device, calls: int) -> Dict[str, List[float]]:
+def warm_up(methods: Mapping[str, Callable[[], object]], device: torch.device, calls: int) -> dict[str, list[float]]:
     """Call each method ``calls`` times; returns the seconds of each call (first = compile)."""
     return {name: [time_once(fn, device) for _ in range(calls)] for name, fn in methods.items()}
 
@@ -71,9 +72,9 @@ def interleaved_times(
     methods: Mapping[str, Callable[[], object]],
     device: torch.device,
     rounds: int,
-    on_round: Optional[Callable[[], None]] = None,
+    on_round: Callable[[], None] | None = None,
     settle: int = 0,
-) -> Dict[str, List[float]]:
+) -> dict[str, list[float]]:
     """Seconds per call of each method, sampled round-robin so that drift in the
     machine's speed hits every method alike. Each round runs the methods in a fresh
     (seeded) random order: a fixed rotation would always run a method right after the
@@ -87,7 +88,7 @@ def interleaved_times(
     and after an idle moment the second core wakes milliseconds late."""
     names = list(methods)
     order = random.Random(0)
-    samples: Dict[str, List[float]] = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         order.shuffle(names)
         for name in names:
@@ -142,7 +143,7 @@ def _libc():
 _LIBC = _libc()
 
 
-def _proc_status_kib(field: str) -> Optional[int]:
+def _proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -170,7 +171,7 @@ def _release_freed_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def cpu_peak_growth(fn: Callable[[], object]) -> Optional[int]:
+def cpu_peak_growth(fn: Callable[[], object]) -> int | None:
     """Peak RSS during ``fn`` minus the RSS before it, in bytes; None off Linux."""
     _release_freed_heap()
     before = _proc_status_kib("VmRSS")
@@ -191,7 +192,7 @@ def cuda_peak_growth(fn: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> int | None:
     """Bytes of memory ``fn`` needs above what is live before it (see the two helpers)."""
     if device.type == "cuda":
         return cuda_peak_growth(fn, device)
@@ -200,7 +201,7 @@ def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> Option
     return None
 
 
-def page_faults_per_call(fn: Callable[[], object], device: torch.device, calls: int = 3) -> Optional[int]:
+def page_faults_per_call(fn: Callable[[], object], device: torch.device, calls: int = 3) -> int | None:
     """The process's minor page faults during one call of ``fn`` (median of ``calls``
     calls in a row, after one untimed call), on the CPU; None on other devices or without
     getrusage. A fault is a page the kernel maps on first touch: freshly mapped memory
@@ -239,7 +240,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def load_average() -> Optional[float]:
+def load_average() -> float | None:
     """The 1-minute load average, None where the OS does not say."""
     try:
         return os.getloadavg()[0]
@@ -247,7 +248,7 @@ def load_average() -> Optional[float]:
         return None
 
 
-def busy_machine_warning(threads: int) -> Optional[str]:
+def busy_machine_warning(threads: int) -> str | None:
     """A warning when other processes already keep the CPUs busy (timings would be noise)."""
     load = load_average()
     if load is None or load < 1.0:
@@ -258,7 +259,7 @@ def busy_machine_warning(threads: int) -> Optional[str]:
     )
 
 
-def machine_description(device: torch.device) -> Dict[str, str]:
+def machine_description(device: torch.device) -> dict[str, str]:
     description = {
         "platform": platform.platform(),
         "cpu": cpu_model(),

@@ -43,6 +43,7 @@ between <!-- train_step:begin --> and <!-- train_step:end -->.
     python bench/train_step.py --report               # only regenerate table, plot and RESULTS.md section
     python bench/train_step.py --models mobilenet_v2 --regs ast --size 64 --rounds 1 --no-compile
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,8 +70,16 @@ import tables  # noqa: E402
 import timing  # noqa: E402
 from afa_ext import compat  # noqa: E402
 from afa_ext.train.config import DEFAULT_LR  # noqa: E402
-from afa_ext.train.models import (ARCH_PRESETS, preset_alphas, FeatureHooks, build_model, default_layers,  # noqa: E402
-                                  feature_shapes, head_module_name, resolve_layers)
+from afa_ext.train.models import (
+    ARCH_PRESETS,
+    preset_alphas,
+    FeatureHooks,
+    build_model,
+    default_layers,  # noqa: E402
+    feature_shapes,
+    head_module_name,
+    resolve_layers,
+)
 from afa_ext.train.regularizers import REGULARIZERS, head_l2  # noqa: E402
 from original_losses import ORIGINAL_LOSSES, OriginalChannelAttention, OriginalPixelAttention  # noqa: E402
 
@@ -86,8 +95,10 @@ REGS = ("ast", "act", "delta")
 ORIGINAL, COMPILED, FUSED = "original", "original+compile", "fused"
 IMPLEMENTATIONS = (ORIGINAL, COMPILED, FUSED)
 LOSS_NAMES = {"ast": "reg_pixel_att_fea_map_learn", "act": "reg_channel_att_fea_map_learn", "delta": "reg_att_fea_map"}
-ATTENTION = {"ast": (OriginalPixelAttention, compat.pixel_attention),
-             "act": (OriginalChannelAttention, compat.channel_attention)}
+ATTENTION = {
+    "ast": (OriginalPixelAttention, compat.pixel_attention),
+    "act": (OriginalChannelAttention, compat.channel_attention),
+}
 NUM_CLASSES = 200  # outputs of the target's classifier head
 BETA = 0.01  # the trainer's default head-L2 weight
 TARGET_DRIFT = 0.05  # the target's parameters = the source's + this * their spread * N(0, 1)
@@ -96,11 +107,37 @@ QUICK = {"batch": 2, "budget": 6.0, "least": 5, "most": 15}
 FULL = {"batch": 64, "budget": 30.0, "least": 10, "most": 50}
 
 FIELDS = (
-    "datetime", "commit", "command", "machine", "load_avg", "device", "device_name", "torch", "triton",
-    "model", "reg", "implementation", "backend", "batch", "image_size", "dtype", "rounds",
-    "step_ms_median", "step_ms_q1", "step_ms_q3", "feature_fwd_ms", "feature_bwd_ms", "feature_share",
-    "peak_mb", "speedup_vs_original", "first_step_s", "total_loss", "feature_loss",
-    "total_rel_diff_vs_original", "feature_rel_err_f64", "grad_split_rel_err",
+    "datetime",
+    "commit",
+    "command",
+    "machine",
+    "load_avg",
+    "device",
+    "device_name",
+    "torch",
+    "triton",
+    "model",
+    "reg",
+    "implementation",
+    "backend",
+    "batch",
+    "image_size",
+    "dtype",
+    "rounds",
+    "step_ms_median",
+    "step_ms_q1",
+    "step_ms_q3",
+    "feature_fwd_ms",
+    "feature_bwd_ms",
+    "feature_share",
+    "peak_mb",
+    "speedup_vs_original",
+    "first_step_s",
+    "total_loss",
+    "feature_loss",
+    "total_rel_diff_vs_original",
+    "feature_rel_err_f64",
+    "grad_split_rel_err",
 )
 
 
@@ -108,14 +145,18 @@ FIELDS = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--regs", nargs="+", choices=REGS, default=list(REGS))
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--full", action="store_true",
-                        help=f"batch {FULL['batch']}, {FULL['budget']:.0f} s of rounds per case (for a GPU); "
-                             f"default quick: batch {QUICK['batch']}, {QUICK['budget']:.0f} s")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"batch {FULL['batch']}, {FULL['budget']:.0f} s of rounds per case (for a GPU); "
+        f"default quick: batch {QUICK['batch']}, {QUICK['budget']:.0f} s",
+    )
     parser.add_argument("--batch", type=int, help="images per step (default: by mode)")
     parser.add_argument("--size", type=int, help="image side in px (default: the model's preset, 224)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default: fit --budget)")
@@ -126,8 +167,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--history", type=Path, default=DEFAULT_HISTORY, help="CSV history the rows are appended to")
     parser.add_argument("--plot", type=Path, help="plot written from the history (default: the history's .png)")
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
-                        help="markdown file whose train_step section is rewritten (created if missing)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="markdown file whose train_step section is rewritten (created if missing)",
+    )
     parser.add_argument("--report", action="store_true", help="measure nothing: regenerate table, plot and section")
     args = parser.parse_args(argv)
     mode = FULL if args.full else QUICK
@@ -149,7 +194,7 @@ def triton_version() -> str:
     return str(triton.__version__)
 
 
-def device_name(device: torch.device, description: Dict[str, str]) -> str:
+def device_name(device: torch.device, description: dict[str, str]) -> str:
     return description["gpu"] if device.type == "cuda" else f"CPU {description['cpu']}"
 
 
@@ -167,8 +212,8 @@ class Case:
     source: nn.Module
     source_hooks: FeatureHooks
     target: nn.Module
-    layers: List[str]
-    shapes: List[tuple]  # (C, H, W) of each hooked layer
+    layers: list[str]
+    shapes: list[tuple]  # (C, H, W) of each hooked layer
     head: str
     images: torch.Tensor
     labels: torch.Tensor
@@ -232,9 +277,20 @@ def original_extra(reg: str, shapes, device, seed: int):
 def build_case(arch: str, reg: str, source: nn.Module, target: nn.Module, images, labels, device, seed) -> Case:
     layers = resolve_layers(source, default_layers(arch))
     shapes = feature_shapes(source, layers, images.shape[-1])
-    return Case(arch=arch, reg=reg, source=source, source_hooks=FeatureHooks(source, layers), target=target,
-                layers=layers, shapes=shapes, head=head_module_name(source, arch), images=images, labels=labels,
-                alpha=default_alpha(arch, reg), extra=original_extra(reg, shapes, device, seed))
+    return Case(
+        arch=arch,
+        reg=reg,
+        source=source,
+        source_hooks=FeatureHooks(source, layers),
+        target=target,
+        layers=layers,
+        shapes=shapes,
+        head=head_module_name(source, arch),
+        images=images,
+        labels=labels,
+        alpha=default_alpha(arch, reg),
+        extra=original_extra(reg, shapes, device, seed),
+    )
 
 
 def build_models(arch: str, batch: int, size: int, device, seed: int):
@@ -256,9 +312,9 @@ PHASES = ("source fwd", "target fwd", "feature fwd", "CE+head fwd", "feature bwd
 
 @dataclass
 class Forward:
-    sources: List[torch.Tensor]
-    targets: List[torch.Tensor]  # the hooked features
-    inputs: List[torch.Tensor]  # what the feature term read: the features or their detached aliases
+    sources: list[torch.Tensor]
+    targets: list[torch.Tensor]  # the hooked features
+    inputs: list[torch.Tensor]  # what the feature term read: the features or their detached aliases
     feature: torch.Tensor  # alpha * R, 0-dim
     rest: torch.Tensor  # CE + beta * head L2, 0-dim
 
@@ -272,10 +328,10 @@ class TrainStep:
         self.extra = extra
         self.target = copy.deepcopy(case.target)
         self.hooks = FeatureHooks(self.target, case.layers)
-        self.attention: List[nn.Parameter] = list(extra.parameters()) if isinstance(extra, nn.Module) else []
+        self.attention: list[nn.Parameter] = list(extra.parameters()) if isinstance(extra, nn.Module) else []
         parameters = list(self.target.parameters()) + self.attention
         self.optimizer = torch.optim.SGD(parameters, lr=DEFAULT_LR, momentum=0.9)
-        self.phases: List[List[float]] = []
+        self.phases: list[list[float]] = []
 
     def forward(self, split: bool, mark: Callable[[], None] = lambda: None) -> Forward:
         """Source forward, target forward, feature term, CE + head term (``mark`` after each).
@@ -344,26 +400,31 @@ class TrainStep:
             self.split_backward(forward)
         else:
             (forward.rest + forward.feature).backward()
-        grads = [None if p.grad is None else p.grad.detach().clone()
-                 for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [
+            None if p.grad is None else p.grad.detach().clone()
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+        ]
         self.release()
         return forward, grads
 
 
-def relative_difference(value: Optional[torch.Tensor], expected: Optional[torch.Tensor]) -> float:
+def relative_difference(value: torch.Tensor | None, expected: torch.Tensor | None) -> float:
     """||value - expected|| / ||expected|| in float64 (absolute where expected is 0; 0 when both are None)."""
     if value is None or expected is None:
         return 0.0 if value is None and expected is None else float("inf")
     return cases.relative_error(value, expected)
 
 
-def gradient_split_error(step: TrainStep, split: List, plain: List) -> float:
+def gradient_split_error(step: TrainStep, split: list, plain: list) -> float:
     """Largest relative difference over the trained parameters between the split backward's
     gradients and a plain total.backward()'s (both from the same weights); asserted small."""
     error = max(relative_difference(a, b) for a, b in zip(split, plain))
     tolerance = GRAD_TOLERANCE.get(step.device.type, 1e-3)
-    assert error <= tolerance, (f"{step.case.arch}/{step.case.reg}/{step.implementation}: the split backward's "
-                                f"gradients differ from total.backward()'s by {error:.2e} (> {tolerance:.0e})")
+    assert error <= tolerance, (
+        f"{step.case.arch}/{step.case.reg}/{step.implementation}: the split backward's "
+        f"gradients differ from total.backward()'s by {error:.2e} (> {tolerance:.0e})"
+    )
     return error
 
 
@@ -372,12 +433,13 @@ def float64_feature(case: Case, forward: Forward) -> torch.Tensor:
     extra = case.extra
     extra = copy.deepcopy(extra).double() if isinstance(extra, nn.Module) else [w.double() for w in extra]
     with torch.no_grad():
-        value = ORIGINAL_LOSSES[LOSS_NAMES[case.reg]]([s.double() for s in forward.sources],
-                                                      [t.detach().double() for t in forward.targets], extra)
+        value = ORIGINAL_LOSSES[LOSS_NAMES[case.reg]](
+            [s.double() for s in forward.sources], [t.detach().double() for t in forward.targets], extra
+        )
     return case.alpha * value.double().sum()
 
 
-def implementations(case: Case, names: Sequence[str], backend: str, device) -> Dict[str, TrainStep]:
+def implementations(case: Case, names: Sequence[str], backend: str, device) -> dict[str, TrainStep]:
     """The steps of each implementation; their attention modules all start from the original's."""
     loss_name = LOSS_NAMES[case.reg]
     steps = {}
@@ -402,7 +464,7 @@ def implementations(case: Case, names: Sequence[str], backend: str, device) -> D
 # --------------------------------------------------------------------------- measuring
 
 
-def first_steps(steps: Dict[str, TrainStep], case: Case) -> Dict[str, tuple]:
+def first_steps(steps: dict[str, TrainStep], case: Case) -> dict[str, tuple]:
     """Per implementation, from the common starting weights: the first (plain) backward's
     seconds (torch.compile compiles there), then a split one; the loss values, the feature
     term's error against float64, and the gradient-split check."""
@@ -413,19 +475,24 @@ def first_steps(steps: Dict[str, TrainStep], case: Case) -> Dict[str, tuple]:
         seconds = time.perf_counter() - started
         forward, split = step.gradients(split=True)
         feature = forward.feature.detach().double()
-        first[name] = (seconds, feature, (forward.rest.detach() + forward.feature.detach()).double(),
-                       relative_difference(feature, float64_feature(case, forward)),
-                       gradient_split_error(step, split, plain))
+        first[name] = (
+            seconds,
+            feature,
+            (forward.rest.detach() + forward.feature.detach()).double(),
+            relative_difference(feature, float64_feature(case, forward)),
+            gradient_split_error(step, split, plain),
+        )
     return first
 
 
-def measure_case(case: Case, names: Sequence[str], args, device, backend: str) -> List[dict]:
+def measure_case(case: Case, names: Sequence[str], args, device, backend: str) -> list[dict]:
     """The rows of one (model, reg): every implementation checked, then timed interleaved."""
     steps = implementations(case, names, backend, device)
     first = first_steps(steps, case)
     warm = timing.warm_up(steps, device, 1)
-    rounds = args.rounds or timing.rounds_for_budget(sum(v[0] for v in warm.values()), args.budget,
-                                                     args.least, args.most)
+    rounds = args.rounds or timing.rounds_for_budget(
+        sum(v[0] for v in warm.values()), args.budget, args.least, args.most
+    )
     for step in steps.values():
         step.phases.clear()
     samples = timing.interleaved_times(steps, device, rounds)
@@ -442,25 +509,37 @@ def measure_case(case: Case, names: Sequence[str], args, device, backend: str) -
         shares = [(f + b) / total for f, b, total in zip(fwd, bwd, samples[name])]
         q1, q3 = timing.quartiles(samples[name])
         first_seconds, feature, total, f64_error, grad_error = first[name]
-        rows.append({
-            "model": case.arch, "reg": case.reg, "implementation": name,
-            "backend": backend if name == FUSED else "-", "rounds": rounds,
-            "step_ms_median": 1e3 * medians[name], "step_ms_q1": 1e3 * q1, "step_ms_q3": 1e3 * q3,
-            "feature_fwd_ms": 1e3 * statistics.median(fwd), "feature_bwd_ms": 1e3 * statistics.median(bwd),
-            "feature_share": statistics.median(shares),
-            "peak_mb": None if memory[name] is None else memory[name] / 2**20,
-            "speedup_vs_original": medians[ORIGINAL] / medians[name] if ORIGINAL in medians else None,
-            "first_step_s": first_seconds, "total_loss": total.item(), "feature_loss": feature.item(),
-            "total_rel_diff_vs_original": (relative_difference(total, first[ORIGINAL][2])
-                                           if ORIGINAL in first else None),
-            "feature_rel_err_f64": f64_error, "grad_split_rel_err": grad_error,
-        })
+        rows.append(
+            {
+                "model": case.arch,
+                "reg": case.reg,
+                "implementation": name,
+                "backend": backend if name == FUSED else "-",
+                "rounds": rounds,
+                "step_ms_median": 1e3 * medians[name],
+                "step_ms_q1": 1e3 * q1,
+                "step_ms_q3": 1e3 * q3,
+                "feature_fwd_ms": 1e3 * statistics.median(fwd),
+                "feature_bwd_ms": 1e3 * statistics.median(bwd),
+                "feature_share": statistics.median(shares),
+                "peak_mb": None if memory[name] is None else memory[name] / 2**20,
+                "speedup_vs_original": medians[ORIGINAL] / medians[name] if ORIGINAL in medians else None,
+                "first_step_s": first_seconds,
+                "total_loss": total.item(),
+                "feature_loss": feature.item(),
+                "total_rel_diff_vs_original": (
+                    relative_difference(total, first[ORIGINAL][2]) if ORIGINAL in first else None
+                ),
+                "feature_rel_err_f64": f64_error,
+                "grad_split_rel_err": grad_error,
+            }
+        )
     for step in steps.values():
         step.hooks.remove()
     return rows
 
 
-def run(args, argv) -> List[dict]:
+def run(args, argv) -> list[dict]:
     device = timing.resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -471,12 +550,17 @@ def run(args, argv) -> List[dict]:
         print(f"warning: {warning}", file=sys.stderr)
     description = timing.machine_description(device)
     common = {
-        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": history.git_commit(), "command": history.command_line(__file__, argv),
+        "datetime": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": history.git_commit(),
+        "command": history.command_line(__file__, argv),
         "machine": timing.machine_line(description),
-        "load_avg": timing.load_average(), "device": device.type,
-        "device_name": device_name(device, description), "torch": torch.__version__, "triton": triton_version(),
-        "batch": args.batch, "dtype": "float32",
+        "load_avg": timing.load_average(),
+        "device": device.type,
+        "device_name": device_name(device, description),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "batch": args.batch,
+        "dtype": "float32",
     }
     rows = []
     for arch in args.models:
@@ -487,8 +571,9 @@ def run(args, argv) -> List[dict]:
             case = build_case(arch, reg, source, target, images, labels, device, args.seed)
             case_rows = measure_case(case, names, args, device, backend)
             case.source_hooks.remove()
-            print(f"{arch}/{reg}: {case_rows[0]['rounds']} rounds, {time.perf_counter() - started:.0f} s",
-                  file=sys.stderr)
+            print(
+                f"{arch}/{reg}: {case_rows[0]['rounds']} rounds, {time.perf_counter() - started:.0f} s", file=sys.stderr
+            )
             rows += [dict(common, image_size=size, **row) for row in case_rows]
     return rows
 
@@ -496,7 +581,7 @@ def run(args, argv) -> List[dict]:
 # --------------------------------------------------------------------------- report
 
 
-def run_header(group: List[dict]) -> List[str]:
+def run_header(group: list[dict]) -> list[str]:
     """Lines naming the run: device, date, command, machine, versions, the settings."""
     row = group[0]
     load = f"{float(row['load_avg']):.1f}" if row["load_avg"] else "-"
@@ -513,25 +598,47 @@ def run_header(group: List[dict]) -> List[str]:
     ]
 
 
-def markdown(group: List[dict]) -> str:
-    headers = ["model", "reg", "implementation", "step ms", "IQR ms", "feature fwd ms", "feature bwd ms",
-               "feature share", "peak MB", "vs original", "total loss", "vs original loss", "feature vs f64",
-               "grad split"]
+def markdown(group: list[dict]) -> str:
+    headers = [
+        "model",
+        "reg",
+        "implementation",
+        "step ms",
+        "IQR ms",
+        "feature fwd ms",
+        "feature bwd ms",
+        "feature share",
+        "peak MB",
+        "vs original",
+        "total loss",
+        "vs original loss",
+        "feature vs f64",
+        "grad split",
+    ]
     body = []
     for r in group:
-        seconds = {key: history.number(r[key]) / 1e3 for key in ("step_ms_median", "step_ms_q1", "step_ms_q3",
-                                                           "feature_fwd_ms", "feature_bwd_ms")}
-        body.append([
-            r["model"], r["reg"], r["implementation"], tables.milliseconds(seconds["step_ms_median"]),
-            tables.millisecond_range(seconds["step_ms_q1"], seconds["step_ms_q3"]),
-            tables.milliseconds(seconds["feature_fwd_ms"]), tables.milliseconds(seconds["feature_bwd_ms"]),
-            tables.percent(history.number(r["feature_share"]), decimals=1),
-            tables.megabytes(None if r["peak_mb"] == "" else history.number(r["peak_mb"]) * 2**20),
-            tables.ratio(history.number(r["speedup_vs_original"])), f"{history.number(r['total_loss']):.6g}",
-            tables.scientific(history.number(r["total_rel_diff_vs_original"])),
-            tables.scientific(history.number(r["feature_rel_err_f64"])),
-            tables.scientific(history.number(r["grad_split_rel_err"])),
-        ])
+        seconds = {
+            key: history.number(r[key]) / 1e3
+            for key in ("step_ms_median", "step_ms_q1", "step_ms_q3", "feature_fwd_ms", "feature_bwd_ms")
+        }
+        body.append(
+            [
+                r["model"],
+                r["reg"],
+                r["implementation"],
+                tables.milliseconds(seconds["step_ms_median"]),
+                tables.millisecond_range(seconds["step_ms_q1"], seconds["step_ms_q3"]),
+                tables.milliseconds(seconds["feature_fwd_ms"]),
+                tables.milliseconds(seconds["feature_bwd_ms"]),
+                tables.percent(history.number(r["feature_share"]), decimals=1),
+                tables.megabytes(None if r["peak_mb"] == "" else history.number(r["peak_mb"]) * 2**20),
+                tables.ratio(history.number(r["speedup_vs_original"])),
+                f"{history.number(r['total_loss']):.6g}",
+                tables.scientific(history.number(r["total_rel_diff_vs_original"])),
+                tables.scientific(history.number(r["feature_rel_err_f64"])),
+                tables.scientific(history.number(r["grad_split_rel_err"])),
+            ]
+        )
     return tables.markdown_table(headers, body, right_align_from=3)
 
 
@@ -560,12 +667,14 @@ LEGEND = [
 ]
 
 
-def report_text(rows: List[dict], history_path: Path, results_path: Path, plot_path: Path) -> str:
+def report_text(rows: list[dict], history_path: Path, results_path: Path, plot_path: Path) -> str:
     """The generated part of the RESULTS.md section: each (machine, device)'s latest run."""
-    lines = [f"Generated by `bench/train_step.py` (after each run, or with `--report`) from the history "
-             f"`{history.relative_link(history_path, results_path)}`: the latest run per (machine, device); "
-             "do not edit by hand.",
-             ""]
+    lines = [
+        f"Generated by `bench/train_step.py` (after each run, or with `--report`) from the history "
+        f"`{history.relative_link(history_path, results_path)}`: the latest run per (machine, device); "
+        "do not edit by hand.",
+        "",
+    ]
     lines += INTRODUCTION + [""]
     if not rows:
         return "\n".join(lines + ["No runs recorded yet."])
@@ -577,7 +686,7 @@ def report_text(rows: List[dict], history_path: Path, results_path: Path, plot_p
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     """Per latest run of each (machine, device): step time per implementation for each model
     (the feature term's fwd + bwd hatched), and peak memory per implementation."""
     plt = plots.pyplot()
@@ -593,7 +702,7 @@ def plot(rows: List[dict], path: Path) -> None:
         for axis, model in zip(row_axes, group_models):
             _bars(axis, [r for r in group if r["model"] == model], colours, step=True)
             axis.set_title(f"{model}: step time ({title}); in the bars: speed-up", fontsize=9)
-        for axis in row_axes[len(group_models):-1]:
+        for axis in row_axes[len(group_models) : -1]:
             axis.axis("off")
         _bars(row_axes[-1], group, colours, step=False)
         row_axes[-1].set_title(f"peak memory of the step ({group[0]['device']})", fontsize=9)
@@ -607,7 +716,7 @@ def _model_order(model: str) -> int:
     return MODELS.index(model) if model in MODELS else len(MODELS)
 
 
-def _bars(axis, rows: List[dict], colours: Dict[str, str], step: bool) -> None:
+def _bars(axis, rows: list[dict], colours: dict[str, str], step: bool) -> None:
     """Grouped bars: x = (model/)reg, one bar per implementation."""
     names = [n for n in IMPLEMENTATIONS if any(r["implementation"] == n for r in rows)]
     label = (lambda r: r["reg"]) if step else (lambda r: f"{SHORT_MODELS.get(r['model'], r['model'])}\n{r['reg']}")
@@ -622,35 +731,60 @@ def _bars(axis, rows: List[dict], colours: Dict[str, str], step: bool) -> None:
         picked = [chosen[key] for key in keys if key in chosen]
         if step:
             medians = [history.number(r["step_ms_median"]) for r in picked]
-            spread = [[m - history.number(r["step_ms_q1"]) for m, r in zip(medians, picked)],
-                      [history.number(r["step_ms_q3"]) - m for m, r in zip(medians, picked)]]
+            spread = [
+                [m - history.number(r["step_ms_q1"]) for m, r in zip(medians, picked)],
+                [history.number(r["step_ms_q3"]) - m for m, r in zip(medians, picked)],
+            ]
             axis.bar(xs, medians, width, yerr=spread, capsize=3, color=colours[name], label=name)
             feature = [history.number(r["feature_fwd_ms"]) + history.number(r["feature_bwd_ms"]) for r in picked]
-            axis.bar(xs, feature, width, color="none", edgecolor="black", hatch="//", linewidth=0.5,
-                     label="feature term fwd+bwd" if index == 0 else None)
+            axis.bar(
+                xs,
+                feature,
+                width,
+                color="none",
+                edgecolor="black",
+                hatch="//",
+                linewidth=0.5,
+                label="feature term fwd+bwd" if index == 0 else None,
+            )
             for x, m, r in zip(xs, medians, picked):  # the speed-up over original, inside the bar
-                axis.text(x, m / 2, tables.ratio(history.number(r["speedup_vs_original"])), ha="center", va="center",
-                          rotation=90, fontsize=8, color="white", fontweight="bold")
+                axis.text(
+                    x,
+                    m / 2,
+                    tables.ratio(history.number(r["speedup_vs_original"])),
+                    ha="center",
+                    va="center",
+                    rotation=90,
+                    fontsize=8,
+                    color="white",
+                    fontweight="bold",
+                )
         else:
             values = [history.number(r["peak_mb"]) or 0.0 for r in picked]
             axis.bar(xs, values, width, color=colours[name], label=name)
     axis.set_xticks(range(len(keys)), keys, fontsize=8 if step else 7)
     axis.set_ylabel("ms per step (median, IQR)" if step else "MB above live (peak)")
-    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 if step else -0.16), ncol=4,
-                frameon=False)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 if step else -0.16), ncol=4, frameon=False)
     axis.margins(y=0.12)
     if step:
         _clip_outliers(axis, rows)
 
 
-def _clip_outliers(axis, rows: List[dict]) -> None:
+def _clip_outliers(axis, rows: list[dict]) -> None:
     """Keep the bars readable when a noisy round stretches an IQR: the y axis stops at twice
     the largest median, and the title says so."""
     top = 2 * max(history.number(r["step_ms_median"]) for r in rows)
     if max(history.number(r["step_ms_q3"]) for r in rows) > top:
         axis.set_ylim(0, top)
-        axis.text(0.99, 0.98, "IQR clipped at 2x the largest median", transform=axis.transAxes, ha="right",
-                  va="top", fontsize=7)
+        axis.text(
+            0.99,
+            0.98,
+            "IQR clipped at 2x the largest median",
+            transform=axis.transAxes,
+            ha="right",
+            va="top",
+            fontsize=7,
+        )
 
 
 def write_report(history_path: Path, results_path: Path, plot_path: Path) -> str:
@@ -673,8 +807,9 @@ def main(argv=None) -> int:
         rows = run(args, argv)
         history.write_rows(rows, args.history, FIELDS, append=True)
         group = history.latest_runs(history.read_rows(args.history))
-        group = next(g for g in group if g[0]["datetime"] == rows[0]["datetime"]
-                     and g[0]["machine"] == rows[0]["machine"])
+        group = next(
+            g for g in group if g[0]["datetime"] == rows[0]["datetime"] and g[0]["machine"] == rows[0]["machine"]
+        )
         print("\n".join(run_header(group)))
         print(f"- wall time of the run: {time.perf_counter() - started:.0f} s\n")
         print(markdown(group))

@@ -11,10 +11,10 @@ partial sum times the upstream gradient), not by autograd.
 
 Notation: t, s of shape (B, C, *spatial), P = prod(spatial), D = t - s viewed as (B, C, P).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def partial_sums_backward(grouping: str, grad: Tensor, target: Tensor, source: T
     return (2.0 * torch.einsum(pattern, grad.detach().cpu().to(torch.float64), diff)).reshape(shape)
 
 
-def channel_weight_matrix(name: str, shape, weights: Optional[Tensor]) -> Tensor:
+def channel_weight_matrix(name: str, shape, weights: Tensor | None) -> Tensor:
     """W[n, j] of the losses of grouping "channel" (loss = sum_{n,j} W[n, j] d[n, j]), float64
     (B, C)."""
     batch, channels = shape[0], shape[1]
@@ -79,7 +79,7 @@ def spatial_weight_matrix(shape, attention: Tensor) -> Tensor:
     return (0.5 / max(batch, 1)) * (positions * a) ** 2
 
 
-def loss(name: str, target: Tensor, source: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+def loss(name: str, target: Tensor, source: Tensor, weights: Tensor | None = None) -> Tensor:
     """The float64 loss value (differentiable, so its analytic gradients can be checked)."""
     shape = tuple(target.shape)
     if name == "spatial_attentive":
@@ -90,8 +90,8 @@ def loss(name: str, target: Tensor, source: Tensor, weights: Optional[Tensor] = 
 
 
 def loss_and_grads(
-    name: str, target: Tensor, source: Tensor, weights: Optional[Tensor], upstream: float
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    name: str, target: Tensor, source: Tensor, weights: Tensor | None, upstream: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """(loss, dL/dt, dL/dweights) in float64 for the scalar upstream gradient ``upstream``.
 
     dL/dt = 2 * W (t - s) (or V); dL/dW = d (or dL/dV = e) chained through the weights'
@@ -109,7 +109,7 @@ def loss_and_grads(
         grad_t = 2.0 * upstream * torch.einsum("np,njp->njp", v, diff)
         # V = (0.5 / B) * P^2 * a^2  ->  dV/da = (1 / B) * P^2 * a
         a = weights.to(torch.float64).reshape(batch, positions)
-        dv_da = (positions ** 2 / max(batch, 1)) * a
+        dv_da = (positions**2 / max(batch, 1)) * a
         grad_w = upstream * dv_da * spatial_distance(target, source)
         return value, grad_t.reshape(shape), grad_w.reshape(weights.shape)
     w = channel_weight_matrix(name, shape, weights)

@@ -1,11 +1,12 @@
 """Shared helpers of the functional-loss and op tests: inputs in many layouts, the loss
 table, running a loss with backward, and the error metrics and tolerances of the parity
 tests."""
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ class LossCase:
     model_name: str
     function: Callable
     reference: Callable
-    weights: Optional[str]
+    weights: str | None
 
     def call(self, target, source, weights, backend):
         if self.weights is None:
@@ -63,12 +64,23 @@ class LossCase:
 LOSSES = (
     LossCase("feature_map", "feature_map", functional.feature_map_loss, reference.feature_map_loss, None),
     LossCase("delta", "delta", functional.delta_loss, reference.delta_loss, "delta"),
-    LossCase("ACT", "channel_attentive", functional.channel_attentive_loss,
-             reference.channel_attentive_loss, "channel"),
-    LossCase("AST_flat", "spatial_attentive", functional.spatial_attentive_loss,
-             reference.spatial_attentive_loss, "spatial_flat"),
-    LossCase("AST_map", "spatial_attentive", functional.spatial_attentive_loss,
-             reference.spatial_attentive_loss, "spatial_map"),
+    LossCase(
+        "ACT", "channel_attentive", functional.channel_attentive_loss, reference.channel_attentive_loss, "channel"
+    ),
+    LossCase(
+        "AST_flat",
+        "spatial_attentive",
+        functional.spatial_attentive_loss,
+        reference.spatial_attentive_loss,
+        "spatial_flat",
+    ),
+    LossCase(
+        "AST_map",
+        "spatial_attentive",
+        functional.spatial_attentive_loss,
+        reference.spatial_attentive_loss,
+        "spatial_map",
+    ),
 )
 LOSS_IDS = [case.id for case in LOSSES]
 
@@ -78,7 +90,7 @@ def weight_dtype(feature_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if feature_dtype in HALF_DTYPES else feature_dtype
 
 
-def make_weights(kind: Optional[str], shape, dtype: torch.dtype, generator: torch.Generator):
+def make_weights(kind: str | None, shape, dtype: torch.dtype, generator: torch.Generator):
     """Channel weights (positive, summing to 1) or softmax attention, as a grad leaf."""
     if kind is None:
         return None
@@ -103,13 +115,13 @@ def make_weights(kind: Optional[str], shape, dtype: torch.dtype, generator: torc
 
 LAYOUTS = (
     "contiguous",
-    "channels_last",     # (B, L, C) storage for 3-D, channels_last / channels_last_3d
-    "cropped",           # spatial crop such as x[..., 1:-1, 2:]
-    "channel_strided",   # x[:, ::2]
-    "batch_sliced",      # x[1::2]: offset and stride on the batch
+    "channels_last",  # (B, L, C) storage for 3-D, channels_last / channels_last_3d
+    "cropped",  # spatial crop such as x[..., 1:-1, 2:]
+    "channel_strided",  # x[:, ::2]
+    "batch_sliced",  # x[1::2]: offset and stride on the batch
     "channels_last_cropped",
     "spatial_transposed",  # last two dims swapped in memory (3-D: same as channels_last)
-    "expanded",          # one sample broadcast over the batch: batch stride 0
+    "expanded",  # one sample broadcast over the batch: batch stride 0
 )
 
 
@@ -164,8 +176,8 @@ def _crop_padding(shape) -> list:
 
 def layout_tensor(values: Tensor, layout: str) -> Tensor:
     """A tensor equal to ``values`` (any dtype) stored in ``layout`` ("expanded": equal
-    to ``values[:1]`` broadcast over the batch); a leaf that can take requires_grad. Sliced layouts fill the unused memory with NaN, so a kernel that
-    reads outside the view shows it."""
+    to ``values[:1]`` broadcast over the batch); a leaf that can take requires_grad. Sliced
+    layouts fill the unused memory with NaN, so a kernel that reads outside the view shows it."""
     shape = tuple(values.shape)
     if layout == "contiguous":
         return values.clone()
@@ -272,14 +284,14 @@ def assert_matches_model(case, backend, target, source, weights):
     expected = model_results(case, target, source, weights)
     actual = (loss, grad_t, grad_w)
     if dtype in HALF_DTYPES:
-        bounds = [None if want is None else 2 * _reference_error(got, want, dtype) + HALF_FLOOR
-                  for got, want in zip(run_loss(case, target, source, weights), expected)]
+        bounds = [
+            None if want is None else 2 * _reference_error(got, want, dtype) + HALF_FLOOR
+            for got, want in zip(run_loss(case, target, source, weights), expected)
+        ]
     else:
         bounds = [TOLERANCE[dtype]] * 3
     for what, got, want, bound in zip(("loss", "grad target", "grad weights"), actual, expected, bounds):
         if want is None:
             continue
         error = relative_error(got, want)
-        assert error <= bound, (
-            f"{case.id} backend={backend} {dtype}: {what} relative error {error:.3g} > {bound:.3g}"
-        )
+        assert error <= bound, f"{case.id} backend={backend} {dtype}: {what} relative error {error:.3g} > {bound:.3g}"

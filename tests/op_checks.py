@@ -1,6 +1,7 @@
 """Checks shared by the tests of each backend's op library (the ops of
 afa_ext/ops/schemas.py): a random upstream gradient, the tolerances, and one op pair
 (forward and backward) against the float64 model, and features far apart in memory."""
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,11 @@ def layer_weights(name, targets, generator, requires_grad=False):
     weights = []
     for target in targets:
         batch, channels, positions = target.shape[0], target.shape[1], math.prod(target.shape[2:])
-        size = {"delta_loss": (channels,), "channel_attentive_loss": (batch, channels),
-                "spatial_attentive_loss": (batch, positions)}.get(name, (1,))
+        size = {
+            "delta_loss": (channels,),
+            "channel_attentive_loss": (batch, channels),
+            "spatial_attentive_loss": (batch, positions),
+        }.get(name, (1,))
         weight = torch.rand(size, generator=generator).softmax(-1).to(target.device)
         weights.append(weight.requires_grad_(requires_grad))
     return weights
@@ -86,8 +90,9 @@ def check_list_loss(name, targets, sources, weights, backend, tolerance=2e-5):
     extra = () if name == "feature_map_loss" else (weights,)
     leaves = [t for t in targets + (weights if extra else []) if t.requires_grad]
     loss = function(targets, sources, *extra, backend=backend)
-    expected = sum(function(t, s, *((w,) if extra else ()), backend="reference")
-                   for t, s, w in zip(targets, sources, weights))
+    expected = sum(
+        function(t, s, *((w,) if extra else ()), backend="reference") for t, s, w in zip(targets, sources, weights)
+    )
     assert relative_error(loss.detach(), expected.detach()) <= tolerance
     if leaves:
         for actual, wanted in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves)):
@@ -137,8 +142,12 @@ def stored_in_order(values, order, cropped):
     """``values`` in a storage whose dims go in ``order`` (outermost first), each spatial
     dim cropped by one (NaN around it) when ``cropped``."""
     margin = int(cropped)
-    padded = torch.full([values.shape[d] + (margin if d >= 2 else 0) for d in order], float("nan"),
-                        dtype=values.dtype, device=values.device)
+    padded = torch.full(
+        [values.shape[d] + (margin if d >= 2 else 0) for d in order],
+        float("nan"),
+        dtype=values.dtype,
+        device=values.device,
+    )
     view = padded.permute([order.index(d) for d in range(values.dim())])
     view = view[(slice(None), slice(None)) + (slice(margin, None),) * (values.dim() - 2)]
     view.copy_(values)
@@ -164,5 +173,7 @@ def _order_name(order):
     return "contiguous" if order == tuple(range(len(order))) else "channels_last" if order[-1] == 1 else "scrambled"
 
 
-UNFITTING_IDS = [f"{grouping}-{len(shape)}d-{_order_name(t)}-vs-{_order_name(s)}{'-cropped' if cropped else ''}"
-                 for grouping, shape, t, s, cropped in UNFITTING_LAYERS]
+UNFITTING_IDS = [
+    f"{grouping}-{len(shape)}d-{_order_name(t)}-vs-{_order_name(s)}{'-cropped' if cropped else ''}"
+    for grouping, shape, t, s, cropped in UNFITTING_LAYERS
+]

@@ -7,6 +7,7 @@ Every loss is compared on the hooked layers of ResNet-50 and MobileNetV2 at batc
 value, and the gradients of the target maps, of the source maps (which only the attention
 reaches) and of the attention modules' parameters.
 """
+
 from __future__ import annotations
 
 import ast
@@ -74,24 +75,24 @@ class OriginalChannelAttention(nn.Module):
 
 
 def original_reg_fea_map(layer_outputs_source, layer_outputs_target):
-    fea_loss = torch.tensor(0.)
+    fea_loss = torch.tensor(0.0)
     for fm_src, fm_tgt in zip(layer_outputs_source, layer_outputs_target):
         fea_loss += 0.5 * (torch.norm(fm_tgt - fm_src.detach()) ** 2)
     return fea_loss
 
 
 def original_reg_att_fea_map(layer_outputs_source, layer_outputs_target, channel_weights):
-    fea_loss = torch.tensor(0.)
+    fea_loss = torch.tensor(0.0)
     for i, (fm_src, fm_tgt) in enumerate(zip(layer_outputs_source, layer_outputs_target)):
         b, c, h, w = fm_src.shape
         distance = torch.norm(flatten_outputs(fm_tgt) - flatten_outputs(fm_src).detach(), 2, 2)
-        distance = c * torch.mul(channel_weights[i], distance ** 2) / (h * w)
+        distance = c * torch.mul(channel_weights[i], distance**2) / (h * w)
         fea_loss += 0.5 * torch.sum(distance)
     return fea_loss
 
 
 def original_reg_pixel_att_fea_map_learn(layer_outputs_source, layer_outputs_target, feature_criterions):
-    fea_loss = torch.tensor(0.)
+    fea_loss = torch.tensor(0.0)
     for fm_src, fm_tgt, feature_criterion in zip(layer_outputs_source, layer_outputs_target, feature_criterions):
         pixel_attention_weight = feature_criterion(fm_src)
         b, c, h, w = fm_src.shape
@@ -108,7 +109,7 @@ def original_reg_channel_att_fea_map_learn(layer_outputs_source, layer_outputs_t
         channel_attention_weight = feature_criterion(fm_src)
         b, c, h, w = fm_src.shape
         distance = torch.norm(flatten_outputs(fm_tgt) - flatten_outputs(fm_src).detach(), 2, 2)
-        distance = torch.mul(channel_attention_weight, distance ** 2) * c
+        distance = torch.mul(channel_attention_weight, distance**2) * c
         fea_loss += 0.5 * torch.sum(distance) / b
     return fea_loss
 
@@ -227,8 +228,11 @@ def original_result(loss, network, dtype):
     own_errors = {}
     if dtype == torch.bfloat16:
         _, autocast_grads = run(ORIGINAL_LOSSES[loss], sources, targets, float32_copy(original_extra), dtype)
-        own_errors = {name: relative_error(autocast_grads[name], grad)
-                      for name, grad in expected_grads.items() if grad is not None}
+        own_errors = {
+            name: relative_error(autocast_grads[name], grad)
+            for name, grad in expected_grads.items()
+            if grad is not None
+        }
     return expected, expected_grads, own_errors
 
 
@@ -298,8 +302,11 @@ def test_channel_loss_of_bfloat16_maps_is_float32_of_shape_1():
     sources, targets = feature_maps("mobilenet_v2")
     original = original_attention_modules("channel", "mobilenet_v2")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = compat.reg_channel_att_fea_map_learn(leaves(sources, torch.bfloat16), leaves(targets, torch.bfloat16),
-                                                     compat_attention_modules("channel", "mobilenet_v2", original))
+        value = compat.reg_channel_att_fea_map_learn(
+            leaves(sources, torch.bfloat16),
+            leaves(targets, torch.bfloat16),
+            compat_attention_modules("channel", "mobilenet_v2", original),
+        )
     assert (value.shape, value.dtype) == ((1,), torch.float32)
 
 
@@ -342,8 +349,9 @@ def test_checkpoint_of_original_modules_loads_strict_and_gives_the_same_attentio
         expected = theirs(source)
         attention = ours(source)
         assert attention.shape == expected.shape
-        assert expected.shape == ((BATCH, 1, source.shape[2] * source.shape[3]) if kind == "pixel"
-                                  else (BATCH, source.shape[1]))
+        assert expected.shape == (
+            (BATCH, 1, source.shape[2] * source.shape[3]) if kind == "pixel" else (BATCH, source.shape[1])
+        )
         torch.testing.assert_close(attention, expected, rtol=1e-5, atol=0)
 
 
@@ -430,11 +438,13 @@ def test_channel_weight_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json"):
         compat.get_channel_weight(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
-    for text, error, message in [("{not json", ValueError, "not valid JSON"),
-                                 ('{"layer": [1, 2]}', ValueError, "got dict"),
-                                 ("[[1, 2], []]", ValueError, "layer 1 to be a non-empty 1-D"),
-                                 ('[[1, "x"]]', TypeError, "layer 0 to be a 1-D array of numbers"),
-                                 ("[[1, NaN]]", ValueError, "layer 0 holds NaN")]:
+    for text, error, message in [
+        ("{not json", ValueError, "not valid JSON"),
+        ('{"layer": [1, 2]}', ValueError, "got dict"),
+        ("[[1, 2], []]", ValueError, "layer 1 to be a non-empty 1-D"),
+        ('[[1, "x"]]', TypeError, "layer 0 to be a 1-D array of numbers"),
+        ("[[1, NaN]]", ValueError, "layer 0 holds NaN"),
+    ]:
         bad.write_text(text)
         with pytest.raises(error, match=message):
             compat.get_channel_weight(bad)
@@ -461,8 +471,11 @@ def test_reg_l2sp_by_hand():
     source = {name: p.detach() + torch.randn_like(p) for name, p in model.named_parameters()}
     value = compat.reg_l2sp(model, "fc.", source)
     value.backward()
-    by_hand = 0.5 * sum(((p.detach().double() - source[n].double()) ** 2).sum()
-                        for n, p in model.named_parameters() if not n.startswith("fc."))
+    by_hand = 0.5 * sum(
+        ((p.detach().double() - source[n].double()) ** 2).sum()
+        for n, p in model.named_parameters()
+        if not n.startswith("fc.")
+    )
     assert (value.shape, value.dtype) == ((), torch.float32)
     assert abs(value.item() - by_hand.item()) <= 1e-6 * by_hand.item()
     torch.testing.assert_close(model.conv1.weight.grad, model.conv1.weight.detach() - source["conv1.weight"])
@@ -476,7 +489,7 @@ def test_reg_classifier_by_hand():
     model = TinyNet().double()
     value = compat.reg_classifier(model, "fc.")
     value.backward()
-    by_hand = 0.5 * ((model.fc.weight ** 2).sum() + (model.fc.bias ** 2).sum()).item()
+    by_hand = 0.5 * ((model.fc.weight**2).sum() + (model.fc.bias**2).sum()).item()
     assert (value.shape, value.dtype) == ((), torch.float32)
     assert abs(value.item() - by_hand) <= 1e-6 * by_hand
     torch.testing.assert_close(model.fc.weight.grad, model.fc.weight.detach())

@@ -1,5 +1,6 @@
 """The README and bench/RESULTS.md name only files and folders that exist, and no file of
 the repository sends the reader to a document outside it."""
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,7 @@ def _named_paths(doc: str):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_paths_named_in_the_docs_exist(doc):
-    missing = [path for path in _named_paths(doc)
-               if not path.startswith(GENERATED) and not (REPO / path).exists()]
+    missing = [path for path in _named_paths(doc) if not path.startswith(GENERATED) and not (REPO / path).exists()]
     assert _named_paths(doc), f"{doc} names no path: the pattern no longer matches it"
     assert not missing, f"{doc} names paths that do not exist: {missing}"
 
@@ -46,6 +46,7 @@ def test_no_file_refers_to_the_design_notebook():
     if files.returncode != 0:
         pytest.skip("not a git checkout")
     name = "DESIGN" + ".md"  # split, so that this file does not match itself
-    offenders = [f for f in files.stdout.split() if (REPO / f).is_file()
-                 and name in (REPO / f).read_text(errors="ignore")]
+    offenders = [
+        f for f in files.stdout.split() if (REPO / f).is_file() and name in (REPO / f).read_text(errors="ignore")
+    ]
     assert not offenders, offenders

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the function, what was expected and what was given,
 for every loss and before any backend runs."""
+
 from __future__ import annotations
 
 import re
@@ -45,8 +46,14 @@ def _raises(case, error, message, target, source, weights="good", backend="auto"
 @pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
 def test_non_tensor_target_and_source(case):
     target, source = _features()
-    _raises(case, TypeError, r"expected target to be a torch\.Tensor or a list of Tensors, one per layer; "
-            r"got a list of list", target.tolist(), source)
+    _raises(
+        case,
+        TypeError,
+        r"expected target to be a torch\.Tensor or a list of Tensors, one per layer; "
+        r"got a list of list",
+        target.tolist(),
+        source,
+    )
     _raises(case, TypeError, r"expected source to be a torch\.Tensor, got ndarray", target, source.numpy())
 
 
@@ -54,9 +61,10 @@ def test_non_tensor_target_and_source(case):
 @pytest.mark.parametrize("shape", [(6,), (2, 3)], ids=str)
 def test_fewer_than_three_dims(case, shape):
     target, source = _features(shape)
-    with pytest.raises(ValueError, match=re.escape(
-        f"expected target of shape (B, C, *spatial) with at least 3 dims, got shape {shape}"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"expected target of shape (B, C, *spatial) with at least 3 dims, got shape {shape}"),
+    ):
         case.call(target, source, None if case.weights is None else torch.ones(3), "auto")
 
 
@@ -64,8 +72,13 @@ def test_fewer_than_three_dims(case, shape):
 def test_mismatched_shapes(case):
     target, _ = _features()
     source = torch.zeros(2, 3, 4, 6)
-    _raises(case, ValueError, re.escape("expected source to have the shape of target (2, 3, 4, 5), got (2, 3, 4, 6)"),
-            target, source)
+    _raises(
+        case,
+        ValueError,
+        re.escape("expected source to have the shape of target (2, 3, 4, 5), got (2, 3, 4, 6)"),
+        target,
+        source,
+    )
 
 
 @pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
@@ -77,24 +90,45 @@ def test_integer_features(case, which):
     else:
         source = source.to(torch.int32)
     given = "int64" if which == "target" else "int32"
-    _raises(case, TypeError, rf"expected {which} to have a floating-point dtype \(float64, float32, bfloat16, "
-            rf"float16\), got {given}", target, source)
+    _raises(
+        case,
+        TypeError,
+        rf"expected {which} to have a floating-point dtype \(float64, float32, bfloat16, "
+        rf"float16\), got {given}",
+        target,
+        source,
+    )
 
 
 @pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
 def test_mismatched_dtypes(case):
     target, source = _features()
-    _raises(case, TypeError, re.escape("expected source to have the dtype of target (float32), got float64"),
-            target, source.double())
-    _raises(case, TypeError, re.escape("expected source to have the dtype of target (bfloat16), got float16"),
-            target.bfloat16(), source.half())
+    _raises(
+        case,
+        TypeError,
+        re.escape("expected source to have the dtype of target (float32), got float64"),
+        target,
+        source.double(),
+    )
+    _raises(
+        case,
+        TypeError,
+        re.escape("expected source to have the dtype of target (bfloat16), got float16"),
+        target.bfloat16(),
+        source.half(),
+    )
 
 
 @pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
 def test_features_on_different_devices(case):
     target, source = _features()
-    _raises(case, ValueError, "expected target and source on one device, got target on cpu and source on meta",
-            target, source.to("meta"))
+    _raises(
+        case,
+        ValueError,
+        "expected target and source on one device, got target on cpu and source on meta",
+        target,
+        source.to("meta"),
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -112,16 +146,29 @@ def test_wrong_weight_shape(case):
     target, source = _features()
     shape, what, expected = WRONG_WEIGHT_SHAPES[case.id]
     given = re.escape(str(shape))
-    _raises(case, ValueError, rf"expected {what} of shape {expected} for features of shape \(2, 3, 4, 5\), "
-            rf"got {given}", target, source, torch.ones(shape))
+    _raises(
+        case,
+        ValueError,
+        rf"expected {what} of shape {expected} for features of shape \(2, 3, 4, 5\), "
+        rf"got {given}",
+        target,
+        source,
+        torch.ones(shape),
+    )
 
 
 @pytest.mark.parametrize("case", WEIGHTED, ids=[c.id for c in WEIGHTED])
 def test_non_tensor_weights(case):
     target, source = _features()
     what = "channel_weights" if case.id == "delta" else "attention"
-    _raises(case, TypeError, rf"expected {what} to be a torch\.Tensor, got list", target, source,
-            _good_weights(case).tolist())
+    _raises(
+        case,
+        TypeError,
+        rf"expected {what} to be a torch\.Tensor, got list",
+        target,
+        source,
+        _good_weights(case).tolist(),
+    )
 
 
 @pytest.mark.parametrize("case", WEIGHTED, ids=[c.id for c in WEIGHTED])
@@ -129,8 +176,9 @@ def test_integer_weights(case):
     target, source = _features()
     what = "channel_weights" if case.id == "delta" else "attention"
     weights = torch.ones(_good_weights(case).shape, dtype=torch.int32)
-    _raises(case, TypeError, rf"expected {what} to have a floating-point dtype \(.*\), got int32",
-            target, source, weights)
+    _raises(
+        case, TypeError, rf"expected {what} to have a floating-point dtype \(.*\), got int32", target, source, weights
+    )
 
 
 @pytest.mark.parametrize("case", WEIGHTED, ids=[c.id for c in WEIGHTED])
@@ -148,8 +196,15 @@ def test_weights_on_other_device(case):
 @pytest.mark.parametrize("name", ["fast", "CPU", "", None])
 def test_unknown_backend(case, name):
     target, source = _features()
-    _raises(case, ValueError, rf"unknown backend {re.escape(repr(name))}; expected one of auto, reference, cpu, "
-            rf"triton, cuda", target, source, backend=name)
+    _raises(
+        case,
+        ValueError,
+        rf"unknown backend {re.escape(repr(name))}; expected one of auto, reference, cpu, "
+        rf"triton, cuda",
+        target,
+        source,
+        backend=name,
+    )
 
 
 @pytest.mark.parametrize("case", LOSSES, ids=LOSS_IDS)
@@ -158,14 +213,20 @@ def test_unavailable_backend_says_why(case, name):
     target, source = _features()
     reasons = {
         "triton": r"(the triton package is not installed|torch sees no CUDA device \(TRITON_INTERPRET=1 runs "
-                  r"the Triton kernels on CPU tensors|the Triton kernels did not load: .+)",
+        r"the Triton kernels on CPU tensors|the Triton kernels did not load: .+)",
         "cuda": "(afa_ext._C was built without CUDA kernels|afa_ext._C has CUDA kernels but torch sees no CUDA "
-                "device|the compiled extension afa_ext._C did not load: .+)",
+        "device|the compiled extension afa_ext._C did not load: .+)",
         "cpu": "the compiled extension afa_ext._C did not load: .+",
     }
     assert issubclass(afa_ext.BackendUnavailableError, RuntimeError)
-    _raises(case, afa_ext.BackendUnavailableError, rf"backend '{name}' is unavailable: {reasons[name]}",
-            target, source, backend=name)
+    _raises(
+        case,
+        afa_ext.BackendUnavailableError,
+        rf"backend '{name}' is unavailable: {reasons[name]}",
+        target,
+        source,
+        backend=name,
+    )
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="backend 'cpu' unavailable")
@@ -174,8 +235,15 @@ def test_cpu_backend_refuses_other_devices(case):
     target, source = _features()
     target, source = target.to("meta"), source.to("meta")
     weights = None if case.weights is None else _good_weights(case).detach().to("meta")
-    _raises(case, ValueError, "backend 'cpu' computes on cpu tensors, got tensors on meta",
-            target, source, weights, backend="cpu")
+    _raises(
+        case,
+        ValueError,
+        "backend 'cpu' computes on cpu tensors, got tensors on meta",
+        target,
+        source,
+        weights,
+        backend="cpu",
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -183,8 +251,9 @@ def test_checks_come_before_the_backend(backend):
     """Every available backend validates: a bad shape never reaches a kernel."""
     case = LOSSES[2]  # ACT
     target, source = _features()
-    _raises(case, ValueError, r"expected attention of shape \(2, 3\)", target, source, torch.ones(2, 4),
-            backend=backend)
+    _raises(
+        case, ValueError, r"expected attention of shape \(2, 3\)", target, source, torch.ones(2, 4), backend=backend
+    )
 
 
 # --------------------------------------------------------------------------- lists of layers
@@ -195,23 +264,38 @@ def test_lists_of_layers_are_checked_layer_by_layer():
     sources = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 2, 3)]
     attention = [torch.zeros(2, 3), torch.zeros(2, 5)]
     F = afa_ext.functional
-    with pytest.raises(ValueError, match=re.escape("channel_attentive_loss (layer 1): expected source to have "
-                                                   "the shape of target (2, 5, 2, 2), got (2, 5, 2, 3)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "channel_attentive_loss (layer 1): expected source to have "
+            "the shape of target (2, 5, 2, 2), got (2, 5, 2, 3)"
+        ),
+    ):
         F.channel_attentive_loss(targets, sources, attention)
     sources[1] = torch.zeros(2, 5, 2, 2)
-    with pytest.raises(TypeError, match="channel_attentive_loss: expected attention to be a list with one entry "
-                                        "per layer like target, got Tensor"):
+    with pytest.raises(
+        TypeError,
+        match="channel_attentive_loss: expected attention to be a list with one entry "
+        "per layer like target, got Tensor",
+    ):
         F.channel_attentive_loss(targets, sources, attention[0])
-    with pytest.raises(ValueError, match="channel_attentive_loss: expected 2 layers of attention, as many as of "
-                                         "target, got 1"):
+    with pytest.raises(
+        ValueError, match="channel_attentive_loss: expected 2 layers of attention, as many as of target, got 1"
+    ):
         F.channel_attentive_loss(targets, sources, attention[:1])
-    with pytest.raises(ValueError, match=re.escape("spatial_attentive_loss (layer 1): expected attention of shape "
-                                                   "(2, 4) or (2, 1, 2, 2)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("spatial_attentive_loss (layer 1): expected attention of shape (2, 4) or (2, 1, 2, 2)"),
+    ):
         F.spatial_attentive_loss(targets, sources, [torch.zeros(2, 16), torch.zeros(2, 5)])
     with pytest.raises(ValueError, match="feature_map_loss: expected at least one layer, got an empty target list"):
         F.feature_map_loss([], [])
-    with pytest.raises(ValueError, match=re.escape("feature_map_loss (layer 1): expected every layer on one device, "
-                                                   "got layer 0 on cpu and this one on meta")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "feature_map_loss (layer 1): expected every layer on one device, got layer 0 on cpu and this one on meta"
+        ),
+    ):
         F.feature_map_loss([targets[0], targets[1].to("meta")], [sources[0], sources[1].to("meta")])
 
 

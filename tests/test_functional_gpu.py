@@ -3,6 +3,7 @@ end: values and gradients against the float64 model, lists of layers against the
 the reference per layer, torch.compile, and ``auto``'s measured choice between them.
 Skipped without a CUDA device (the kernels' own tests are test_cuda_kernels.py and
 test_triton_backend.py)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ from loss_cases import LOSS_IDS, LOSSES, make_features, make_weights, relative_e
 from op_checks import check_list_loss, layer_weights
 
 GPU_BACKENDS = list(afa_ext.ops.backends.gpu_candidates())
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not GPU_BACKENDS,
-                                reason="needs a CUDA device and a GPU backend")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not GPU_BACKENDS, reason="needs a CUDA device and a GPU backend"
+)
 LAYER_SHAPES = [(4, 16, 14, 14), (4, 32, 7, 7), (4, 64, 4, 4), (4, 128, 2, 2)]
 FUNCTIONS = ["feature_map_loss", "delta_loss", "channel_attentive_loss", "spatial_attentive_loss"]
 
@@ -33,8 +35,13 @@ def test_loss_and_gradients_match_the_model(backend, case, dtype):
     weights = make_weights(case.weights, tuple(target.shape), dtype, generator)
     weights = None if weights is None else weights.cuda()
     loss, grad_t, grad_w = run_loss(case, target, source, weights, backend)
-    expected = float64_model.loss_and_grads(case.model_name, target.detach().cpu(), source.detach().cpu(),
-                                            None if weights is None else weights.detach().cpu(), 1.7)
+    expected = float64_model.loss_and_grads(
+        case.model_name,
+        target.detach().cpu(),
+        source.detach().cpu(),
+        None if weights is None else weights.detach().cpu(),
+        1.7,
+    )
     tolerance = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
     assert relative_error(loss.cpu(), expected[0]) <= tolerance
     assert relative_error(grad_t.cpu(), expected[1]) <= tolerance

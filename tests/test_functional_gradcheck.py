@@ -1,5 +1,6 @@
 """torch.autograd.gradcheck and gradgradcheck in float64 of every loss and backend, w.r.t.
 the target and the weights/attention, and bitwise determinism of loss and gradients."""
+
 from __future__ import annotations
 
 import pytest

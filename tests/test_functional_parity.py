@@ -2,6 +2,7 @@
 value and gradients (target, weights/attention), every dtype, 3-D/4-D/5-D features in
 many memory layouts, within the tolerances of loss_cases.py (float32: relative error
 <= 2e-5; bfloat16/float16: at most twice the pure-PyTorch loss's error in that dtype)."""
+
 from __future__ import annotations
 
 import pytest
@@ -130,9 +131,7 @@ def test_float64_model_gradients_match_its_own_autograd():
     for case in LOSSES:
         target, source = make_features(shape, torch.float64, "contiguous", "contiguous", generator)
         weights = make_weights(case.weights, shape, torch.float64, generator)
-        value, grad_t, grad_w = float64_model.loss_and_grads(
-            case.model_name, target, source, weights, UPSTREAM
-        )
+        value, grad_t, grad_w = float64_model.loss_and_grads(case.model_name, target, source, weights, UPSTREAM)
         loss = float64_model.loss(case.model_name, target, source, weights)
         inputs = [target] + ([weights] if weights is not None else [])
         auto = torch.autograd.grad(loss * UPSTREAM, inputs)

@@ -1,5 +1,6 @@
 """torch.func transforms through the losses: grad, jacrev and vmap over a gradient, for the
 compiled CPU backend against the pure-PyTorch reference, in float64."""
+
 import pytest
 import torch
 
@@ -16,8 +17,9 @@ def _inputs(seed: int, layers: int):
     targets = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
     sources = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
     channel = [torch.softmax(torch.randn(s[0], s[1], generator=generator, dtype=torch.float64), 1) for s in shapes]
-    spatial = [torch.softmax(torch.randn(s[0], s[2] * s[3], generator=generator, dtype=torch.float64), 1)
-               for s in shapes]
+    spatial = [
+        torch.softmax(torch.randn(s[0], s[2] * s[3], generator=generator, dtype=torch.float64), 1) for s in shapes
+    ]
     delta = [torch.softmax(torch.randn(s[1], generator=generator, dtype=torch.float64), 0) for s in shapes]
     return targets, sources, {"fea_map": None, "delta": delta, "act": channel, "ast": spatial}
 
@@ -48,9 +50,11 @@ def test_grad_jacrev_and_vmap_of_grad_match_the_reference(backend, kind, layers)
 
     batch = torch.stack([targets[0], 2 * targets[0], targets[0] - 1])
     expected = torch.func.vmap(torch.func.grad(loss_of("reference")), in_dims=(0,) + (None,) * (layers - 1))(
-        batch, *targets[1:])
+        batch, *targets[1:]
+    )
     given = torch.func.vmap(torch.func.grad(loss_of(backend)), in_dims=(0,) + (None,) * (layers - 1))(
-        batch, *targets[1:])
+        batch, *targets[1:]
+    )
     torch.testing.assert_close(given, expected, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(given[0], given[1])  # each entry got its own gradient
 

@@ -1,4 +1,5 @@
 """afa_ext.reference.l2sp_loss: 0.5 * sum over parameters not excluded of ||w - w_source||^2."""
+
 import copy
 
 import pytest

@@ -1,5 +1,6 @@
 """Runs a piece of code in two gloo processes (ranks 0 and 1 of one torch.distributed job)
 and returns what each rank saved: for tests of decisions that every rank must share."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import List
 
 import torch
 
@@ -24,7 +24,7 @@ torch.distributed.destroy_process_group()
 """
 
 
-def run_two_ranks(body: str, folder: Path, env: dict = None, timeout: float = 180) -> List[object]:
+def run_two_ranks(body: str, folder: Path, env: dict = None, timeout: float = 180) -> list[object]:
     """Runs ``body`` (Python source that sees ``rank`` and ``folder`` and sets ``result``,
     anything torch.save can store) in two processes of one gloo job; returns their results,
     rank 0's first. A rank that fails or hangs fails the test with its output."""
@@ -33,9 +33,16 @@ def run_two_ranks(body: str, folder: Path, env: dict = None, timeout: float = 18
     script.write_text(_PROLOGUE + textwrap.dedent(body) + _EPILOGUE)
     environment = dict(os.environ, **(env or {}))
     environment.setdefault("OMP_NUM_THREADS", "1")
-    processes = [subprocess.Popen([sys.executable, str(script), str(rank), str(folder)], env=environment,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for rank in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(folder)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     outputs = []
     try:
         for rank, process in enumerate(processes):

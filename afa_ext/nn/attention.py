@@ -13,10 +13,10 @@ parameter names) both call them.
 The hidden width k defaults to round(sqrt(P)), at least 1. For square maps that is the
 side length the original code uses (56/28/14/7 for 224 px input to a ResNet).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,7 @@ def _check_size(value, what: str, where: str) -> int:
     return value
 
 
-def _flatten(features, channels: Optional[int], positions: int, where: str) -> Tensor:
+def _flatten(features, channels: int | None, positions: int, where: str) -> Tensor:
     """Features (B, C, *spatial) as (B, C, P), after checking C (when given) and P."""
     if not isinstance(features, Tensor):
         raise TypeError(f"{where}: expected source features to be a torch.Tensor, got {type(features).__name__}")
@@ -92,7 +92,7 @@ class SpatialAttention(nn.Module):
     W1: (k, P) without bias, W2: (P, k) with bias b2. k defaults to round(sqrt(P)).
     """
 
-    def __init__(self, positions: int, hidden: Optional[int] = None):
+    def __init__(self, positions: int, hidden: int | None = None):
         super().__init__()
         self.positions = _check_size(positions, "positions", "SpatialAttention")
         self.hidden = default_hidden(positions) if hidden is None else _check_size(hidden, "hidden", "SpatialAttention")
@@ -115,7 +115,7 @@ class ChannelAttention(nn.Module):
     shape (C,) initialised to 0. k defaults to round(sqrt(P)).
     """
 
-    def __init__(self, channels: int, positions: int, hidden: Optional[int] = None):
+    def __init__(self, channels: int, positions: int, hidden: int | None = None):
         super().__init__()
         self.channels = _check_size(channels, "channels", "ChannelAttention")
         self.positions = _check_size(positions, "positions", "ChannelAttention")

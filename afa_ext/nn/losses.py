@@ -12,10 +12,11 @@ source map. They are built from ``feature_shapes`` at construction, or else from
 features of the first call (or of ``materialize``), on those features' device. Build the
 optimizer, and load a state_dict, only once they exist.
 """
+
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +60,9 @@ class DeltaAlignment(nn.Module):
         super().__init__()
         where = type(self).__name__
         self.backend = check_backend_name(backend, where)
-        weights = functional.layer_list(channel_weights, "channel_weights", where, "a list of (C,) tensors, one per layer")
+        weights = functional.layer_list(
+            channel_weights, "channel_weights", where, "a list of (C,) tensors, one per layer"
+        )
         if not weights:
             raise ValueError(f"{where}: expected channel weights for at least one layer, got an empty list")
         for index, weight in enumerate(weights):
@@ -72,7 +75,7 @@ class DeltaAlignment(nn.Module):
             self.register_buffer(f"channel_weights_{index}", weight.detach().clone())
         self.num_layers = len(weights)
 
-    def layer_weights(self) -> List[Tensor]:
+    def layer_weights(self) -> list[Tensor]:
         """The per-layer weight vectors, in layer order."""
         return [getattr(self, f"channel_weights_{index}") for index in range(self.num_layers)]
 
@@ -80,7 +83,9 @@ class DeltaAlignment(nn.Module):
         where = type(self).__name__
         targets, sources = functional.feature_layer_lists(targets, sources, where)
         if len(targets) != self.num_layers:
-            raise ValueError(f"{where}: expected {self.num_layers} layers, as many as channel weights, got {len(targets)}")
+            raise ValueError(
+                f"{where}: expected {self.num_layers} layers, as many as channel weights, got {len(targets)}"
+            )
         return functional.delta_loss(targets, sources, self.layer_weights(), backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -98,7 +103,7 @@ class _AttentiveAlignment(nn.Module):
     the same number of layers of the same shapes.
     """
 
-    def __init__(self, hidden: Optional[int] = None, backend: str = "auto", feature_shapes=None):
+    def __init__(self, hidden: int | None = None, backend: str = "auto", feature_shapes=None):
         super().__init__()
         where = type(self).__name__
         if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
@@ -106,13 +111,13 @@ class _AttentiveAlignment(nn.Module):
         self.hidden = hidden
         self.backend = check_backend_name(backend, where)
         self.attention = nn.ModuleList()
-        self._feature_shapes: Optional[List[Tuple[int, ...]]] = None
+        self._feature_shapes: list[tuple[int, ...]] | None = None
         self.register_load_state_dict_pre_hook(_require_materialized)
         if feature_shapes is not None:
             self._build(self._check_shapes(feature_shapes), device=None)
 
     @property
-    def feature_shapes(self) -> Optional[List[Tuple[int, ...]]]:
+    def feature_shapes(self) -> list[tuple[int, ...]] | None:
         """The per-layer (C, *spatial) the attention modules were built for, or None."""
         return None if self._feature_shapes is None else list(self._feature_shapes)
 
@@ -145,14 +150,13 @@ class _AttentiveAlignment(nn.Module):
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, backend={self.backend!r}"
 
-    def _check_shapes(self, feature_shapes) -> List[Tuple[int, ...]]:
+    def _check_shapes(self, feature_shapes) -> list[tuple[int, ...]]:
         try:
             shapes = [tuple(shape) for shape in feature_shapes]
         except TypeError:
             shapes = []
         valid = bool(shapes) and all(
-            len(shape) >= 2 and all(isinstance(size, int) and size > 0 for size in shape)
-            for shape in shapes
+            len(shape) >= 2 and all(isinstance(size, int) and size > 0 for size in shape) for shape in shapes
         )
         if not valid:
             raise ValueError(
@@ -161,7 +165,7 @@ class _AttentiveAlignment(nn.Module):
             )
         return shapes
 
-    def _build(self, shapes: List[Tuple[int, ...]], device) -> None:
+    def _build(self, shapes: list[tuple[int, ...]], device) -> None:
         # Parameters made under inference_mode could never be trained.
         with torch.inference_mode(False):
             for shape in shapes:
@@ -172,7 +176,7 @@ class _AttentiveAlignment(nn.Module):
     def _make_attention(self, channels: int, positions: int) -> nn.Module:
         raise NotImplementedError
 
-    def _loss(self, targets: List[Tensor], sources: List[Tensor], attentions: List[Tensor]) -> Tensor:
+    def _loss(self, targets: list[Tensor], sources: list[Tensor], attentions: list[Tensor]) -> Tensor:
         raise NotImplementedError
 
 
@@ -198,7 +202,7 @@ class AttentiveSpatialAlignment(_AttentiveAlignment):
     def _make_attention(self, channels: int, positions: int) -> nn.Module:
         return SpatialAttention(positions, self.hidden)
 
-    def _loss(self, targets: List[Tensor], sources: List[Tensor], attentions: List[Tensor]) -> Tensor:
+    def _loss(self, targets: list[Tensor], sources: list[Tensor], attentions: list[Tensor]) -> Tensor:
         return functional.spatial_attentive_loss(targets, sources, attentions, backend=self.backend)
 
 
@@ -215,5 +219,5 @@ class AttentiveChannelAlignment(_AttentiveAlignment):
     def _make_attention(self, channels: int, positions: int) -> nn.Module:
         return ChannelAttention(channels, positions, self.hidden)
 
-    def _loss(self, targets: List[Tensor], sources: List[Tensor], attentions: List[Tensor]) -> Tensor:
+    def _loss(self, targets: list[Tensor], sources: list[Tensor], attentions: list[Tensor]) -> Tensor:
         return functional.channel_attentive_loss(targets, sources, attentions, backend=self.backend)

@@ -8,6 +8,7 @@
 - backends.py, auto_choice.py: which backends exist, and which one ``auto`` picks;
 - validation.py: the argument checks the public API and the fake kernels share.
 """
+
 from .backends import BackendUnavailableError, available_backends
 from .extension import build_info, empty_cache
 

@@ -14,11 +14,12 @@ key together, as a DDP step does (same layer shapes on every rank, in the same o
 the same backends installed everywhere). The pinned choice and the first-candidate choice
 while tracing are taken by each rank alone.
 """
+
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Dict, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -27,7 +28,7 @@ from .rank_zero import decided_by_rank_zero
 PIN_VARIABLE = "AFA_EXT_AUTO_CUDA"
 REPEATS = 3
 
-_CHOICES: Dict[Hashable, str] = {}
+_CHOICES: dict[Hashable, str] = {}
 
 
 def _seconds(run: Callable[[], object], synchronize: Callable[[], None]) -> float:
@@ -46,8 +47,9 @@ def _fastest(candidates: Mapping[str, Callable[[], object]], synchronize: Callab
     return min(timings, key=timings.__getitem__)
 
 
-def choose_fastest(key: Hashable, candidates: Mapping[str, Callable[[], object]],
-                   synchronize: Callable[[], None]) -> str:
+def choose_fastest(
+    key: Hashable, candidates: Mapping[str, Callable[[], object]], synchronize: Callable[[], None]
+) -> str:
     """The candidate AFA_EXT_AUTO_CUDA names, if any; else the name of the fastest of
     ``candidates`` (callables doing one pass each) for ``key``, measured once (on rank 0
     of a distributed job) and remembered; the first candidate when tracing."""
@@ -66,5 +68,4 @@ def choose_fastest(key: Hashable, candidates: Mapping[str, Callable[[], object]]
 
 
 def layers_key(grouping: str, targets: Sequence[torch.Tensor]) -> Hashable:
-    return (grouping, targets[0].dtype, str(targets[0].device),
-            tuple((tuple(t.shape), t.stride()) for t in targets))
+    return (grouping, targets[0].dtype, str(targets[0].device), tuple((tuple(t.shape), t.stride()) for t in targets))

@@ -19,13 +19,14 @@ While torch.compile traces, the lookups are not repeated: a trace reads the last
 computed eagerly (at the latest eager call; before any, what import found without
 loading the Triton kernels), a dict lookup.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
 import sys
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 
@@ -38,7 +39,7 @@ AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference
 GPU_CANDIDATES = ("cuda", "triton")
 _TRITON_LAUNCH_MODULE = "afa_ext.ops.triton.launch"
 
-Devices = Optional[Tuple[str, ...]]  # the device types a backend computes on; None: any
+Devices = tuple[str, ...] | None  # the device types a backend computes on; None: any
 
 
 class BackendUnavailableError(RuntimeError):
@@ -48,7 +49,7 @@ class BackendUnavailableError(RuntimeError):
 class Availability(NamedTuple):
     """What one lookup found about a backend."""
 
-    reason: Optional[str]  # None when the backend can run, else why it cannot
+    reason: str | None  # None when the backend can run, else why it cannot
     devices: Devices
 
 
@@ -64,7 +65,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_FIXED_DEVICES: Dict[str, Devices] = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",)}
+_FIXED_DEVICES: dict[str, Devices] = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",)}
 
 
 def backend_devices(name: str) -> Devices:
@@ -75,23 +76,24 @@ def backend_devices(name: str) -> Devices:
     return _FIXED_DEVICES[name]
 
 
-def _extension_reason() -> Optional[str]:
+def _extension_reason() -> str | None:
     error = extension.extension_error()
     return None if error is None else f"the compiled extension afa_ext._C did not load: {error}"
 
 
-@functools.lru_cache(maxsize=None)  # how afa_ext._C was built cannot change in a process
+@functools.cache  # how afa_ext._C was built cannot change in a process
 def _cuda_kernels_built() -> bool:
     return bool(extension.build_info().get("cuda_archs"))
 
 
-def _cuda_reason() -> Optional[str]:
+def _cuda_reason() -> str | None:
     extension_reason = _extension_reason()
     if extension_reason is not None:
         return extension_reason
     if not _cuda_kernels_built():
-        return ("afa_ext._C was built without CUDA kernels (no nvcc or a CPU-only torch at "
-                "build time, or AFA_EXT_CUDA=0)")
+        return (
+            "afa_ext._C was built without CUDA kernels (no nvcc or a CPU-only torch at build time, or AFA_EXT_CUDA=0)"
+        )
     if not torch.cuda.is_available():
         return "afa_ext._C has CUDA kernels but torch sees no CUDA device"
     return None
@@ -103,22 +105,24 @@ def _triton_installed() -> bool:
     return "triton" not in sys.modules and importlib.util.find_spec("triton") is not None
 
 
-def _triton_reason_before_loading() -> Optional[str]:
+def _triton_reason_before_loading() -> str | None:
     """Why the triton backend cannot run, as far as is known without loading its kernels."""
     if not _triton_installed():
         return "the triton package is not installed"
     if not triton_interpreted() and not torch.cuda.is_available():
-        return ("torch sees no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU "
-                "tensors through Triton's interpreter, slowly, for testing)")
+        return (
+            "torch sees no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU "
+            "tensors through Triton's interpreter, slowly, for testing)"
+        )
     return None
 
 
-def _triton_reason() -> Optional[str]:
+def _triton_reason() -> str | None:
     return _triton_reason_before_loading() or _triton_load_error()
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_load_error() -> Optional[str]:
+@functools.cache
+def _triton_load_error() -> str | None:
     """None once the Triton kernels are loaded (their ops registered), else why they
     could not be; a failed load is remembered, not tried again."""
     try:
@@ -135,7 +139,7 @@ _REASON_FINDERS = {
     "cuda": _cuda_reason,
 }
 # The last availability computed eagerly, per backend: what a torch.compile trace reads.
-_LAST_FOUND: Dict[str, Availability] = {}
+_LAST_FOUND: dict[str, Availability] = {}
 
 
 def _availability(name: str) -> Availability:
@@ -147,12 +151,12 @@ def _availability(name: str) -> Availability:
     return found
 
 
-def available_backends() -> List[str]:
+def available_backends() -> list[str]:
     """Names of the backends that can run here now, in a fixed order."""
     return [name for name in BACKEND_NAMES if _availability(name).reason is None]
 
 
-def gpu_candidates() -> Tuple[str, ...]:
+def gpu_candidates() -> tuple[str, ...]:
     """The available backends that ``auto`` measures against each other on CUDA tensors."""
     found = [(name, _availability(name)) for name in GPU_CANDIDATES]
     return tuple(name for name, (reason, devices) in found if reason is None and "cuda" in devices)
@@ -184,17 +188,18 @@ def resolve_backend(backend: str, device: torch.device, where: str) -> str:
         raise BackendUnavailableError(f"{where}: backend {backend!r} is unavailable: {reason}")
     if not _runs_on(devices, device):
         raise ValueError(
-            f"{where}: backend {backend!r} computes on {' or '.join(devices)} tensors, "
-            f"got tensors on {device}"
+            f"{where}: backend {backend!r} computes on {' or '.join(devices)} tensors, got tensors on {device}"
         )
     return backend
 
 
-def _answers_without_loading_triton() -> Dict[str, Availability]:
+def _answers_without_loading_triton() -> dict[str, Availability]:
     """Every backend's availability as far as it is known without importing triton (whose
     kernels load at the first eager lookup of the triton backend): what a trace reads until
     an eager call computes a newer answer. Importing afa_ext must not import triton."""
-    answers = {name: Availability(_REASON_FINDERS[name](), backend_devices(name)) for name in BACKEND_NAMES if name != "triton"}
+    answers = {
+        name: Availability(_REASON_FINDERS[name](), backend_devices(name)) for name in BACKEND_NAMES if name != "triton"
+    }
     answers["triton"] = Availability(_triton_reason_before_loading(), backend_devices("triton"))
     return answers
 

@@ -7,18 +7,17 @@ unload a library, so rebuilding the extension takes a new process. This is the o
 of the backends' availability (backends.py) that does not follow the process's state at
 each call: the ``cpu`` and ``cuda`` backends are as this import left them.
 """
+
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
-from torch import Tensor
 
 from .formulas import accumulate_dtype, register_formulas
 from .schemas import define_ops
 
 
-def _unsupported_cpu_isa() -> Optional[str]:
+def _unsupported_cpu_isa() -> str | None:
     """The instruction set afa_ext._C was compiled for when this CPU lacks it (its code
     would die on an illegal instruction, so it must not even be loaded), else None."""
     try:
@@ -33,7 +32,7 @@ def _unsupported_cpu_isa() -> Optional[str]:
 
 
 _C = None
-_LOAD_ERROR: Optional[str] = None
+_LOAD_ERROR: str | None = None
 _MISSING_ISA = _unsupported_cpu_isa()
 if _MISSING_ISA is not None:
     _LOAD_ERROR = (
@@ -48,7 +47,7 @@ else:
         _LOAD_ERROR = f"{type(error).__name__}: {error}"
 
 
-def extension_error() -> Optional[str]:
+def extension_error() -> str | None:
     """None when afa_ext._C loaded, else why it did not."""
     return _LOAD_ERROR
 

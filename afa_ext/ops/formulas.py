@@ -4,9 +4,9 @@ d and e are float32 for half features, else the features' dtype. The source gets
 gradient; the backward re-reads t and s instead of holding anything between passes.
 ``register_formulas(namespace)`` gives one library's ops their fakes and autograd.
 """
+
 from __future__ import annotations
 
-from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -26,8 +26,9 @@ def partial_sum_shape(target: Tensor, grouping: str) -> tuple:
     return (target.shape[0], second)
 
 
-def check_inputs(op: str, target: Tensor, source: Tensor, grad: Optional[Tensor] = None,
-                 grad_shape: Optional[tuple] = None) -> None:
+def check_inputs(
+    op: str, target: Tensor, source: Tensor, grad: Tensor | None = None, grad_shape: tuple | None = None
+) -> None:
     """The checks of the kernels (csrc/sqdist_checks.h), raised as the kernels raise them;
     the fake kernels run these under torch.compile or with meta tensors."""
     tensors = (target, source) if grad is None else (grad, target, source)
@@ -46,8 +47,7 @@ def check_inputs(op: str, target: Tensor, source: Tensor, grad: Optional[Tensor]
         )
     if grad is not None and (tuple(grad.shape) != grad_shape or not grad.is_floating_point()):
         raise RuntimeError(
-            f"{op}: expected a floating-point grad of shape {grad_shape}, got "
-            f"{grad.dtype} of shape {tuple(grad.shape)}"
+            f"{op}: expected a floating-point grad of shape {grad_shape}, got {grad.dtype} of shape {tuple(grad.shape)}"
         )
 
 
@@ -84,6 +84,7 @@ def check_layer_inputs(op: str, targets, sources, grads=None, grouping: str = "c
 # gradient of the partial sums, is linear in g and in t, so for an upstream gradient u of dt
 # d/dg = sum over the reduced dims of 2 (t - s) u and d/dt = 2 g u. It is rare, so plain
 # PyTorch does it. The source stays a constant.
+
 
 def _like_features(grad_partial_sums: Tensor, target: Tensor, grouping: str) -> Tensor:
     """A (B, C) gradient as (B, C, 1, ...), or a (B, P) one as (B, 1, *spatial)."""
@@ -150,11 +151,11 @@ def _register_multi_layer(namespace: str, ops, grouping: str) -> None:
     qualified = f"{namespace}::{name}"
     backward_op = getattr(ops, f"{name}_backward")
 
-    def forward_fake(targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+    def forward_fake(targets: list[Tensor], sources: list[Tensor]) -> list[Tensor]:
         check_layer_inputs(qualified, targets, sources)
         return [t.new_empty(partial_sum_shape(t, grouping), dtype=accumulate_dtype(t.dtype)) for t in targets]
 
-    def backward_fake(grads: List[Tensor], targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+    def backward_fake(grads: list[Tensor], targets: list[Tensor], sources: list[Tensor]) -> list[Tensor]:
         check_layer_inputs(f"{qualified}_backward", targets, sources, grads, grouping)
         return [torch.empty_like(t) for t in targets]
 
@@ -162,12 +163,12 @@ def _register_multi_layer(namespace: str, ops, grouping: str) -> None:
         ctx.layers = len(inputs[-1])
         ctx.save_for_backward(*(tensor for tensors in inputs for tensor in tensors))
 
-    def forward_grad(ctx, grads: List[Tensor]):
+    def forward_grad(ctx, grads: list[Tensor]):
         saved, layers = ctx.saved_tensors, ctx.layers
         targets, sources = list(saved[:layers]), list(saved[layers:])
         return backward_op(list(grads), targets, sources), [None] * layers
 
-    def backward_grad(ctx, upstreams: List[Tensor]):
+    def backward_grad(ctx, upstreams: list[Tensor]):
         saved, layers = ctx.saved_tensors, ctx.layers
         d_grads, d_targets = [], []
         for layer, upstream in enumerate(upstreams):

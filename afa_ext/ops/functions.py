@@ -13,9 +13,10 @@ generate. These two Functions call the same ops:
 
 The source gets no gradient. Under ``vmap`` each Function runs its ops once per batch entry.
 """
+
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -30,15 +31,16 @@ def op_library(backend: str):
     return torch.ops.afa_ext_triton if backend == "triton" else torch.ops.afa_ext
 
 
-def _forward_op(backend: str, grouping: str, targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+def _forward_op(backend: str, grouping: str, targets: list[Tensor], sources: list[Tensor]) -> list[Tensor]:
     ops = op_library(backend)
     if len(targets) == 1:
         return [getattr(ops, f"{grouping}_sqdist")(targets[0], sources[0])]
     return list(getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources))
 
 
-def _backward_op(backend: str, grouping: str, grads: List[Tensor], targets: List[Tensor],
-                 sources: List[Tensor]) -> List[Tensor]:
+def _backward_op(
+    backend: str, grouping: str, grads: list[Tensor], targets: list[Tensor], sources: list[Tensor]
+) -> list[Tensor]:
     ops = op_library(backend)
     if len(targets) == 1:
         return [getattr(ops, f"{grouping}_sqdist_backward")(grads[0], targets[0], sources[0])]
@@ -52,10 +54,10 @@ def _below_autograd():
     return torch._C._AutoDispatchBelowADInplaceOrView()
 
 
-def _split(tensors: Sequence[Tensor], parts: int) -> List[List[Tensor]]:
+def _split(tensors: Sequence[Tensor], parts: int) -> list[list[Tensor]]:
     """``tensors`` cut into ``parts`` equally long lists (targets, sources, ...)."""
     layers = len(tensors) // parts
-    return [list(tensors[k * layers:(k + 1) * layers]) for k in range(parts)]
+    return [list(tensors[k * layers : (k + 1) * layers]) for k in range(parts)]
 
 
 def _loop_over_vmapped_dim(forward, info, in_dims: Sequence, tensors: Sequence[Tensor]):
@@ -124,11 +126,16 @@ def _make_functions(backend: str, grouping: str):
     return Sqdist, SqdistBackward
 
 
-_FUNCTIONS = {(backend, grouping): _make_functions(backend, grouping)
-              for backend in ("cpu", "cuda", "triton") for grouping in ("channel", "spatial")}
+_FUNCTIONS = {
+    (backend, grouping): _make_functions(backend, grouping)
+    for backend in ("cpu", "cuda", "triton")
+    for grouping in ("channel", "spatial")
+}
 
 
-def layer_partial_sums(backend: str, grouping: str, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> List[Tensor]:
+def layer_partial_sums(
+    backend: str, grouping: str, targets: Sequence[Tensor], sources: Sequence[Tensor]
+) -> list[Tensor]:
     """The partial sums of each layer (one op call for all), differentiable in the targets,
     also under torch.func transforms. The sources must be detached.
 

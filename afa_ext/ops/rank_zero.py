@@ -9,9 +9,11 @@ Every rank must call it at the same points, in the same order (as a DDP step doe
 a collective, like the all-reduce of the gradients. A decision taken while torch.compile
 traces is taken locally: a trace does not run collectives.
 """
+
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 import torch
 
@@ -20,8 +22,11 @@ T = TypeVar("T")
 
 def distributed_world() -> bool:
     """torch.distributed is initialised with more than one process."""
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def decided_by_rank_zero(decide: Callable[[], T]) -> T:

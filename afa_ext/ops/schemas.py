@@ -17,9 +17,9 @@ Every backend library declares them with ``define_ops``: the C++ library ``afa_e
 (whose compiled kernels only register implementations, csrc/ops.cpp), the Triton library
 ``afa_ext_triton`` and the tests' CPU emulation of the CUDA kernels.
 """
+
 from __future__ import annotations
 
-from typing import Dict
 
 import torch
 
@@ -38,7 +38,7 @@ OP_SCHEMAS = {
 
 # The libraries defined in this process: a torch.library.Library must stay referenced for
 # its definitions to stay registered.
-_LIBRARIES: Dict[str, torch.library.Library] = {}
+_LIBRARIES: dict[str, torch.library.Library] = {}
 
 
 def define_ops(namespace: str) -> torch.library.Library:

@@ -1,7 +1,8 @@
 """Input checks shared by every backend: clear errors instead of crashes or wrong numbers."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -30,8 +31,7 @@ def check_float(value: Tensor, what: str, where: str) -> None:
     if value.dtype not in FLOAT_DTYPES:
         allowed = ", ".join(_dtype_name(d) for d in FLOAT_DTYPES)
         raise TypeError(
-            f"{where}: expected {what} to have a floating-point dtype ({allowed}), "
-            f"got {_dtype_name(value.dtype)}"
+            f"{where}: expected {what} to have a floating-point dtype ({allowed}), got {_dtype_name(value.dtype)}"
         )
 
 
@@ -41,13 +41,11 @@ def check_features(target, source, where: str) -> None:
     check_tensor(source, "source", where)
     if target.dim() < 3:
         raise ValueError(
-            f"{where}: expected target of shape (B, C, *spatial) with at least 3 dims, "
-            f"got shape {tuple(target.shape)}"
+            f"{where}: expected target of shape (B, C, *spatial) with at least 3 dims, got shape {tuple(target.shape)}"
         )
     if source.shape != target.shape:
         raise ValueError(
-            f"{where}: expected source to have the shape of target {tuple(target.shape)}, "
-            f"got {tuple(source.shape)}"
+            f"{where}: expected source to have the shape of target {tuple(target.shape)}, got {tuple(source.shape)}"
         )
     check_float(target, "target", where)
     check_float(source, "source", where)
@@ -74,7 +72,4 @@ def check_weights(weights, what: str, shapes: Sequence[tuple], target: Tensor, w
         )
     check_float(weights, what, where)
     if weights.device != target.device:
-        raise ValueError(
-            f"{where}: expected {what} on the features' device {target.device}, "
-            f"got {weights.device}"
-        )
+        raise ValueError(f"{where}: expected {what} on the features' device {target.device}, got {weights.device}")

@@ -1,4 +1,5 @@
 """``python -m afa_ext.train``: the trainer's command line."""
+
 import sys
 
 from .cli import main

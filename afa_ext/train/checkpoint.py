@@ -4,6 +4,7 @@ A file is written to a temporary name in the same folder, flushed and fsynced, r
 over the old one (``os.replace`` is atomic on POSIX) and the folder is fsynced: a reader
 sees the old file or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import io
@@ -12,7 +13,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -48,21 +49,21 @@ def atomic_write_json(path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def save(path, state: Dict[str, Any]) -> None:
+def save(path, state: dict[str, Any]) -> None:
     """``torch.save`` of ``state``, written atomically."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load(path) -> Dict[str, Any]:
+def load(path) -> dict[str, Any]:
     """A checkpoint written by ``save`` (tensors on the CPU)."""
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def rng_states() -> Dict[str, Any]:
+def rng_states() -> dict[str, Any]:
     """Every random state a run draws from: Python's, NumPy's, torch's CPU and CUDA ones."""
-    states: Dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    states: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy
 
@@ -74,7 +75,7 @@ def rng_states() -> Dict[str, Any]:
     return states
 
 
-def restore_rng_states(states: Dict[str, Any]) -> None:
+def restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     torch.set_rng_state(states["torch"])
     if "numpy" in states:

@@ -20,6 +20,7 @@ reruns. ``--shard I/N`` runs
 the I-th of N fixed shares (run i belongs to share i mod N + 1) over a shared ``--out``, as
 a job array does; ``--report`` runs nothing and writes the summary of what has finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from .checkpoint import atomic_write_json
 from .config import REGULARIZERS, ConfigError, default_stages, method_slug, resolve
@@ -49,8 +50,16 @@ SWEEP_FILE = "sweep.json"
 INTERRUPTED = "interrupted"
 GRID_FACTORS = (0.1, 1.0, 10.0)
 # Trainer settings the sweep itself sets for every run.
-OWN_SETTINGS = {"reg": "--methods", "stages": "--methods (REG:2)", "alpha": "--alphas", "seed": "--seeds",
-                "out": "--out", "resume": "--resume", "data": "--data", "arch": "--arch"}
+OWN_SETTINGS = {
+    "reg": "--methods",
+    "stages": "--methods (REG:2)",
+    "alpha": "--alphas",
+    "seed": "--seeds",
+    "out": "--out",
+    "resume": "--resume",
+    "data": "--data",
+    "arch": "--arch",
+}
 
 
 class UsageError(ValueError):
@@ -82,8 +91,10 @@ class Method:
 def parse_method(text: str) -> Method:
     reg, colon, stages = text.partition(":")
     if reg not in REGULARIZERS:
-        raise UsageError(f"--methods: unknown method {text!r}; expected one of {', '.join(REGULARIZERS)}, "
-                         f"each optionally as REG:2 (two stages)")
+        raise UsageError(
+            f"--methods: unknown method {text!r}; expected one of {', '.join(REGULARIZERS)}, "
+            f"each optionally as REG:2 (two stages)"
+        )
     if not colon:
         return Method(text, reg, default_stages(reg))
     if stages != "2":
@@ -99,17 +110,17 @@ class SweepPlan:
 
     data: str
     arch: str
-    methods: List[str]
-    seeds: List[int]
-    alphas: Dict[str, List[float]]              # the grid of each method that has one
-    stage2_ratios: Dict[str, Optional[float]]    # stage-2 alpha = ratio * grid alpha (None: the trainer's)
-    baselines: List[str]
-    trainer_flags: List[str] = field(default_factory=list)
+    methods: list[str]
+    seeds: list[int]
+    alphas: dict[str, list[float]]  # the grid of each method that has one
+    stage2_ratios: dict[str, float | None]  # stage-2 alpha = ratio * grid alpha (None: the trainer's)
+    baselines: list[str]
+    trainer_flags: list[str] = field(default_factory=list)
 
-    def grid(self, method: str) -> List[Optional[float]]:
+    def grid(self, method: str) -> list[float | None]:
         return self.alphas.get(method, [None])
 
-    def runs(self, out: Path) -> List["RunSpec"]:
+    def runs(self, out: Path) -> list[RunSpec]:
         """Every run, in the fixed order method, alpha, seed (shards cut this list)."""
         specs = []
         for name in self.methods:
@@ -118,7 +129,9 @@ class SweepPlan:
                 ratio = self.stage2_ratios.get(name)
                 stage2 = None if alpha is None or ratio is None else float(f"{alpha * ratio:.12g}")
                 for seed in self.seeds:
-                    folder = f"{method.slug}-seed{seed}" if alpha is None else f"{method.slug}-alpha{alpha:g}-seed{seed}"
+                    folder = (
+                        f"{method.slug}-seed{seed}" if alpha is None else f"{method.slug}-alpha{alpha:g}-seed{seed}"
+                    )
                     specs.append(RunSpec(method, alpha, stage2, seed, out / "runs" / folder))
         return specs
 
@@ -126,8 +139,8 @@ class SweepPlan:
 @dataclass(frozen=True)
 class RunSpec:
     method: Method
-    alpha: Optional[float]
-    stage2_alpha: Optional[float]
+    alpha: float | None
+    stage2_alpha: float | None
     seed: int
     folder: Path
 
@@ -139,11 +152,22 @@ class RunSpec:
     def outcome(self) -> Path:
         return self.folder.with_name(self.folder.name + ".outcome.json")
 
-    def argv(self, plan: SweepPlan, device: Optional[str] = None, resume: bool = False) -> List[str]:
+    def argv(self, plan: SweepPlan, device: str | None = None, resume: bool = False) -> list[str]:
         """The afa-train flags of this run."""
-        flags = list(plan.trainer_flags) + ["--data", plan.data, "--arch", plan.arch, "--reg", self.method.reg,
-                                            "--stages", str(self.method.stages), "--seed", str(self.seed),
-                                            "--out", str(self.folder)]
+        flags = list(plan.trainer_flags) + [
+            "--data",
+            plan.data,
+            "--arch",
+            plan.arch,
+            "--reg",
+            self.method.reg,
+            "--stages",
+            str(self.method.stages),
+            "--seed",
+            str(self.seed),
+            "--out",
+            str(self.folder),
+        ]
         if self.alpha is not None:
             flags += ["--alpha", repr(self.alpha)]
         if self.stage2_alpha is not None:
@@ -161,37 +185,53 @@ class RunSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                     epilog="Everything after -- goes unchanged to every afa-train run, e.g. -- --epochs 10.")
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="Everything after -- goes unchanged to every afa-train run, e.g. -- --epochs 10.",
+    )
     add = parser.add_argument
     add("--data", help="as afa-train's --data: 'digits' or an image folder")
     add("--arch", help="as afa-train's --arch")
     add("--methods", help="comma-separated: none, l2sp, fea_map, delta, ast, act, afa, each optionally REG:2")
     add("--seeds", nargs="+", help="the seeds every grid point runs on (at least one)")
-    add("--alphas", action="append", default=[], metavar="METHOD=a1,a2,...",
-        help="the alpha grid of a method (default: 0.1x, 1x, 10x its default alpha); repeat per method")
-    add("--baseline", action="append", default=None, metavar="METHOD",
+    add(
+        "--alphas",
+        action="append",
+        default=[],
+        metavar="METHOD=a1,a2,...",
+        help="the alpha grid of a method (default: 0.1x, 1x, 10x its default alpha); repeat per method",
+    )
+    add(
+        "--baseline",
+        action="append",
+        default=None,
+        metavar="METHOD",
         help="a method the others are compared with, pairwise per seed; repeat for several "
-             "(default: none and none:2, those of them in --methods)")
+        "(default: none and none:2, those of them in --methods)",
+    )
     add("--jobs", type=int, default=None, help="runs at once (default: 1, or one per --devices entry)")
     add("--devices", help="comma-separated devices, one per job, e.g. cuda:0,cuda:1")
     exclusive = parser.add_mutually_exclusive_group()
     exclusive.add_argument("--shard", help="I/N: run only the I-th of N shares of the runs (1 <= I <= N)")
-    exclusive.add_argument("--report", action="store_true",
-                           help="run nothing: write the summary and plot of the finished runs, naming what is missing")
+    exclusive.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: write the summary and plot of the finished runs, naming what is missing",
+    )
     add("--out", required=True, help="the sweep's folder")
     add("--resume", action="store_true", help="continue the sweep in --out")
     return parser
 
 
-def _split_trainer_flags(argv: List[str]) -> tuple[List[str], List[str]]:
+def _split_trainer_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         index = argv.index("--")
-        return argv[:index], argv[index + 1:]
+        return argv[:index], argv[index + 1 :]
     return argv, []
 
 
-def _parse_seeds(values: Sequence[str]) -> List[int]:
+def _parse_seeds(values: Sequence[str]) -> list[int]:
     seeds = []
     for value in values:
         try:
@@ -206,7 +246,7 @@ def _parse_seeds(values: Sequence[str]) -> List[int]:
     return seeds
 
 
-def _parse_alpha_grids(entries: Sequence[str], methods: Dict[str, Method]) -> Dict[str, List[float]]:
+def _parse_alpha_grids(entries: Sequence[str], methods: dict[str, Method]) -> dict[str, list[float]]:
     grids = {}
     for entry in entries:
         name, equals, values = entry.partition("=")
@@ -231,16 +271,19 @@ def _parse_alpha_grids(entries: Sequence[str], methods: Dict[str, Method]) -> Di
     return grids
 
 
-def _trainer_config(flags: List[str], data: str, arch: str, method: Method):
+def _trainer_config(flags: list[str], data: str, arch: str, method: Method):
     """The TrainConfig of a run of ``method`` (without its alpha, seed and folder), resolved."""
     from .cli import parse_config
 
-    config = parse_config(flags + ["--data", data, "--arch", arch, "--reg", method.reg, "--stages",
-                                   str(method.stages), "--out", os.devnull], parser_class=_Parser)
+    config = parse_config(
+        flags
+        + ["--data", data, "--arch", arch, "--reg", method.reg, "--stages", str(method.stages), "--out", os.devnull],
+        parser_class=_Parser,
+    )
     return resolve(config, cuda_available=False)
 
 
-def _given_trainer_settings(flags: List[str], devices: Optional[List[str]]) -> dict:
+def _given_trainer_settings(flags: list[str], devices: list[str] | None) -> dict:
     """The settings the trainer flags give, checked against the sweep's own."""
     from .cli import given_settings
 
@@ -250,14 +293,15 @@ def _given_trainer_settings(flags: List[str], devices: Optional[List[str]]) -> d
         raise UsageError(f"trainer flags after --: {error}") from None
     for key, flag in OWN_SETTINGS.items():
         if key in given:
-            raise UsageError(f"trainer flags after --: --{key.replace('_', '-')} is set by the sweep itself "
-                             f"({flag}); leave it out")
+            raise UsageError(
+                f"trainer flags after --: --{key.replace('_', '-')} is set by the sweep itself ({flag}); leave it out"
+            )
     if devices and "device" in given:
         raise UsageError("trainer flags after --: --device conflicts with --devices; give one of them")
     return given
 
 
-def _default_grid(config, stage2_alpha_given: bool) -> tuple[List[float], Optional[float]]:
+def _default_grid(config, stage2_alpha_given: bool) -> tuple[list[float], float | None]:
     """0.1x, 1x and 10x the method's default (stage-1) alpha, and the stage-2 ratio."""
     ratio = None
     if config.stages == 2 and not stage2_alpha_given and config.alpha > 0:
@@ -265,10 +309,18 @@ def _default_grid(config, stage2_alpha_given: bool) -> tuple[List[float], Option
     return [factor * config.alpha for factor in GRID_FACTORS], ratio
 
 
-def plan_from_arguments(args, trainer_flags: List[str], devices: Optional[List[str]]) -> SweepPlan:
+def plan_from_arguments(args, trainer_flags: list[str], devices: list[str] | None) -> SweepPlan:
     """The sweep the arguments ask for, every part checked (UsageError) before anything runs."""
-    missing = [flag for flag, value in (("--data", args.data), ("--arch", args.arch), ("--methods", args.methods),
-                                        ("--seeds", args.seeds)) if not value]
+    missing = [
+        flag
+        for flag, value in (
+            ("--data", args.data),
+            ("--arch", args.arch),
+            ("--methods", args.methods),
+            ("--seeds", args.seeds),
+        )
+        if not value
+    ]
     if missing:
         raise UsageError(f"{', '.join(missing)} required")
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
@@ -310,13 +362,14 @@ def _check_data(config, seed: int) -> None:
     from .data import DataError, load_data
 
     try:
-        load_data(config.data, image_size=config.image_size, val_fraction=config.val_fraction, seed=seed,
-                  shots=config.shots)
+        load_data(
+            config.data, image_size=config.image_size, val_fraction=config.val_fraction, seed=seed, shots=config.shots
+        )
     except DataError as error:
         raise UsageError(f"--data {config.data}: {error}") from None
 
 
-def _check_device(wanted: List[str]) -> None:
+def _check_device(wanted: list[str]) -> None:
     if any(device.startswith("cuda") for device in wanted):
         import torch
 
@@ -324,7 +377,7 @@ def _check_device(wanted: List[str]) -> None:
             raise UsageError(f"device {', '.join(wanted)}: no CUDA device is available here; use cpu")
 
 
-def _devices(args) -> Optional[List[str]]:
+def _devices(args) -> list[str] | None:
     if not args.devices:
         return None
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
@@ -334,7 +387,7 @@ def _devices(args) -> Optional[List[str]]:
     return devices
 
 
-def _jobs(args, devices: Optional[List[str]]) -> int:
+def _jobs(args, devices: list[str] | None) -> int:
     jobs = args.jobs if args.jobs is not None else (len(devices) if devices else 1)
     if jobs < 1:
         raise UsageError(f"--jobs: expected 1 or more, got {jobs}")
@@ -343,7 +396,7 @@ def _jobs(args, devices: Optional[List[str]]) -> int:
     return jobs
 
 
-def _shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     index, slash, count = text.partition("/")
@@ -359,7 +412,7 @@ def _shard(text: Optional[str]) -> Optional[tuple[int, int]]:
 # ----------------------------------------------------------------------------- the runs' state
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -375,7 +428,11 @@ def read_record(spec: RunSpec) -> RunRecord:
         record.status = FINISHED
         record.lr = result["stages"][0]["lr"]
         record.best_val_acc, record.test_acc = result["best_val_acc"], result["test_acc"]
-        record.epochs_run, record.steps, record.wall_time_s = result["epochs_run"], result["steps"], result["wall_time_s"]
+        record.epochs_run, record.steps, record.wall_time_s = (
+            result["epochs_run"],
+            result["steps"],
+            result["wall_time_s"],
+        )
         return record
     outcome = _read_json(spec.outcome)
     if outcome is not None:
@@ -385,7 +442,7 @@ def read_record(spec: RunSpec) -> RunRecord:
     return record
 
 
-def run_one(spec: RunSpec, argv: List[str]) -> str:
+def run_one(spec: RunSpec, argv: list[str]) -> str:
     """The afa-train run ``argv`` of ``spec`` in this process, its log appended to
     ``spec.log``; a diverged or failed run leaves ``spec.outcome``. Returns the status."""
     from .cli import parse_config
@@ -455,8 +512,12 @@ class _Worker:
         import multiprocessing
 
         self.threads = threads
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(threads, os.getpid()))
+        self.pool = ProcessPoolExecutor(
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads, os.getpid()),
+        )
 
     def submit(self, function, *args) -> Future:
         return self.pool.submit(function, *args)
@@ -476,7 +537,7 @@ class _StopRequest:
     """SIGTERM or Ctrl-C to the sweep: start no more runs; the running ones checkpoint."""
 
     def __init__(self, workers):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self.workers = workers
 
     def __enter__(self):
@@ -493,8 +554,9 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def _execute(plan: SweepPlan, specs: List[RunSpec], jobs: int, devices: Optional[List[str]], done_before: int,
-             total: int) -> Optional[int]:
+def _execute(
+    plan: SweepPlan, specs: list[RunSpec], jobs: int, devices: list[str] | None, done_before: int, total: int
+) -> int | None:
     """Run ``specs``, K at once; returns the signal that stopped the sweep, if one did."""
     from tqdm import tqdm
 
@@ -504,8 +566,9 @@ def _execute(plan: SweepPlan, specs: List[RunSpec], jobs: int, devices: Optional
         threads = _threads_per_job(jobs)
         workers = [_Worker(threads) for _ in range(jobs)]
     slot_devices = devices or [None] * jobs
-    bar = tqdm(total=total, initial=done_before, desc=PROG, unit="run", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+    bar = tqdm(
+        total=total, initial=done_before, desc=PROG, unit="run", dynamic_ncols=True, disable=not sys.stderr.isatty()
+    )
     pending, running, free = deque(specs), {}, list(range(jobs))
     finished = done_before
     with _StopRequest(workers) as stop:
@@ -536,10 +599,14 @@ def _execute(plan: SweepPlan, specs: List[RunSpec], jobs: int, devices: Optional
                     bar.update(1)
                     if bar.disable:
                         record = read_record(spec)  # test accuracy waits for the selection
-                        detail = (f"best val acc {record.best_val_acc:.4f}" if status == FINISHED
-                                  else record.message[:200])
-                        print(f"[{finished}/{total}] {spec.describe()}: {status}, {detail} "
-                              f"({time.perf_counter() - started:.1f} s)", flush=True)
+                        detail = (
+                            f"best val acc {record.best_val_acc:.4f}" if status == FINISHED else record.message[:200]
+                        )
+                        print(
+                            f"[{finished}/{total}] {spec.describe()}: {status}, {detail} "
+                            f"({time.perf_counter() - started:.1f} s)",
+                            flush=True,
+                        )
         finally:
             bar.close()
             for worker in workers:
@@ -550,19 +617,23 @@ def _execute(plan: SweepPlan, specs: List[RunSpec], jobs: int, devices: Optional
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _load_plan(out: Path) -> Optional[SweepPlan]:
+def _load_plan(out: Path) -> SweepPlan | None:
     saved = _read_json(out / SWEEP_FILE)
     return None if saved is None else SweepPlan(**saved)
 
 
-def _check_out(out: Path, plan: SweepPlan, saved: Optional[SweepPlan], joining: bool) -> None:
+def _check_out(out: Path, plan: SweepPlan, saved: SweepPlan | None, joining: bool) -> None:
     if saved is not None and saved != plan:
         differing = [key for key, value in asdict(plan).items() if asdict(saved)[key] != value]
-        raise UsageError(f"--out {out} holds another sweep (its {', '.join(differing)} differ); "
-                         f"give the same settings or choose another --out")
+        raise UsageError(
+            f"--out {out} holds another sweep (its {', '.join(differing)} differ); "
+            f"give the same settings or choose another --out"
+        )
     if not joining and out.exists() and any(out.iterdir()):
-        raise UsageError(f"--out {out}: the folder exists and is not empty; pass --resume to continue the sweep "
-                         f"in it, or choose another --out (nothing in it was touched)")
+        raise UsageError(
+            f"--out {out}: the folder exists and is not empty; pass --resume to continue the sweep "
+            f"in it, or choose another --out (nothing in it was touched)"
+        )
 
 
 def report(out: Path, plan: SweepPlan):
@@ -571,13 +642,14 @@ def report(out: Path, plan: SweepPlan):
     from .report import compare_runs, write_report
 
     records = [read_record(spec) for spec in plan.runs(out)]
-    comparison = compare_runs(plan.methods, plan.seeds, {m: plan.grid(m) for m in plan.methods}, plan.baselines,
-                              records)
+    comparison = compare_runs(
+        plan.methods, plan.seeds, {m: plan.grid(m) for m in plan.methods}, plan.baselines, records
+    )
     title = f"{plan.data} · {plan.arch} · {len(plan.seeds)} seeds"
     return comparison, write_report(out, comparison, title)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         own, trainer_flags = _split_trainer_flags(argv)
@@ -605,25 +677,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         share = specs if shard is None else [s for i, s in enumerate(specs) if i % shard[1] == shard[0] - 1]
         todo = [s for s in share if read_record(s).status not in (FINISHED, DIVERGED)]
         where = "" if shard is None else f" (share {shard[0]}/{shard[1]} of {len(specs)})"
-        print(f"{PROG}: {len(share)} runs{where} in {out}, {len(share) - len(todo)} already done; "
-              f"{jobs} at a time", flush=True)
+        print(
+            f"{PROG}: {len(share)} runs{where} in {out}, {len(share) - len(todo)} already done; {jobs} at a time",
+            flush=True,
+        )
         signum = _execute(plan, todo, jobs, devices, len(share) - len(todo), len(share))
         if signum is not None:
-            print(f"{PROG}: stopped by {signal.Signals(signum).name}; the running runs wrote checkpoints. "
-                  f"Continue with the same command and --resume", file=sys.stderr)
+            print(
+                f"{PROG}: stopped by {signal.Signals(signum).name}; the running runs wrote checkpoints. "
+                f"Continue with the same command and --resume",
+                file=sys.stderr,
+            )
             return 128 + signum
         if shard is not None:
-            print(f"{PROG}: share {shard[0]}/{shard[1]} done. When every share is done: "
-                  f"{PROG} --report --out {out}")
+            print(f"{PROG}: share {shard[0]}/{shard[1]} done. When every share is done: {PROG} --report --out {out}")
             return 0
     comparison, markdown = report(out, plan)
     missing = comparison.unfinished
     print(markdown)
     if missing:
-        shown = ", ".join(f"{r.method}{'' if r.alpha is None else f' alpha {r.alpha:g}'} seed {r.seed} ({r.status})"
-                          for r in missing[:8])
-        print(f"{PROG}: {len(missing)} of {len(specs)} runs have not finished: {shown}"
-              + (", ..." if len(missing) > 8 else ""), file=sys.stderr)
+        shown = ", ".join(
+            f"{r.method}{'' if r.alpha is None else f' alpha {r.alpha:g}'} seed {r.seed} ({r.status})"
+            for r in missing[:8]
+        )
+        print(
+            f"{PROG}: {len(missing)} of {len(specs)} runs have not finished: {shown}"
+            + (", ..." if len(missing) > 8 else ""),
+            file=sys.stderr,
+        )
     print(f"Files: {out / 'summary.md'}, summary.csv, selection.csv, runs.csv, comparison.png")
     return 0
 

@@ -23,6 +23,7 @@ resolved configuration is what ``config.toml`` records and what everything downs
 - evaluation batch 4x the training batch; data workers 0 on the CPU, and on CUDA one per
   core this process may run on, at most 8.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,6 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 from .regularizers import REGULARIZERS
 
@@ -56,41 +56,41 @@ class TrainConfig:
     """Every setting of a run; ``None`` means "the default for this arch and regulariser"."""
 
     data: str = "digits"
-    arch: Optional[str] = None            # digits_cnn for digits, else resnet101
-    layers: Optional[list[str]] = None    # the architecture's preset
-    weights: Optional[str] = None         # imagenet | none | PATH; digits_cnn: the cached digits 0-4 model
+    arch: str | None = None  # digits_cnn for digits, else resnet101
+    layers: list[str] | None = None  # the architecture's preset
+    weights: str | None = None  # imagenet | none | PATH; digits_cnn: the cached digits 0-4 model
     reg: str = "afa"
-    stages: Optional[int] = None          # 2 for afa, else 1
-    alpha: Optional[float] = None
+    stages: int | None = None  # 2 for afa, else 1
+    alpha: float | None = None
     beta: float = 0.01
-    lr: Optional[float] = None
-    stage2_alpha: Optional[float] = None
-    stage2_lr: Optional[float] = None
+    lr: float | None = None
+    stage2_alpha: float | None = None
+    stage2_lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_decay_at: float = 0.67
     lr_gamma: float = 0.1
     batch_size: int = 64
-    eval_batch_size: Optional[int] = None  # 4 * batch_size; also bounds DELTA's batched removal
-    max_iter: Optional[int] = 4500
-    epochs: Optional[int] = None
-    image_size: Optional[int] = None
+    eval_batch_size: int | None = None  # 4 * batch_size; also bounds DELTA's batched removal
+    max_iter: int | None = 4500
+    epochs: int | None = None
+    image_size: int | None = None
     val_fraction: float = 0.1
-    shots: int = 10                       # digits: labelled training images per class
+    shots: int = 10  # digits: labelled training images per class
     seed: int = 0
-    workers: Optional[int] = None         # CPU: 0; CUDA: one per usable core, at most 8
-    device: Optional[str] = None          # cuda when available, else cpu
+    workers: int | None = None  # CPU: 0; CUDA: one per usable core, at most 8
+    device: str | None = None  # cuda when available, else cpu
     backend: str = "auto"
-    amp: Optional[str] = None
+    amp: str | None = None
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
-    delta_weights: str = "removal"        # removal | taylor | PATH
+    delta_weights: str = "removal"  # removal | taylor | PATH
     delta_head_epochs: int = 10
     delta_batches: int = 4
-    out: Optional[str] = None
+    out: str | None = None
     resume: bool = False
-    cache_dir: Optional[str] = None       # AFA_EXT_CACHE, else ~/.cache/afa_ext
+    cache_dir: str | None = None  # AFA_EXT_CACHE, else ~/.cache/afa_ext
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,7 +109,9 @@ def from_dict(values: dict, where: str) -> TrainConfig:
     known = set(config_keys())
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"{where}: unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
+        )
     config = TrainConfig(**values)
     return config
 
@@ -182,8 +184,7 @@ def stage_regularizers(reg: str, stages: int) -> tuple[str, ...]:
 def stage_plan(config: TrainConfig) -> list[Stage]:
     """The stages of a resolved run: stage 1 at (lr, alpha), stage 2 at (stage2_lr, stage2_alpha)."""
     settings = [(config.lr, config.alpha), (config.stage2_lr, config.stage2_alpha)]
-    return [Stage(reg, lr, alpha)
-            for reg, (lr, alpha) in zip(stage_regularizers(config.reg, config.stages), settings)]
+    return [Stage(reg, lr, alpha) for reg, (lr, alpha) in zip(stage_regularizers(config.reg, config.stages), settings)]
 
 
 def epochs_per_stage(config: TrainConfig, train_images: int) -> int:
@@ -203,22 +204,33 @@ class Bounds:
     """The numbers a numeric setting accepts: at least ``minimum`` (above it when
     ``open_min``), at most ``maximum``, whole when ``integer``."""
 
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
+    minimum: float | None = None
+    maximum: float | None = None
     integer: bool = False
     open_min: bool = False
 
 
 NUMBER_BOUNDS = {
     "stages": Bounds(integer=True),
-    "alpha": Bounds(0), "stage2_alpha": Bounds(0), "beta": Bounds(0),
-    "lr": Bounds(0, open_min=True), "stage2_lr": Bounds(0, open_min=True),
-    "momentum": Bounds(0, 1), "weight_decay": Bounds(0), "lr_decay_at": Bounds(0, 1),
+    "alpha": Bounds(0),
+    "stage2_alpha": Bounds(0),
+    "beta": Bounds(0),
+    "lr": Bounds(0, open_min=True),
+    "stage2_lr": Bounds(0, open_min=True),
+    "momentum": Bounds(0, 1),
+    "weight_decay": Bounds(0),
+    "lr_decay_at": Bounds(0, 1),
     "lr_gamma": Bounds(0, open_min=True),
-    "batch_size": Bounds(1, integer=True), "eval_batch_size": Bounds(1, integer=True),
-    "max_iter": Bounds(1, integer=True), "epochs": Bounds(1, integer=True), "image_size": Bounds(1, integer=True),
-    "val_fraction": Bounds(0, 1, open_min=True), "shots": Bounds(1, integer=True), "seed": Bounds(0, integer=True),
-    "workers": Bounds(0, integer=True), "delta_head_epochs": Bounds(0, integer=True),
+    "batch_size": Bounds(1, integer=True),
+    "eval_batch_size": Bounds(1, integer=True),
+    "max_iter": Bounds(1, integer=True),
+    "epochs": Bounds(1, integer=True),
+    "image_size": Bounds(1, integer=True),
+    "val_fraction": Bounds(0, 1, open_min=True),
+    "shots": Bounds(1, integer=True),
+    "seed": Bounds(0, integer=True),
+    "workers": Bounds(0, integer=True),
+    "delta_head_epochs": Bounds(0, integer=True),
     "delta_batches": Bounds(1, integer=True),
 }
 FLAGS = ("channels_last", "compile", "sync_bn", "resume")
@@ -232,8 +244,9 @@ def _check_number(name: str, value, bounds: Bounds) -> None:
         raise ConfigError(f"{flag}: expected a {'whole' if bounds.integer else 'finite'} number, got {value!r}")
     low, high = bounds.minimum, bounds.maximum
     if low is not None and (value < low or (bounds.open_min and value == low)):
-        raise ConfigError(f"{flag}: expected a number {'greater than' if bounds.open_min else 'at least'} {low}, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"{flag}: expected a number {'greater than' if bounds.open_min else 'at least'} {low}, got {value!r}"
+        )
     if high is not None and value > high:
         raise ConfigError(f"{flag}: expected a number at most {high}, got {value!r}")
 
@@ -258,9 +271,11 @@ def validate(config: TrainConfig) -> None:
         _check_choice("stages", config.stages, STAGE_COUNTS)
         if own_stages and config.stages != len(own_stages):
             first = own_stages[0]
-            raise ConfigError(f"--stages {config.stages}: {config.reg} is {len(own_stages)} stages "
-                              f"({', then '.join(reg.upper() for reg in own_stages)}); "
-                              f"use --reg {first} for one {first.upper()} stage")
+            raise ConfigError(
+                f"--stages {config.stages}: {config.reg} is {len(own_stages)} stages "
+                f"({', then '.join(reg.upper() for reg in own_stages)}); "
+                f"use --reg {first} for one {first.upper()} stage"
+            )
     _check_choice("backend", config.backend, BACKENDS)
     if config.amp is not None:
         _check_choice("amp", config.amp, AMP_DTYPES)
@@ -271,10 +286,14 @@ def validate(config: TrainConfig) -> None:
     if config.val_fraction >= 1:
         raise ConfigError(f"--val-fraction: expected a fraction below 1, got {config.val_fraction!r}")
     if config.delta_weights not in DELTA_ESTIMATES and not Path(config.delta_weights).is_file():
-        raise ConfigError(f"--delta-weights: expected {', '.join(DELTA_ESTIMATES)} or an existing file, "
-                          f"got {config.delta_weights!r}")
-    if config.layers is not None and (not isinstance(config.layers, (list, tuple)) or not config.layers
-                                      or not all(isinstance(n, str) and n for n in config.layers)):
+        raise ConfigError(
+            f"--delta-weights: expected {', '.join(DELTA_ESTIMATES)} or an existing file, got {config.delta_weights!r}"
+        )
+    if config.layers is not None and (
+        not isinstance(config.layers, (list, tuple))
+        or not config.layers
+        or not all(isinstance(n, str) and n for n in config.layers)
+    ):
         raise ConfigError(f"--layers: expected a comma-separated list of layer names, got {config.layers!r}")
     if not isinstance(config.data, str) or not config.data:
         raise ConfigError(f"--data: expected a folder or 'digits', got {config.data!r}")
@@ -314,8 +333,9 @@ def resolve(config: TrainConfig, cuda_available: bool) -> TrainConfig:
     if resolved.layers is None:
         resolved.layers = list(default_layers(resolved.arch))
     if resolved.weights is None:
-        resolved.weights = digits_source_path(resolved.cache_dir, resolved.image_size) \
-            if resolved.arch == "digits_cnn" else "imagenet"
+        resolved.weights = (
+            digits_source_path(resolved.cache_dir, resolved.image_size) if resolved.arch == "digits_cnn" else "imagenet"
+        )
     if resolved.lr is None:
         resolved.lr = DEFAULT_LR
     regs = stage_regularizers(resolved.reg, resolved.stages)
@@ -327,7 +347,9 @@ def resolve(config: TrainConfig, cuda_available: bool) -> TrainConfig:
             resolved.stage2_lr = DEFAULT_STAGE2_LR
         if resolved.stage2_alpha is None:
             # The same regulariser again keeps stage 1's alpha; another one takes its own default.
-            resolved.stage2_alpha = resolved.alpha if regs[1] == regs[0] else REGULARIZERS[regs[1]].default_alpha(alphas)
+            resolved.stage2_alpha = (
+                resolved.alpha if regs[1] == regs[0] else REGULARIZERS[regs[1]].default_alpha(alphas)
+            )
     if resolved.eval_batch_size is None:
         resolved.eval_batch_size = 4 * resolved.batch_size
     if resolved.workers is None:

@@ -17,6 +17,7 @@ Every random draw is seeded explicitly, never taken from the global RNG:
 
 scikit-learn, torchvision and PIL are imported lazily, only here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -92,9 +93,15 @@ class SampleSource(torch.utils.data.Dataset):
     Do not use ``persistent_workers=True``: persistent workers keep the epoch of their start.
     """
 
-    def __init__(self, items: Sequence, labels: Sequence[int],
-                 transform: Callable[[object, torch.Generator | None], Tensor],
-                 *, train: bool, seed: int = 0):
+    def __init__(
+        self,
+        items: Sequence,
+        labels: Sequence[int],
+        transform: Callable[[object, torch.Generator | None], Tensor],
+        *,
+        train: bool,
+        seed: int = 0,
+    ):
         if len(items) != len(labels):
             raise ValueError(f"SampleSource: expected one label per item ({len(items)}), got {len(labels)}")
         self.items = items
@@ -145,8 +152,7 @@ def _check_val_fraction(val_fraction: float) -> float:
     return float(val_fraction)
 
 
-def load_data(spec: str, *, image_size: int | None, val_fraction: float, seed: int,
-              shots: int = 10) -> DataSplits:
+def load_data(spec: str, *, image_size: int | None, val_fraction: float, seed: int, shots: int = 10) -> DataSplits:
     """The splits of ``spec``: ``"digits"`` (the few-shot digits 5-9 task) or an image folder path.
 
     ``image_size`` None means 16 for digits, 224 for folders. ``shots`` is used by digits
@@ -156,8 +162,9 @@ def load_data(spec: str, *, image_size: int | None, val_fraction: float, seed: i
     _check_val_fraction(val_fraction)
     if str(spec) == "digits":
         return _load_target_digits(_check_image_size(image_size, DIGITS_IMAGE_SIZE), seed=seed, shots=shots)
-    return _load_folder(Path(spec), image_size=_check_image_size(image_size, FOLDER_IMAGE_SIZE),
-                        val_fraction=val_fraction, seed=seed)
+    return _load_folder(
+        Path(spec), image_size=_check_image_size(image_size, FOLDER_IMAGE_SIZE), val_fraction=val_fraction, seed=seed
+    )
 
 
 # ----------------------------------------------------------------------------- digits
@@ -195,17 +202,19 @@ class DigitsTransform:
         size = image.shape[-1]
         top, left = torch.randint(0, 2 * self.shift + 1, (2,), generator=generator).tolist()
         padded = F.pad(image, (self.shift,) * 4)
-        return padded[:, top:top + size, left:left + size]
+        return padded[:, top : top + size, left : left + size]
 
 
 def _resize_digits(images: Tensor, image_size: int) -> Tensor:
     """Bilinear resize (no antialias) of (N, 1, 8, 8) to (N, 1, image_size, image_size)."""
-    return F.interpolate(images, size=(image_size, image_size), mode="bilinear",
-                         align_corners=False, antialias=False).contiguous()
+    return F.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False
+    ).contiguous()
 
 
-def _stratified_split(labels: Tensor, counts: Callable[[int], Sequence[int]],
-                      generator: torch.Generator) -> list[list[int]]:
+def _stratified_split(
+    labels: Tensor, counts: Callable[[int], Sequence[int]], generator: torch.Generator
+) -> list[list[int]]:
     """Indices of ``labels`` cut per class into len(counts(n)) + 1 parts.
 
     For each class (ascending label) its n indices are permuted with ``generator``; part k
@@ -224,15 +233,23 @@ def _stratified_split(labels: Tensor, counts: Callable[[int], Sequence[int]],
     return [sorted(part) for part in parts or []]
 
 
-def _digits_source(indices: list[int], images: Tensor, labels: Tensor, label_offset: int,
-                   transform: DigitsTransform, *, train: bool, seed: int) -> SampleSource:
+def _digits_source(
+    indices: list[int],
+    images: Tensor,
+    labels: Tensor,
+    label_offset: int,
+    transform: DigitsTransform,
+    *,
+    train: bool,
+    seed: int,
+) -> SampleSource:
     picked = torch.as_tensor(indices, dtype=torch.int64)
-    return SampleSource(images[picked], (labels[picked] - label_offset).tolist(), transform,
-                        train=train, seed=seed)
+    return SampleSource(images[picked], (labels[picked] - label_offset).tolist(), transform, train=train, seed=seed)
 
 
-def _digits_splits(digits: Sequence[int], image_size: int, counts: Callable[[int], Sequence[int]],
-                   seed: int, payload: dict) -> DataSplits:
+def _digits_splits(
+    digits: Sequence[int], image_size: int, counts: Callable[[int], Sequence[int]], seed: int, payload: dict
+) -> DataSplits:
     """The digits in ``digits`` (consecutive), relabelled 0.., split per class by ``counts``."""
     all_images, all_labels, mean, std = _digits_arrays()
     chosen = torch.nonzero((all_labels >= digits[0]) & (all_labels <= digits[-1])).flatten()
@@ -240,10 +257,17 @@ def _digits_splits(digits: Sequence[int], image_size: int, counts: Callable[[int
     labels = all_labels[chosen]
     train, val, test = _stratified_split(labels, counts, _generator(seed))
     transform = DigitsTransform(mean, std)
-    sources = [_digits_source(part, images, labels, digits[0], transform, train=is_train, seed=seed)
-               for part, is_train in ((train, True), (val, False), (test, False))]
-    return DataSplits(*sources, num_classes=len(digits), class_names=[str(d) for d in digits],
-                      in_channels=1, fingerprint=fingerprint(**payload))
+    sources = [
+        _digits_source(part, images, labels, digits[0], transform, train=is_train, seed=seed)
+        for part, is_train in ((train, True), (val, False), (test, False))
+    ]
+    return DataSplits(
+        *sources,
+        num_classes=len(digits),
+        class_names=[str(d) for d in digits],
+        in_channels=1,
+        fingerprint=fingerprint(**payload),
+    )
 
 
 def _load_target_digits(image_size: int, *, seed: int, shots: int) -> DataSplits:
@@ -252,14 +276,21 @@ def _load_target_digits(image_size: int, *, seed: int, shots: int) -> DataSplits
     _, all_labels, _, _ = _digits_arrays()
     smallest = min(int((all_labels == d).sum()) for d in TARGET_DIGITS)
     if isinstance(shots, bool) or not isinstance(shots, int) or not 1 <= shots <= smallest - 2:
-        raise DataError(f"digits: expected shots to be an int in [1, {smallest - 2}] "
-                        f"(the smallest class has {smallest} images, 2 kept for val/test), got {shots!r}")
+        raise DataError(
+            f"digits: expected shots to be an int in [1, {smallest - 2}] "
+            f"(the smallest class has {smallest} images, 2 kept for val/test), got {shots!r}"
+        )
 
     def counts(n: int) -> tuple[int, int]:
         return shots, (n - shots) // 2
 
-    payload = {"kind": "digits", "digits": list(TARGET_DIGITS), "shots": shots, "seed": int(seed),
-               "image_size": image_size}
+    payload = {
+        "kind": "digits",
+        "digits": list(TARGET_DIGITS),
+        "shots": shots,
+        "seed": int(seed),
+        "image_size": image_size,
+    }
     return _digits_splits(TARGET_DIGITS, image_size, counts, seed, payload)
 
 
@@ -275,9 +306,13 @@ def load_digits_pretraining(image_size: int | None = None) -> DataSplits:
         held_out = round(PRETRAINING_HELD_OUT_FRACTION * n)
         return n - 2 * held_out, held_out
 
-    payload = {"kind": "digits-pretraining", "digits": list(PRETRAINING_DIGITS),
-               "seed": PRETRAINING_SEED, "held_out_fraction": PRETRAINING_HELD_OUT_FRACTION,
-               "image_size": size}
+    payload = {
+        "kind": "digits-pretraining",
+        "digits": list(PRETRAINING_DIGITS),
+        "seed": PRETRAINING_SEED,
+        "held_out_fraction": PRETRAINING_HELD_OUT_FRACTION,
+        "image_size": size,
+    }
     return _digits_splits(PRETRAINING_DIGITS, size, counts, PRETRAINING_SEED, payload)
 
 
@@ -325,11 +360,15 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 def _image_files(class_dir: Path) -> list[Path]:
     """The image files (by extension, case-insensitive, hidden files skipped) of a class folder, sorted."""
-    files = sorted(p for p in class_dir.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(
+        p
+        for p in class_dir.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
     if not files:
-        raise DataError(f"class folder {class_dir} has no images (expected files ending in "
-                        f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"class folder {class_dir} has no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})"
+        )
     return files
 
 
@@ -341,8 +380,7 @@ def _scan_split(split_dir: Path, known_classes: list[str] | None) -> dict[str, l
     if known_classes is not None:
         unknown = sorted({d.name for d in class_dirs} - set(known_classes))
         if unknown:
-            raise DataError(f"{split_dir} has classes not in train/: {unknown} "
-                            f"(train classes: {known_classes})")
+            raise DataError(f"{split_dir} has classes not in train/: {unknown} (train classes: {known_classes})")
     return {d.name: _image_files(d) for d in class_dirs}
 
 
@@ -376,16 +414,16 @@ def _val_count(n: int, val_fraction: float) -> int:
 
 def _load_folder(root: Path, *, image_size: int, val_fraction: float, seed: int) -> DataSplits:
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root} (expected a folder with train/<class>/ "
-                        f"image folders, or the spec 'digits')")
+        raise DataError(
+            f"data folder not found: {root} (expected a folder with train/<class>/ image folders, or the spec 'digits')"
+        )
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise DataError(f"missing train split: expected folder {train_dir}")
     train_by_class = _scan_split(train_dir, None)
     class_names = list(train_by_class)
     class_index = {name: i for i, name in enumerate(class_names)}
-    extra = {split: _scan_split(root / split, class_names)
-             for split in ("val", "test") if (root / split).is_dir()}
+    extra = {split: _scan_split(root / split, class_names) for split in ("val", "test") if (root / split).is_dir()}
     all_files = [f for by_class in (train_by_class, *extra.values()) for files in by_class.values() for f in files]
     _check_readable(all_files)
 
@@ -396,8 +434,7 @@ def _load_folder(root: Path, *, image_size: int, val_fraction: float, seed: int)
         val_files, val_labels = _samples(extra["val"], class_index)
     else:
         labels = torch.as_tensor(train_labels, dtype=torch.int64)
-        val_part, train_part = _stratified_split(
-            labels, lambda n: (_val_count(n, val_fraction),), _generator(seed))
+        val_part, train_part = _stratified_split(labels, lambda n: (_val_count(n, val_fraction),), _generator(seed))
         val_files, val_labels = [train_files[i] for i in val_part], [train_labels[i] for i in val_part]
         train_files, train_labels = [train_files[i] for i in train_part], [train_labels[i] for i in train_part]
         payload["val_split"] = {"seed": int(seed), "val_fraction": val_fraction}
@@ -407,9 +444,16 @@ def _load_folder(root: Path, *, image_size: int, val_fraction: float, seed: int)
 
     val = source(val_files, val_labels, False)
     test = source(*_samples(extra["test"], class_index), False) if "test" in extra else val
-    return DataSplits(source(train_files, train_labels, True), val, test, num_classes=len(class_names),
-                      class_names=class_names, in_channels=3, fingerprint=fingerprint(**payload),
-                      test_is_val="test" not in extra)
+    return DataSplits(
+        source(train_files, train_labels, True),
+        val,
+        test,
+        num_classes=len(class_names),
+        class_names=class_names,
+        in_channels=3,
+        fingerprint=fingerprint(**payload),
+        test_is_val="test" not in extra,
+    )
 
 
 # ----------------------------------------------------------------------------- batches
@@ -425,8 +469,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
     ranks' shares of step k together are exactly global batch k.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, *, seed: int, shuffle: bool,
-                 rank: int = 0, world: int = 1):
+    def __init__(self, num_samples: int, global_batch: int, *, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
         if num_samples < 0:
             raise ValueError(f"GlobalBatchSampler: expected num_samples >= 0, got {num_samples}")
         if world < 1:
@@ -434,8 +477,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
         if global_batch < 1:
             raise ValueError(f"GlobalBatchSampler: expected global_batch >= 1, got {global_batch}")
         if global_batch % world != 0:
-            raise ValueError(f"GlobalBatchSampler: expected global_batch to be a multiple of "
-                             f"world={world}, got {global_batch}")
+            raise ValueError(
+                f"GlobalBatchSampler: expected global_batch to be a multiple of world={world}, got {global_batch}"
+            )
         if not 0 <= rank < world:
             raise ValueError(f"GlobalBatchSampler: expected rank in [0, {world}), got {rank}")
         self.num_samples, self.global_batch = num_samples, global_batch
@@ -454,7 +498,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
     def global_batches(self) -> list[list[int]]:
         """All global batches of the current epoch, the last one trimmed as described above."""
         order = self._order()
-        batches = [order[start:start + self.global_batch] for start in range(0, len(order), self.global_batch)]
+        batches = [order[start : start + self.global_batch] for start in range(0, len(order), self.global_batch)]
         if batches and len(batches[-1]) < self.global_batch:
             kept = len(batches[-1]) - len(batches[-1]) % self.world
             batches[-1] = batches[-1][:kept]
@@ -464,7 +508,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self):
         for batch in self.global_batches():
-            yield batch[self.rank::self.world]
+            yield batch[self.rank :: self.world]
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.global_batch)

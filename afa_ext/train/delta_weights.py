@@ -42,6 +42,7 @@ both of its branches. k is chosen so that k*B <= ``max_rows``.
 ``compute_channel_weights`` runs the three steps on a deep copy of the model and caches the
 result in a file named by a hash of everything that determines it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +112,11 @@ def _hooks(*handles) -> Iterator[None]:
 
 def _layer_output(output, layer_name: str) -> Tensor:
     if not isinstance(output, Tensor) or output.dim() < 2:
-        raise TypeError(f"layer {layer_name!r} must return a tensor of shape (N, C, ...) to be "
-                        f"weighted per channel, got {type(output).__name__}"
-                        + (f" of shape {tuple(output.shape)}" if isinstance(output, Tensor) else ""))
+        raise TypeError(
+            f"layer {layer_name!r} must return a tensor of shape (N, C, ...) to be "
+            f"weighted per channel, got {type(output).__name__}"
+            + (f" of shape {tuple(output.shape)}" if isinstance(output, Tensor) else "")
+        )
     return output
 
 
@@ -127,8 +130,10 @@ def _channel_counts(model: nn.Module, layer_names: Sequence[str], images: Tensor
     shapes = layer_output_shapes(model, layer_names, images)
     for name, shape in zip(layer_names, shapes):
         if not shape:
-            raise TypeError(f"layer {name!r} must return a tensor of shape (N, C, ...) to be weighted per "
-                            f"channel, got one of shape (N,)")
+            raise TypeError(
+                f"layer {name!r} must return a tensor of shape (N, C, ...) to be weighted per "
+                f"channel, got one of shape (N,)"
+            )
     return [shape[0] for shape in shapes]
 
 
@@ -142,8 +147,9 @@ def _layer_names(layer_names: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------- step 1: head
 
 
-def train_head(model: nn.Module, head_name: str, batches: Iterable[tuple[Tensor, Tensor]], *,
-               epochs: int, lr: float, device) -> None:
+def train_head(
+    model: nn.Module, head_name: str, batches: Iterable[tuple[Tensor, Tensor]], *, epochs: int, lr: float, device
+) -> None:
     """Train the head ``model.<head_name>`` alone, the rest of the model frozen, in place.
 
     For ``epochs`` passes over ``batches`` (re-iterable, e.g. a DataLoader, of (images,
@@ -211,8 +217,15 @@ def _replicate(value, copies: int, rows: int):
     return value
 
 
-def _removed_losses(model: nn.Module, block: nn.Module | None, layer: nn.Module, layer_name: str,
-                    images: Tensor, labels: Tensor, channels: Tensor) -> Tensor:
+def _removed_losses(
+    model: nn.Module,
+    block: nn.Module | None,
+    layer: nn.Module,
+    layer_name: str,
+    images: Tensor,
+    labels: Tensor,
+    channels: Tensor,
+) -> Tensor:
     """Mean CE of the batch with channel ``channels[i]`` of the layer zeroed, for each i, (k,) float64.
 
     The batch is replicated k times at the input of ``block`` (the model's input when None),
@@ -225,15 +238,19 @@ def _removed_losses(model: nn.Module, block: nn.Module | None, layer: nn.Module,
         if replicated:  # a block called twice sees the copies already
             return None
         replicated.append(True)
-        return (tuple(_replicate(arg, copies, rows) for arg in args),
-                {key: _replicate(value, copies, rows) for key, value in kwargs.items()})
+        return (
+            tuple(_replicate(arg, copies, rows) for arg in args),
+            {key: _replicate(value, copies, rows) for key, value in kwargs.items()},
+        )
 
     def zero_channels(module, inputs, output):
         output = _layer_output(output, layer_name)
         if output.shape[0] != copies * rows:
-            raise RuntimeError(f"batched removal: layer {layer_name!r} got {output.shape[0]} rows, "
-                               f"expected {copies} copies of {rows}; the block around it is not "
-                               f"a plain stage of its nn.Sequential")
+            raise RuntimeError(
+                f"batched removal: layer {layer_name!r} got {output.shape[0]} rows, "
+                f"expected {copies} copies of {rows}; the block around it is not "
+                f"a plain stage of its nn.Sequential"
+            )
         return _zero_channels(output, channels)
 
     handles = [layer.register_forward_hook(zero_channels)]
@@ -245,15 +262,18 @@ def _removed_losses(model: nn.Module, block: nn.Module | None, layer: nn.Module,
     with _hooks(*handles):
         logits = model(inputs)
     if logits.shape[0] != copies * rows:
-        raise RuntimeError(f"batched removal at layer {layer_name!r}: the model returned "
-                           f"{logits.shape[0]} rows, expected {copies} copies of {rows}")
+        raise RuntimeError(
+            f"batched removal at layer {layer_name!r}: the model returned "
+            f"{logits.shape[0]} rows, expected {copies} copies of {rows}"
+        )
     per_row = F.cross_entropy(logits.double(), labels.repeat(copies), reduction="none")
     return per_row.reshape(copies, rows).mean(dim=1)
 
 
 @torch.no_grad()
-def removal_scores(model: nn.Module, layer_names: Sequence[str], batches: Sequence[tuple[Tensor, Tensor]],
-                   *, max_rows: int = 4096) -> list[Tensor]:
+def removal_scores(
+    model: nn.Module, layer_names: Sequence[str], batches: Sequence[tuple[Tensor, Tensor]], *, max_rows: int = 4096
+) -> list[Tensor]:
     """Per layer, the rise of the mean cross-entropy when each output channel is zeroed.
 
     score[l][j] = mean over batches of (L(channel j of layer l zeroed) - L), as a (C,) float64
@@ -279,15 +299,16 @@ def removal_scores(model: nn.Module, layer_names: Sequence[str], batches: Sequen
                 for start in range(0, total.numel(), copies):
                     channels = torch.arange(start, min(start + copies, total.numel()))
                     losses = _removed_losses(model, block, layer, name, images, labels, channels)
-                    total[start:start + channels.numel()] += (losses - baseline).cpu()
+                    total[start : start + channels.numel()] += (losses - baseline).cpu()
     return [total / len(batches) for total in totals]
 
 
 # ---------------------------------------------------------------------------- step 2: Taylor
 
 
-def taylor_scores(model: nn.Module, layer_names: Sequence[str],
-                  batches: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+def taylor_scores(
+    model: nn.Module, layer_names: Sequence[str], batches: Sequence[tuple[Tensor, Tensor]]
+) -> list[Tensor]:
     """First-order estimate of the removal scores, one forward and backward pass per batch.
 
     With F the layer's output (N, C, ...) and g = dL/dF the gradient of the batch-mean
@@ -317,6 +338,7 @@ def taylor_scores(model: nn.Module, layer_names: Sequence[str],
                         feature = feature.detach().requires_grad_(True)
                     features[name] = feature
                     return feature.clone()
+
                 return hook
 
             with _hooks(*[layer.register_forward_hook(capture(name)) for name, layer in zip(names, layers)]):
@@ -349,8 +371,10 @@ def _cache_path(cache_dir, method: str, layers: list[str], key_parts: dict) -> P
 def _load_cached(path: Path, method: str, layers: list[str]) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("method") != method or payload.get("layers") != layers:
-        raise ValueError(f"cached DELTA weights {path} do not hold method {method!r} for layers "
-                         f"{layers}; delete the file to recompute them")
+        raise ValueError(
+            f"cached DELTA weights {path} do not hold method {method!r} for layers "
+            f"{layers}; delete the file to recompute them"
+        )
     return payload
 
 
@@ -360,11 +384,21 @@ def _scores(method: str, model: nn.Module, layers: list[str], batches, max_rows:
     return taylor_scores(model, layers, batches)
 
 
-def compute_channel_weights(model: nn.Module, head_name: str, layer_names: Sequence[str],
-                            train_batches: Iterable[tuple[Tensor, Tensor]], *, method: str,
-                            head_epochs: int = 10, head_lr: float = 0.01, score_batches: int = 4,
-                            device="cpu", cache_dir: str | os.PathLike | None,
-                            key_parts: dict, max_rows: int = 4096) -> tuple[list[Tensor], dict]:
+def compute_channel_weights(
+    model: nn.Module,
+    head_name: str,
+    layer_names: Sequence[str],
+    train_batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    method: str,
+    head_epochs: int = 10,
+    head_lr: float = 0.01,
+    score_batches: int = 4,
+    device="cpu",
+    cache_dir: str | os.PathLike | None,
+    key_parts: dict,
+    max_rows: int = 4096,
+) -> tuple[list[Tensor], dict]:
     """DELTA's channel weights of ``layer_names``: head training, scores, softmax(z / 5).
 
     On a deep copy of ``model`` moved to ``device`` (the caller's model is untouched):
@@ -400,18 +434,36 @@ def compute_channel_weights(model: nn.Module, head_name: str, layer_names: Seque
     weights = [weight.float().cpu() for weight in channel_weights_from_scores(scores)]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(path, {"weights": weights, "scores": scores, "layers": layers, "method": method,
-                               "key_parts": json.loads(canonical_json(key_parts))})
-    info = {"method": method, "seconds": time.perf_counter() - started, "cached": False,
-            "path": None if path is None else str(path)}
+        checkpoint.save(
+            path,
+            {
+                "weights": weights,
+                "scores": scores,
+                "layers": layers,
+                "method": method,
+                "key_parts": json.loads(canonical_json(key_parts)),
+            },
+        )
+    info = {
+        "method": method,
+        "seconds": time.perf_counter() - started,
+        "cached": False,
+        "path": None if path is None else str(path),
+    }
     return weights, info
 
 
 def _checked_weights(weights, path) -> list[Tensor]:
-    if not isinstance(weights, (list, tuple)) or not weights or not all(
-            isinstance(weight, Tensor) and weight.dim() == 1 and weight.is_floating_point() for weight in weights):
-        raise ValueError(f"{path} does not hold DELTA channel weights: expected a non-empty list of "
-                         f"1-D float tensors, one per layer")
+    if (
+        not isinstance(weights, (list, tuple))
+        or not weights
+        or not all(
+            isinstance(weight, Tensor) and weight.dim() == 1 and weight.is_floating_point() for weight in weights
+        )
+    ):
+        raise ValueError(
+            f"{path} does not hold DELTA channel weights: expected a non-empty list of 1-D float tensors, one per layer"
+        )
     return [weight.float().cpu() for weight in weights]
 
 
@@ -435,8 +487,10 @@ def load_channel_weights(path) -> list[Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many kinds for a file that is not its own
-        raise ValueError(f"{path} is neither a .json of channel scores nor a torch file of "
-                         f"channel weights ({type(error).__name__}: {error})") from None
+        raise ValueError(
+            f"{path} is neither a .json of channel scores nor a torch file of "
+            f"channel weights ({type(error).__name__}: {error})"
+        ) from None
     if isinstance(payload, dict):
         if "weights" not in payload:
             raise ValueError(f"{path} holds a dict without 'weights' (keys: {sorted(map(str, payload))})")

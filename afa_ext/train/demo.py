@@ -7,13 +7,13 @@ each run every alpha of their grid on every seed; each method's alpha is selecte
 validation and test accuracy is read there only (afa_ext.train.compare). This module holds
 only the demo's settings.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 from datetime import datetime
-from typing import List, Optional
 
 from . import compare
 from .config import default_cache_dir
@@ -27,25 +27,57 @@ DEMO_METHODS = ("none", "none:2", "l2sp", "fea_map", "delta", "afa")
 # exploratory sweep on these seeds (validation only), so that no selection is at an edge.
 # On this task validation accuracy is flat (within the seeds' noise) below these alphas for
 # L2-SP, feature-map L2 and DELTA and falls above them; AFA's peaks at 1e-4.
-DEMO_ALPHAS = {"l2sp": (1e-6, 1e-5, 1e-4), "fea_map": (1e-6, 1e-5, 1e-4), "delta": (1e-6, 1e-5, 1e-4),
-               "afa": (1e-5, 1e-4, 1e-3)}
+DEMO_ALPHAS = {
+    "l2sp": (1e-6, 1e-5, 1e-4),
+    "fea_map": (1e-6, 1e-5, 1e-4),
+    "delta": (1e-6, 1e-5, 1e-4),
+    "afa": (1e-5, 1e-4, 1e-3),
+}
 # One schedule for every method: 50 labelled images, batch 10, 30 epochs per stage (150
 # steps; AFA and none:2 two stages, 300), one learning rate in both stages.
-DEMO_TRAINER_FLAGS = ["--epochs", "30", "--batch-size", "10", "--eval-batch-size", "1024", "--lr", "0.02",
-                      "--stage2-lr", "0.02", "--shots", "10", "--delta-head-epochs", "10", "--delta-batches", "4"]
+DEMO_TRAINER_FLAGS = [
+    "--epochs",
+    "30",
+    "--batch-size",
+    "10",
+    "--eval-batch-size",
+    "1024",
+    "--lr",
+    "0.02",
+    "--stage2-lr",
+    "0.02",
+    "--shots",
+    "10",
+    "--delta-head-epochs",
+    "10",
+    "--delta-batches",
+    "4",
+]
 
 
-def compare_arguments(seeds: List[int], out: str, jobs: int, resume: bool, cache_dir: Optional[str]) -> List[str]:
+def compare_arguments(seeds: list[int], out: str, jobs: int, resume: bool, cache_dir: str | None) -> list[str]:
     """The afa-compare command line of the demo."""
-    argv = ["--data", "digits", "--arch", "digits_cnn", "--methods", ",".join(DEMO_METHODS),
-            "--seeds", *map(str, seeds), "--jobs", str(jobs), "--out", out]
+    argv = [
+        "--data",
+        "digits",
+        "--arch",
+        "digits_cnn",
+        "--methods",
+        ",".join(DEMO_METHODS),
+        "--seeds",
+        *map(str, seeds),
+        "--jobs",
+        str(jobs),
+        "--out",
+        out,
+    ]
     for method, alphas in DEMO_ALPHAS.items():
         argv += ["--alphas", f"{method}=" + ",".join(f"{alpha:g}" for alpha in alphas)]
     argv += ["--resume"] if resume else []
     return argv + ["--"] + DEMO_TRAINER_FLAGS + (["--cache-dir", cache_dir] if cache_dir else [])
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m afa_ext.train.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default=None, help="output folder (default runs/demo-<date>-<time>)")

@@ -16,6 +16,7 @@ b_r of them, scales its local terms:
 ``CrossProcessBatchNorm`` is ``--sync-bn`` on the CPU, where torch's SyncBatchNorm does not
 run: batch statistics over the global batch through a differentiable all-reduce.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -25,8 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Distributed", "setup", "teardown", "loss_scales", "all_reduce_sum", "convert_sync_batchnorm",
-           "CrossProcessBatchNorm"]
+__all__ = [
+    "Distributed",
+    "setup",
+    "teardown",
+    "loss_scales",
+    "all_reduce_sum",
+    "convert_sync_batchnorm",
+    "CrossProcessBatchNorm",
+]
 
 
 @dataclass
@@ -64,8 +72,9 @@ def setup(device: str) -> Distributed:
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
         # Rank 0 alone estimates DELTA's channel weights while the others wait for them.
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(hours=2))
+        torch.distributed.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=datetime.timedelta(hours=2)
+        )
     return Distributed(rank=rank, world=world, local_rank=local_rank, device=target)
 
 
@@ -101,8 +110,12 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"CrossProcessBatchNorm: expected at least 2-D input, got {input.dim()}-D")
 
     def forward(self, input: Tensor) -> Tensor:
-        synced = self.training and torch.distributed.is_available() and torch.distributed.is_initialized() \
+        synced = (
+            self.training
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
+        )
         if not synced:
             return super().forward(input)
         from torch.distributed.nn.functional import all_reduce
@@ -137,8 +150,9 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 
 def _replace_batchnorms(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
-        replacement = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum,
-                                            module.affine, module.track_running_stats)
+        replacement = CrossProcessBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         replacement.load_state_dict(module.state_dict())
         replacement.train(module.training)
         return replacement

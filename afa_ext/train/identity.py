@@ -1,11 +1,11 @@
 """What identifies the inputs of a cached or recorded result: fingerprints of settings and files."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 __all__ = ["canonical_json", "fingerprint", "file_identity"]
 
@@ -13,8 +13,10 @@ __all__ = ["canonical_json", "fingerprint", "file_identity"]
 def _json_default(value):
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    raise TypeError(f"fingerprint: a {type(value).__name__} has no canonical JSON form; "
-                    f"pass numbers, strings, booleans, None, lists or dicts")
+    raise TypeError(
+        f"fingerprint: a {type(value).__name__} has no canonical JSON form; "
+        f"pass numbers, strings, booleans, None, lists or dicts"
+    )
 
 
 def canonical_json(value) -> str:
@@ -27,7 +29,7 @@ def fingerprint(**parts) -> str:
     return hashlib.sha256(canonical_json(parts).encode("ascii")).hexdigest()
 
 
-def file_identity(path: Union[str, Path], root: Optional[Path] = None) -> list:
+def file_identity(path: str | Path, root: Path | None = None) -> list:
     """[path, size in bytes, mtime in ns] of a file: its path relative to ``root``, or its
     absolute path without one."""
     path = Path(path)

@@ -16,6 +16,7 @@ best-so-far, the metrics so far and every RNG state. With data order and augment
 drawn from (seed, epoch, sample index), a killed run restarted with ``--resume`` ends
 bitwise where an uninterrupted one ends (on the CPU).
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -35,8 +36,19 @@ from torch import nn
 import afa_ext
 
 from . import checkpoint, distributed, plots
-from .config import DELTA_ESTIMATES, RESUME_FREE, ConfigError, Stage, TrainConfig, epochs_per_stage, from_dict, \
-    load_toml, resolve, stage_plan, to_toml
+from .config import (
+    DELTA_ESTIMATES,
+    RESUME_FREE,
+    ConfigError,
+    Stage,
+    TrainConfig,
+    epochs_per_stage,
+    from_dict,
+    load_toml,
+    resolve,
+    stage_plan,
+    to_toml,
+)
 from .data import GlobalBatchSampler, load_data, mix_seed
 from .identity import file_identity
 from .models import FeatureHooks, build_model, feature_shapes, head_module_name, resolve_layers
@@ -59,8 +71,9 @@ class Interrupted(Exception):
     """SIGTERM or Ctrl-C arrived; a checkpoint was written."""
 
     def __init__(self, signum: int, path: Path):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}: checkpoint written to {path}; "
-                         f"continue with --resume")
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}: checkpoint written to {path}; continue with --resume"
+        )
         self.signum = signum
 
 
@@ -72,19 +85,19 @@ class StageSetup:
 
     stage: Stage
     regularizer: Regularizer
-    term: Optional[nn.Module]
+    term: nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    source_values: Optional[Dict[str, torch.Tensor]]
+    source_values: dict[str, torch.Tensor] | None
     step_module: StepModule
-    wrapped: Optional[nn.Module] = None
+    wrapped: nn.Module | None = None
 
 
 class _StopFlag:
     """Set by SIGTERM / SIGINT; a second Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -116,20 +129,24 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if resolved.resume:
         # Resolved too: a setting added since the run started takes its default.
         saved = resolve(from_dict(load_toml(str(out / CONFIG)), str(out / CONFIG)), torch.cuda.is_available())
-        differing = [key for key, value in saved.to_dict().items()
-                     if key not in RESUME_FREE and value != getattr(resolved, key)]
+        differing = [
+            key for key, value in saved.to_dict().items() if key not in RESUME_FREE and value != getattr(resolved, key)
+        ]
         if differing:
             details = ", ".join(f"{k}: saved {getattr(saved, k)!r}, given {getattr(resolved, k)!r}" for k in differing)
-            raise ConfigError(f"--resume: the run in {out} was started with other settings ({details}); "
-                              f"resume it with the same settings")
+            raise ConfigError(
+                f"--resume: the run in {out} was started with other settings ({details}); "
+                f"resume it with the same settings"
+            )
     return resolved
 
 
 class Run:
     """One training run (every rank builds one)."""
 
-    def __init__(self, config: TrainConfig, dist: distributed.Distributed, log: Callable[[str], None],
-                 progress: Optional[bool]):
+    def __init__(
+        self, config: TrainConfig, dist: distributed.Distributed, log: Callable[[str], None], progress: bool | None
+    ):
         self.config = config
         self.dist = dist
         self.device = dist.device
@@ -145,17 +162,23 @@ class Run:
         config = self.config
         torch.manual_seed(config.seed)
         if config.batch_size % self.dist.world:
-            raise ConfigError(f"--batch-size {config.batch_size}: the global batch must split evenly over "
-                              f"{self.dist.world} processes")
-        self.data = load_data(config.data, image_size=config.image_size, val_fraction=config.val_fraction,
-                              seed=config.seed, shots=config.shots)
+            raise ConfigError(
+                f"--batch-size {config.batch_size}: the global batch must split evenly over {self.dist.world} processes"
+            )
+        self.data = load_data(
+            config.data,
+            image_size=config.image_size,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            shots=config.shots,
+        )
         if config.weights == digits_source_path(config.cache_dir, config.image_size):
             digits_source_weights(config.cache_dir, config.image_size, log=self.log)  # trained on first use
         model = build_model(config.arch, self.data.num_classes, config.weights, in_channels=self.data.in_channels)
         self.head = head_module_name(model, config.arch)
         self.layers = resolve_layers(model, config.layers)
         self.shapes = feature_shapes(model, self.layers, config.image_size, self.data.in_channels)
-        self.stages: List[Stage] = stage_plan(config)
+        self.stages: list[Stage] = stage_plan(config)
         self.epochs = epochs_per_stage(config, len(self.data.train))
         model = model.to(self.device)
         if config.sync_bn and self.dist.enabled:
@@ -168,12 +191,18 @@ class Run:
         self.source_hooks = FeatureHooks(self.source, self.layers)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.channel_weights = None
-        self.delta_info: Dict = {}
+        self.delta_info: dict = {}
         self.resuming = config.resume and (self.out / CHECKPOINT).is_file()
         if any(REGULARIZERS[stage.reg].needs_channel_weights for stage in self.stages) and not self.resuming:
             self.channel_weights = self._shared_delta_weights()
-        self.sampler = GlobalBatchSampler(len(self.data.train), config.batch_size, seed=config.seed, shuffle=True,
-                                          rank=self.dist.rank, world=self.dist.world)
+        self.sampler = GlobalBatchSampler(
+            len(self.data.train),
+            config.batch_size,
+            seed=config.seed,
+            shuffle=True,
+            rank=self.dist.rank,
+            world=self.dist.world,
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
 
     def _delta_weights(self):
@@ -192,23 +221,43 @@ class Run:
             self.delta_info = {"method": "file", "path": choice}
             return loaded
         loader = torch.utils.data.DataLoader(
-            self.data.train, batch_sampler=GlobalBatchSampler(len(self.data.train), self.config.batch_size,
-                                                              seed=self.config.seed, shuffle=True),
-            num_workers=self.config.workers)
+            self.data.train,
+            batch_sampler=GlobalBatchSampler(
+                len(self.data.train), self.config.batch_size, seed=self.config.seed, shuffle=True
+            ),
+            num_workers=self.config.workers,
+        )
         weights = self.config.weights
-        key_parts = {"arch": self.config.arch, "data": self.data.fingerprint, "image_size": self.config.image_size,
-                     "weights": weights if weights in ("imagenet", "none") else file_identity(weights),
-                     "seed": self.config.seed,
-                     "head_epochs": self.config.delta_head_epochs, "batches": self.config.delta_batches,
-                     "batch_size": self.config.batch_size}
+        key_parts = {
+            "arch": self.config.arch,
+            "data": self.data.fingerprint,
+            "image_size": self.config.image_size,
+            "weights": weights if weights in ("imagenet", "none") else file_identity(weights),
+            "seed": self.config.seed,
+            "head_epochs": self.config.delta_head_epochs,
+            "batches": self.config.delta_batches,
+            "batch_size": self.config.batch_size,
+        }
         started = time.perf_counter()
         result, info = compute_channel_weights(
-            self.model, self.head, self.layers, loader, method=choice, head_epochs=self.config.delta_head_epochs,
-            head_lr=self.stages[0].lr, score_batches=self.config.delta_batches, device=self.device,
-            cache_dir=self.config.cache_dir, key_parts=key_parts, max_rows=self.config.eval_batch_size)
+            self.model,
+            self.head,
+            self.layers,
+            loader,
+            method=choice,
+            head_epochs=self.config.delta_head_epochs,
+            head_lr=self.stages[0].lr,
+            score_batches=self.config.delta_batches,
+            device=self.device,
+            cache_dir=self.config.cache_dir,
+            key_parts=key_parts,
+            max_rows=self.config.eval_batch_size,
+        )
         self.delta_info = dict(info, seconds=info.get("seconds", time.perf_counter() - started))
-        self.log(f"DELTA channel weights ({choice}): {'cached' if info.get('cached') else 'computed'} "
-                 f"in {self.delta_info['seconds']:.1f} s")
+        self.log(
+            f"DELTA channel weights ({choice}): {'cached' if info.get('cached') else 'computed'} "
+            f"in {self.delta_info['seconds']:.1f} s"
+        )
         return [w.float() for w in result]
 
     def _shared_delta_weights(self):
@@ -228,14 +277,19 @@ class Run:
         build = regularizer.loss_module
         term = None if build is None else build(self.config.backend, self.shapes, weights).to(self.device)
         parameters = list(self.model.parameters()) + ([] if term is None else list(term.parameters()))
-        optimizer = torch.optim.SGD(parameters, lr=stage.lr, momentum=self.config.momentum,
-                                    weight_decay=self.config.weight_decay)
+        optimizer = torch.optim.SGD(
+            parameters, lr=stage.lr, momentum=self.config.momentum, weight_decay=self.config.weight_decay
+        )
         milestone = max(1, round(self.config.lr_decay_at * self.epochs))
         self.current = StageSetup(
-            stage, regularizer, term, optimizer,
+            stage,
+            regularizer,
+            term,
+            optimizer,
             torch.optim.lr_scheduler.MultiStepLR(optimizer, [milestone], gamma=self.config.lr_gamma),
             source_parameters(self.source, self.head) if regularizer.reads_source_parameters else None,
-            StepModule(self.model, self.forward_model, self.hooks, term))
+            StepModule(self.model, self.forward_model, self.hooks, term),
+        )
 
     def _wrapped_step(self) -> nn.Module:
         """The step module, in DistributedDataParallel under torchrun (made after any state is loaded)."""
@@ -253,18 +307,21 @@ class Run:
     def _checkpoint(self, state: RunState) -> None:
         if not self.dist.is_main:
             return
-        checkpoint.save(self.out / CHECKPOINT, {
-            "version": CHECKPOINT_VERSION,
-            "state": state,
-            "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "source": self.source.state_dict(),
-            "term": None if self.current.term is None else self.current.term.state_dict(),
-            "optimizer": self.current.optimizer.state_dict(),
-            "scheduler": self.current.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": checkpoint.rng_states(),
-        })
+        checkpoint.save(
+            self.out / CHECKPOINT,
+            {
+                "version": CHECKPOINT_VERSION,
+                "state": state,
+                "config": self.config.to_dict(),
+                "model": self.model.state_dict(),
+                "source": self.source.state_dict(),
+                "term": None if self.current.term is None else self.current.term.state_dict(),
+                "optimizer": self.current.optimizer.state_dict(),
+                "scheduler": self.current.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": checkpoint.rng_states(),
+            },
+        )
 
     def _restore(self) -> RunState:
         saved = checkpoint.load(self.out / CHECKPOINT)
@@ -287,12 +344,14 @@ class Run:
 
     # ------------------------------------------------------------------ run
 
-    def run(self) -> Dict:
+    def run(self) -> dict:
         started = time.perf_counter()
         if self.resuming:
             state = self._restore()
-            self.log(f"resuming {self.out}: stage {state.stage + 1}, {state.epoch} of {self.epochs} epochs "
-                     f"and {state.step} steps done")
+            self.log(
+                f"resuming {self.out}: stage {state.stage + 1}, {state.epoch} of {self.epochs} epochs "
+                f"and {state.step} steps done"
+            )
         else:
             if self.dist.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
@@ -332,9 +391,17 @@ class Run:
             if self._stop_agreed(stop):
                 raise Interrupted(stop.signum or signal.SIGTERM, self.out / CHECKPOINT)
         best = state.best
-        state.stage_results.append(StageResult(stage.reg, stage.lr, stage.alpha, self.epochs,
-                                               self.epochs * len(self.sampler.global_batches()),
-                                               best.epoch, best.val_acc))
+        state.stage_results.append(
+            StageResult(
+                stage.reg,
+                stage.lr,
+                stage.alpha,
+                self.epochs,
+                self.epochs * len(self.sampler.global_batches()),
+                best.epoch,
+                best.val_acc,
+            )
+        )
         self.model.load_state_dict(best.model)
         state.stage, state.epoch, state.step = state.stage + 1, 0, 0
         if state.stage < len(self.stages):
@@ -342,8 +409,10 @@ class Run:
             self.source.load_state_dict(best.model)
             state.best = BestModel(best.val_acc, 0, best.model, None)
             self._setup_stage(state.stage)
-            self.log(f"stage {state.stage + 1}: starting from the best stage-{state.stage} model "
-                     f"(val acc {best.val_acc:.4f}), which also becomes the source model")
+            self.log(
+                f"stage {state.stage + 1}: starting from the best stage-{state.stage} model "
+                f"(val acc {best.val_acc:.4f}), which also becomes the source model"
+            )
 
     def _check_finite(self, state: RunState) -> None:
         """Raise Diverged unless the epoch's losses and the model's weights and statistics after it are finite."""
@@ -361,8 +430,12 @@ class Run:
         raise Diverged(
             f"stage {state.stage + 1} ({stage.reg}) epoch {state.epoch + 1}: the loss is not finite ({values}) "
             f"at alpha {stage.alpha:g} and lr {self.current.optimizer.param_groups[0]['lr']:g}; lower {flags}; "
-            + ("the checkpoint of the epoch before is kept" if (self.out / CHECKPOINT).is_file()
-               else "no checkpoint had been written"))
+            + (
+                "the checkpoint of the epoch before is kept"
+                if (self.out / CHECKPOINT).is_file()
+                else "no checkpoint had been written"
+            )
+        )
 
     def _stop_agreed(self, stop: _StopFlag) -> bool:
         flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=self.device)  # NCCL: on the GPU
@@ -386,28 +459,36 @@ class Run:
         self.sampler.set_epoch(epoch)
         self.data.train.set_epoch(epoch)
         global_batches = self.sampler.global_batches()
-        local_batches = [batch[self.dist.rank::self.dist.world] for batch in global_batches]
-        loader = torch.utils.data.DataLoader(self.data.train, batch_sampler=local_batches[first_step:],
-                                             num_workers=self.config.workers,
-                                             pin_memory=self.device.type == "cuda",
-                                             # its base seed from (seed, epoch), not the global RNG:
-                                             # a resumed epoch must not draw it a second time
-                                             generator=torch.Generator().manual_seed(
-                                                 mix_seed(self.config.seed, epoch)))
+        local_batches = [batch[self.dist.rank :: self.dist.world] for batch in global_batches]
+        loader = torch.utils.data.DataLoader(
+            self.data.train,
+            batch_sampler=local_batches[first_step:],
+            num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+            # its base seed from (seed, epoch), not the global RNG:
+            # a resumed epoch must not draw it a second time
+            generator=torch.Generator().manual_seed(mix_seed(self.config.seed, epoch)),
+        )
         self.model.train()
         if self.current.term is not None:
             self.current.term.train()
         from tqdm import tqdm
 
-        bar = tqdm(total=len(global_batches), initial=first_step, leave=False, dynamic_ncols=True,
-                   disable=not self.progress,
-                   desc=f"stage {state.stage + 1}/{len(self.stages)} ({stage.reg}) epoch {epoch + 1}/{self.epochs}")
+        bar = tqdm(
+            total=len(global_batches),
+            initial=first_step,
+            leave=False,
+            dynamic_ncols=True,
+            disable=not self.progress,
+            desc=f"stage {state.stage + 1}/{len(self.stages)} ({stage.reg}) epoch {epoch + 1}/{self.epochs}",
+        )
         device_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         started = time.perf_counter()
         for step, (images, labels) in enumerate(loader, start=first_step):
             losses = self.train_step(images, labels, len(global_batches[step]))
-            device_sums += torch.stack([losses.ce.double(), losses.regularizer.double(), losses.head.double(),
-                                        losses.correct.double()])
+            device_sums += torch.stack(
+                [losses.ce.double(), losses.regularizer.double(), losses.head.double(), losses.correct.double()]
+            )
             sums.steps += 1
             bar.update(1)
             if stop.signum is not None and not self.dist.enabled and step + 1 < len(global_batches):
@@ -430,10 +511,20 @@ class Run:
                 source_features = [f.detach() for f in self.source_hooks.features]
             logits, feature_term = self._wrapped_step()(images, source_features)
             current = self.current
-            losses = step_losses(logits, labels, feature_term, regularizer=current.regularizer,
-                                 alpha=current.stage.alpha, beta=self.config.beta, model=self.model, head=self.head,
-                                 source_values=current.source_values, mean_scale=mean_scale, sum_scale=sum_scale,
-                                 world=self.dist.world)
+            losses = step_losses(
+                logits,
+                labels,
+                feature_term,
+                regularizer=current.regularizer,
+                alpha=current.stage.alpha,
+                beta=self.config.beta,
+                model=self.model,
+                head=self.head,
+                source_values=current.source_values,
+                mean_scale=mean_scale,
+                sum_scale=sum_scale,
+                world=self.dist.world,
+            )
         self.current.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses.total).backward()
         self.scaler.step(self.current.optimizer)
@@ -458,18 +549,28 @@ class Run:
         ce, regularizer, head = sums.ce / steps, sums.regularizer / steps, sums.head / steps
         seen = sum(len(batch) for batch in self.sampler.global_batches())
         record = EpochRecord(
-            stage=state.stage + 1, reg=stage.reg, epoch=state.epoch + 1,
-            lr=float(self.current.optimizer.param_groups[0]["lr"]), ce=ce, feature=regularizer, head_l2=head,
+            stage=state.stage + 1,
+            reg=stage.reg,
+            epoch=state.epoch + 1,
+            lr=float(self.current.optimizer.param_groups[0]["lr"]),
+            ce=ce,
+            feature=regularizer,
+            head_l2=head,
             total=ce + stage.alpha * regularizer + self.config.beta * head,
-            train_acc=sums.correct / max(seen, 1), val_acc=val_acc,
-            best_val_acc=max(state.best.val_acc, val_acc), seconds=sums.seconds)
+            train_acc=sums.correct / max(seen, 1),
+            val_acc=val_acc,
+            best_val_acc=max(state.best.val_acc, val_acc),
+            seconds=sums.seconds,
+        )
         state.records.append(record)
         if self.dist.is_main:
             write_metrics(self.out, state.records)
-        self.log(f"stage {record.stage}/{len(self.stages)} ({record.reg}) epoch {record.epoch}/{self.epochs}: "
-                 f"lr {record.lr:.3g}  ce {ce:.4f}  regulariser {regularizer:.4g}  head {head:.4g}  "
-                 f"total {record.total:.4f}  train acc {record.train_acc:.4f}  val acc {val_acc:.4f}  "
-                 f"({sums.seconds:.1f} s)")
+        self.log(
+            f"stage {record.stage}/{len(self.stages)} ({record.reg}) epoch {record.epoch}/{self.epochs}: "
+            f"lr {record.lr:.3g}  ce {ce:.4f}  regulariser {regularizer:.4g}  head {head:.4g}  "
+            f"total {record.total:.4f}  train acc {record.train_acc:.4f}  val acc {val_acc:.4f}  "
+            f"({sums.seconds:.1f} s)"
+        )
 
     @torch.no_grad()
     def evaluate(self, split) -> float:
@@ -477,9 +578,13 @@ class Run:
         was_training = self.model.training
         self.model.eval()
         indices = list(range(self.dist.rank, len(split), self.dist.world))
-        loader = torch.utils.data.DataLoader(split, batch_size=self.config.eval_batch_size, sampler=indices,
-                                             num_workers=self.config.workers,
-                                             generator=torch.Generator().manual_seed(self.config.seed))
+        loader = torch.utils.data.DataLoader(
+            split,
+            batch_size=self.config.eval_batch_size,
+            sampler=indices,
+            num_workers=self.config.workers,
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
         counts = torch.zeros(2, dtype=torch.float64, device=self.device)
         for images, labels in loader:
             images, labels = self._to_device(images), labels.to(self.device)
@@ -491,7 +596,7 @@ class Run:
         correct, total = distributed.all_reduce_sum(self.dist, counts).cpu().tolist()
         return correct / max(total, 1)
 
-    def _finish(self, state: RunState) -> Dict:
+    def _finish(self, state: RunState) -> dict:
         final = state.stage_results[-1]
         test_acc = self.evaluate(self.data.test)
         result = {
@@ -518,15 +623,22 @@ class Run:
             checkpoint.save(self.out / MODEL, self.model.state_dict())
             write_result(self.out, result)
             title = f"{self.config.data} {self.config.arch} {self.config.reg} seed {self.config.seed}"
-            plots.save(plots.curves_figure([dataclasses.asdict(r) for r in state.records],
-                                           [stage.alpha for stage in self.stages], self.config.beta, title),
-                       self.out / CURVES)
-        self.log(f"test accuracy {test_acc:.4f} (best validation accuracy {final.best_val_acc:.4f}); "
-                 f"results in {self.out}")
+            plots.save(
+                plots.curves_figure(
+                    [dataclasses.asdict(r) for r in state.records],
+                    [stage.alpha for stage in self.stages],
+                    self.config.beta,
+                    title,
+                ),
+                self.out / CURVES,
+            )
+        self.log(
+            f"test accuracy {test_acc:.4f} (best validation accuracy {final.best_val_acc:.4f}); results in {self.out}"
+        )
         return result
 
 
-def run(config: TrainConfig, *, log: Callable[[str], None] = print, progress: Optional[bool] = None) -> Dict:
+def run(config: TrainConfig, *, log: Callable[[str], None] = print, progress: bool | None = None) -> dict:
     """Train as ``config`` says and return what result.json holds (on every rank)."""
     resolved = resolve_config(config)
     dist = distributed.setup(resolved.device)

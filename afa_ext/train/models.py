@@ -15,7 +15,7 @@ import pickle
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torchvision
@@ -48,31 +48,25 @@ __all__ = [
 class ArchPreset:
     """Defaults of one architecture: hooked layers, classifier head, input side, AFA alphas."""
 
-    layers: Tuple[str, ...]
+    layers: tuple[str, ...]
     head: str
     image_size: int
     alpha_stage1: float
     alpha_stage2: float
 
 
-def _resnet_preset(layers: Tuple[str, ...]) -> ArchPreset:
+def _resnet_preset(layers: tuple[str, ...]) -> ArchPreset:
     return ArchPreset(layers=layers, head="fc", image_size=224, alpha_stage1=0.1, alpha_stage2=0.15)
 
 
 _BASIC_BLOCK_LAYERS = ("layer1.1.conv2", "layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2")
 
-ARCH_PRESETS: Dict[str, ArchPreset] = {
+ARCH_PRESETS: dict[str, ArchPreset] = {
     "resnet18": _resnet_preset(_BASIC_BLOCK_LAYERS),
     "resnet34": _resnet_preset(_BASIC_BLOCK_LAYERS),
-    "resnet50": _resnet_preset(
-        ("layer1.2.conv3", "layer2.3.conv3", "layer3.5.conv3", "layer4.2.conv3")
-    ),
-    "resnet101": _resnet_preset(
-        ("layer1.2.conv3", "layer2.3.conv3", "layer3.22.conv3", "layer4.2.conv3")
-    ),
-    "resnet152": _resnet_preset(
-        ("layer1.2.conv3", "layer2.7.conv3", "layer3.35.conv3", "layer4.2.conv3")
-    ),
+    "resnet50": _resnet_preset(("layer1.2.conv3", "layer2.3.conv3", "layer3.5.conv3", "layer4.2.conv3")),
+    "resnet101": _resnet_preset(("layer1.2.conv3", "layer2.3.conv3", "layer3.22.conv3", "layer4.2.conv3")),
+    "resnet152": _resnet_preset(("layer1.2.conv3", "layer2.7.conv3", "layer3.35.conv3", "layer4.2.conv3")),
     "mobilenet_v2": ArchPreset(
         layers=(
             "features.5.conv.2",
@@ -104,7 +98,7 @@ ARCH_PRESETS: Dict[str, ArchPreset] = {
 
 # Architectures with auxiliary classifiers: the trainer uses the main head only, so these
 # sub-modules are dropped (set to None) after the weights are loaded.
-_AUX_HEADS: Dict[str, Tuple[str, ...]] = {
+_AUX_HEADS: dict[str, tuple[str, ...]] = {
     "inception_v3": ("AuxLogits",),
     "googlenet": ("aux1", "aux2"),
 }
@@ -154,11 +148,11 @@ def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequenti
 # --------------------------------------------------------------------------- architectures
 
 
-def _torchvision_architectures() -> List[str]:
+def _torchvision_architectures() -> list[str]:
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def available_architectures() -> List[str]:
+def available_architectures() -> list[str]:
     """Sorted names accepted by ``build_model``: the presets and torchvision's classifiers."""
     return sorted(set(ARCH_PRESETS) | set(_torchvision_architectures()))
 
@@ -173,19 +167,19 @@ def check_architecture(arch: str) -> None:
     raise LayerError(f"unknown architecture {arch!r}; {hint}")
 
 
-def preset_alphas(arch: str) -> Tuple[float, float]:
+def preset_alphas(arch: str) -> tuple[float, float]:
     """The (stage-1, stage-2) alphas of AFA for ``arch``: its preset's, else ResNet's (0.1, 0.15)."""
     preset = ARCH_PRESETS.get(arch)
     return (preset.alpha_stage1, preset.alpha_stage2) if preset else (0.1, 0.15)
 
 
-def default_image_size(arch: str) -> Optional[int]:
+def default_image_size(arch: str) -> int | None:
     """The input side of ``arch``'s preset, None for an architecture without one."""
     preset = ARCH_PRESETS.get(arch)
     return preset.image_size if preset else None
 
 
-def default_layers(arch: str) -> Tuple[str, ...]:
+def default_layers(arch: str) -> tuple[str, ...]:
     """The preset hooked layers of ``arch``; ``LayerError`` for an architecture without one."""
     if arch not in ARCH_PRESETS:
         raise LayerError(
@@ -199,7 +193,7 @@ def default_layers(arch: str) -> Tuple[str, ...]:
 # --------------------------------------------------------------------------- heads
 
 
-def head_module_name(model: nn.Module, arch: Optional[str] = None) -> str:
+def head_module_name(model: nn.Module, arch: str | None = None) -> str:
     """Name of the classifier head: the preset's for ``arch``, else the model's last nn.Linear."""
     modules = dict(model.named_modules())
     if arch in ARCH_PRESETS:
@@ -237,9 +231,7 @@ def _head_name_of_architecture(arch: str) -> str:
         return ARCH_PRESETS[arch].head
     try:
         with torch.device("meta"):
-            skeleton = _construct(
-                arch, num_classes=1000, in_channels=3, aux_logits=False, loaded=True
-            )
+            skeleton = _construct(arch, num_classes=1000, in_channels=3, aux_logits=False, loaded=True)
     except (NotImplementedError, RuntimeError):  # some initializers need real tensors
         skeleton = _construct(arch, num_classes=1000, in_channels=3, aux_logits=False, loaded=True)
     return head_module_name(skeleton, arch)
@@ -248,9 +240,7 @@ def _head_name_of_architecture(arch: str) -> str:
 # --------------------------------------------------------------------------- building
 
 
-def _construct(
-    arch: str, num_classes: int, in_channels: int, aux_logits: bool, loaded: bool
-) -> nn.Module:
+def _construct(arch: str, num_classes: int, in_channels: int, aux_logits: bool, loaded: bool) -> nn.Module:
     """A randomly initialized ``arch``; ``loaded`` says weights will overwrite the init."""
     if arch == "digits_cnn":
         return DigitsCNN(num_classes, in_channels)
@@ -283,7 +273,7 @@ def build_model(
     weights: str,
     *,
     in_channels: int = 3,
-    source_classes: Optional[int] = None,
+    source_classes: int | None = None,
 ) -> nn.Module:
     """Build ``arch`` with ``weights`` ("imagenet", "none" or a file path) and a fresh head.
 
@@ -329,9 +319,7 @@ def _imagenet_model(arch: str) -> nn.Module:
         ) from err
 
 
-def _model_from_file(
-    arch: str, path: str, in_channels: int, source_classes: Optional[int]
-) -> nn.Module:
+def _model_from_file(arch: str, path: str, in_channels: int, source_classes: int | None) -> nn.Module:
     """``arch`` built with the file's head size and loaded strictly from ``path``."""
     state_dict = _read_state_dict(path)
     head = _head_name_of_architecture(arch)
@@ -345,12 +333,11 @@ def _model_from_file(
     return model
 
 
-def _read_state_dict(path: str) -> Dict[str, Tensor]:
+def _read_state_dict(path: str) -> dict[str, Tensor]:
     """The state_dict in ``path`` (plain or under "model"/"state_dict"), DDP prefix stripped."""
     if not os.path.isfile(path):
         raise WeightsError(
-            f"weights file {path!r} does not exist; --weights takes 'imagenet', 'none' or the "
-            "path of a state_dict file"
+            f"weights file {path!r} does not exist; --weights takes 'imagenet', 'none' or the path of a state_dict file"
         )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -366,7 +353,7 @@ def _read_state_dict(path: str) -> Dict[str, Tensor]:
     return state_dict
 
 
-def _unwrap_checkpoint(loaded: object, path: str) -> Dict[str, Tensor]:
+def _unwrap_checkpoint(loaded: object, path: str) -> dict[str, Tensor]:
     if isinstance(loaded, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(loaded.get(key), Mapping):
@@ -374,18 +361,14 @@ def _unwrap_checkpoint(loaded: object, path: str) -> Dict[str, Tensor]:
                 break
         if loaded and all(isinstance(value, Tensor) for value in loaded.values()):
             return dict(loaded)
-    described = (
-        f"a dict with keys {list(loaded)[:8]}"
-        if isinstance(loaded, Mapping)
-        else type(loaded).__name__
-    )
+    described = f"a dict with keys {list(loaded)[:8]}" if isinstance(loaded, Mapping) else type(loaded).__name__
     raise WeightsError(
         f"weights file {path!r} holds {described}; expected a state_dict (names -> tensors) "
         "or a dict holding one under 'model' or 'state_dict'"
     )
 
 
-def _head_classes(state_dict: Mapping[str, Tensor], head: str) -> Optional[int]:
+def _head_classes(state_dict: Mapping[str, Tensor], head: str) -> int | None:
     weight = state_dict.get(f"{head}.weight")
     return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
@@ -395,8 +378,7 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], arch: str, 
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
         raise WeightsError(
-            f"weights file {path!r} does not fit {arch!r}: "
-            f"{_state_dict_mismatch(model, state_dict) or err}"
+            f"weights file {path!r} does not fit {arch!r}: {_state_dict_mismatch(model, state_dict) or err}"
         ) from err
 
 
@@ -425,7 +407,7 @@ def _state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, Tensor]) -> 
 # --------------------------------------------------------------------------- layers
 
 
-def resolve_layers(model: nn.Module, names: Sequence[str]) -> List[str]:
+def resolve_layers(model: nn.Module, names: Sequence[str]) -> list[str]:
     """Check that ``names`` are distinct modules of ``model``; return them as a list."""
     names = list(names)
     if not names:
@@ -439,22 +421,18 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> List[str]:
             raise LayerError("the empty layer name is the whole model; name one of its modules")
         if name not in modules:
             suggestions = ", ".join(_closest_layers(model, name))
-            raise LayerError(
-                f"unknown layer {name!r} in {type(model).__name__}; closest: {suggestions}"
-            )
+            raise LayerError(f"unknown layer {name!r} in {type(model).__name__}; closest: {suggestions}")
     return names
 
 
-def _closest_layers(model: nn.Module, name: str) -> List[str]:
+def _closest_layers(model: nn.Module, name: str) -> list[str]:
     """Module names close to ``name``; failing that, leaf modules under its longest known prefix."""
     candidates = [module_name for module_name, _ in model.named_modules() if module_name]
     close = difflib.get_close_matches(name, candidates, n=_SUGGESTIONS, cutoff=0.5)
     if close:
         return close
     leaves = [
-        module_name
-        for module_name, module in model.named_modules()
-        if module_name and not list(module.children())
+        module_name for module_name, module in model.named_modules() if module_name and not list(module.children())
     ]
     parts = name.split(".")
     for length in range(len(parts) - 1, -1, -1):
@@ -465,7 +443,7 @@ def _closest_layers(model: nn.Module, name: str) -> List[str]:
     return leaves[:_SUGGESTIONS]
 
 
-def outermost_sequential_child(model: nn.Module, layer_name: str) -> Optional[str]:
+def outermost_sequential_child(model: nn.Module, layer_name: str) -> str | None:
     """Outermost ancestor-or-self of ``layer_name`` whose parent is an nn.Sequential, or None.
 
     E.g. resnet "layer1.2.conv3" -> "layer1.2", mobilenet_v2 "features.5.conv.2" ->
@@ -496,15 +474,13 @@ class FeatureHooks:
     """
 
     def __init__(self, model: nn.Module, layer_names: Sequence[str]):
-        self.layer_names: Tuple[str, ...] = tuple(resolve_layers(model, layer_names))
+        self.layer_names: tuple[str, ...] = tuple(resolve_layers(model, layer_names))
         modules = dict(model.named_modules())
-        self._outputs: Dict[str, Tensor] = {}
+        self._outputs: dict[str, Tensor] = {}
         self._forward_count = 0
         self._removed = False
         self._handles = [model.register_forward_pre_hook(self._start_forward)]
-        self._handles += [
-            modules[name].register_forward_hook(self._keeper(name)) for name in self.layer_names
-        ]
+        self._handles += [modules[name].register_forward_hook(self._keeper(name)) for name in self.layer_names]
 
     def _start_forward(self, module: nn.Module, inputs: object) -> None:
         self._outputs.clear()
@@ -513,24 +489,18 @@ class FeatureHooks:
     def _keeper(self, name: str):
         def keep_output(module: nn.Module, inputs: object, output: object) -> None:
             if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"hooked layer {name!r} returned {type(output).__name__}, expected a Tensor"
-                )
+                raise TypeError(f"hooked layer {name!r} returned {type(output).__name__}, expected a Tensor")
             self._outputs[name] = output
 
         return keep_output
 
     @property
-    def features(self) -> List[Tensor]:
+    def features(self) -> list[Tensor]:
         """Outputs of the hooked layers in the last forward, in the order of ``layer_names``."""
         if self._removed:
-            raise RuntimeError(
-                "the feature hooks were removed; create new FeatureHooks to read features"
-            )
+            raise RuntimeError("the feature hooks were removed; create new FeatureHooks to read features")
         if self._forward_count == 0:
-            raise RuntimeError(
-                "no forward of the hooked model has run yet; call the model before reading features"
-            )
+            raise RuntimeError("no forward of the hooked model has run yet; call the model before reading features")
         missing = [name for name in self.layer_names if name not in self._outputs]
         if missing:
             raise RuntimeError(
@@ -551,7 +521,7 @@ class FeatureHooks:
         self._outputs.clear()
         self._removed = True
 
-    def __enter__(self) -> "FeatureHooks":
+    def __enter__(self) -> FeatureHooks:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -570,7 +540,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def layer_output_shapes(model: nn.Module, layer_names: Sequence[str], images: Tensor) -> List[Tuple[int, ...]]:
+def layer_output_shapes(model: nn.Module, layer_names: Sequence[str], images: Tensor) -> list[tuple[int, ...]]:
     """(C, ...) of the output of each named layer for ``images``: one forward pass in eval
     mode under no_grad, every module's train/eval mode restored afterwards."""
     with eval_mode(model), FeatureHooks(model, layer_names) as hooks, torch.no_grad():
@@ -580,7 +550,7 @@ def layer_output_shapes(model: nn.Module, layer_names: Sequence[str], images: Te
 
 def feature_shapes(
     model: nn.Module, layer_names: Sequence[str], image_size: int, in_channels: int = 3
-) -> List[Tuple[int, ...]]:
+) -> list[tuple[int, ...]]:
     """(C, H, W) of each hooked layer for a 2-image batch of side ``image_size``."""
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = reference.device if reference is not None else torch.device("cpu")

@@ -3,20 +3,30 @@
 
 An existing non-empty folder is only ever continued (``--resume``), never overwritten.
 """
+
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
 from pathlib import Path
-from typing import Dict, List
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import ConfigError
 from .state import EpochRecord
 
-__all__ = ["METRIC_COLUMNS", "check_out_folder", "write_metrics", "write_result", "CHECKPOINT", "MODEL", "RESULT",
-           "CONFIG", "METRICS", "CURVES"]
+__all__ = [
+    "METRIC_COLUMNS",
+    "check_out_folder",
+    "write_metrics",
+    "write_result",
+    "CHECKPOINT",
+    "MODEL",
+    "RESULT",
+    "CONFIG",
+    "METRICS",
+    "CURVES",
+]
 
 CONFIG = "config.toml"
 METRICS = "metrics.csv"
@@ -41,7 +51,7 @@ def check_out_folder(out: Path, resume: bool) -> None:
         )
 
 
-def write_metrics(out: Path, records: List[EpochRecord]) -> None:
+def write_metrics(out: Path, records: list[EpochRecord]) -> None:
     """metrics.csv: one row per stage and epoch, every loss term apart."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
@@ -55,5 +65,5 @@ def _format(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def write_result(out: Path, result: Dict) -> None:
+def write_result(out: Path, result: dict) -> None:
     atomic_write_json(out / RESULT, result)

@@ -4,11 +4,12 @@ and a comparison's accuracies and paired differences (``comparison.png``).
 Each ``*_figure`` function returns the matplotlib Figure (so its data can be checked);
 ``save`` writes one atomically and closes it.
 """
+
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 from .checkpoint import atomic_write_bytes
 
@@ -33,7 +34,7 @@ def save(figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def curves_figure(rows: Sequence[Dict], alphas: Sequence[float], beta: float, title: str = ""):
+def curves_figure(rows: Sequence[dict], alphas: Sequence[float], beta: float, title: str = ""):
     """Left: the terms of the loss as they enter the total (CE, alpha * R, beta * head L2 and
     their sum) per epoch; right: train and validation accuracy. Epochs are counted across
     stages, with a dashed line where a stage starts."""
@@ -67,20 +68,29 @@ def curves_figure(rows: Sequence[Dict], alphas: Sequence[float], beta: float, ti
     return figure
 
 
-def comparison_figure(methods: Sequence[str], accuracies: Dict[str, tuple],
-                      differences: Dict[str, Dict[str, tuple]], title: str = ""):
+def comparison_figure(
+    methods: Sequence[str], accuracies: dict[str, tuple], differences: dict[str, dict[str, tuple]], title: str = ""
+):
     """Left: test accuracy per method, ``accuracies[method] = (per-seed values, mean, sd)``,
     each seed a point, mean ± sd as a bar. Right: per baseline, each method's mean paired
     difference (points of accuracy) with its 95% interval,
     ``differences[baseline][method] = (mean, low, high)``; a line at zero."""
     plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.55 * len(methods) + 2.4),
-                                         gridspec_kw={"width_ratios": [1.1, 1]})
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(11, 0.55 * len(methods) + 2.4), gridspec_kw={"width_ratios": [1.1, 1]}
+    )
     rows = list(range(len(methods)))[::-1]  # first method on top
     for row, method in zip(rows, methods):
         if method not in accuracies:
-            left.text(0.5, row, "no finished grid point", va="center", transform=left.get_yaxis_transform(),
-                      fontsize=8, color="0.4")
+            left.text(
+                0.5,
+                row,
+                "no finished grid point",
+                va="center",
+                transform=left.get_yaxis_transform(),
+                fontsize=8,
+                color="0.4",
+            )
             continue
         accs, mean, sd = accuracies[method]
         left.errorbar([mean], [row], xerr=[sd], fmt="s", color=_COLOURS[0], capsize=4, markersize=6)
@@ -98,8 +108,7 @@ def comparison_figure(methods: Sequence[str], accuracies: Dict[str, tuple],
                 continue
             mean, low, high = (100 * v if v is not None else None for v in value)
             xerr = [[mean - low], [high - mean]] if low is not None else None
-            right.errorbar([mean], [row + offset], xerr=xerr, fmt="o", color=colour, capsize=3,
-                           label=f"vs {baseline}")
+            right.errorbar([mean], [row + offset], xerr=xerr, fmt="o", color=colour, capsize=3, label=f"vs {baseline}")
     right.axvline(0, color="0.3", linewidth=1)
     right.set_yticks(rows, methods)
     right.set_xlabel("paired test difference, points (95% t-interval)")

@@ -5,10 +5,11 @@ SGD with momentum, a fixed schedule), so the cached file is the same on every ma
 with the same torch; it is kept in the cache folder under a name that holds the image
 size and a version of this recipe.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

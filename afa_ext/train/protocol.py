@@ -9,21 +9,33 @@ paired difference per seed is d_s = test(method, s) - test(B, s) over the seeds 
 have; the report gives mean(d), its 95% t-interval mean(d) ± t(0.975, n - 1) * sd(d) / sqrt(n)
 and the number of seeds with d_s > 0 (wins).
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
-__all__ = ["FINISHED", "DIVERGED", "FAILED", "UNFINISHED", "MISSING", "RunRecord", "GridPoint", "Selection",
-           "PairedDifference", "select", "paired_difference"]
+__all__ = [
+    "FINISHED",
+    "DIVERGED",
+    "FAILED",
+    "UNFINISHED",
+    "MISSING",
+    "RunRecord",
+    "GridPoint",
+    "Selection",
+    "PairedDifference",
+    "select",
+    "paired_difference",
+]
 
 FINISHED = "finished"
-DIVERGED = "diverged"      # the trainer's non-finite stop: recorded, never selected, never re-run
-FAILED = "failed"          # any other error: re-run by --resume
+DIVERGED = "diverged"  # the trainer's non-finite stop: recorded, never selected, never re-run
+FAILED = "failed"  # any other error: re-run by --resume
 UNFINISHED = "unfinished"  # started, killed or interrupted: continued by --resume
-MISSING = "missing"        # not started
+MISSING = "missing"  # not started
 
 
 @dataclass
@@ -31,40 +43,40 @@ class RunRecord:
     """One trainer run of a sweep and what it left (accuracies only when finished)."""
 
     method: str
-    alpha: Optional[float]          # None for a method without a grid
+    alpha: float | None  # None for a method without a grid
     seed: int
     status: str = MISSING
-    lr: Optional[float] = None
-    best_val_acc: Optional[float] = None
-    test_acc: Optional[float] = None
-    epochs_run: Optional[int] = None
-    steps: Optional[int] = None
-    wall_time_s: Optional[float] = None
+    lr: float | None = None
+    best_val_acc: float | None = None
+    test_acc: float | None = None
+    epochs_run: int | None = None
+    steps: int | None = None
+    wall_time_s: float | None = None
     out: str = ""
-    message: str = ""               # why a run diverged or failed
+    message: str = ""  # why a run diverged or failed
 
 
 @dataclass
 class GridPoint:
     """One alpha of a method over the seeds."""
 
-    alpha: Optional[float]
-    runs: List[RunRecord]
+    alpha: float | None
+    runs: list[RunRecord]
 
     @property
     def complete(self) -> bool:
         return bool(self.runs) and all(run.status == FINISHED for run in self.runs)
 
     @property
-    def val_accs(self) -> List[float]:
+    def val_accs(self) -> list[float]:
         return [run.best_val_acc for run in self.runs if run.status == FINISHED]
 
     @property
-    def val_acc_mean(self) -> Optional[float]:
+    def val_acc_mean(self) -> float | None:
         return statistics.mean(self.val_accs) if self.val_accs else None
 
     @property
-    def val_acc_sd(self) -> Optional[float]:
+    def val_acc_sd(self) -> float | None:
         return _sd(self.val_accs) if self.val_accs else None
 
 
@@ -73,8 +85,8 @@ class Selection:
     """A method's grid, and the point chosen on validation (None when no point is complete)."""
 
     method: str
-    points: List[GridPoint]
-    selected: Optional[GridPoint]
+    points: list[GridPoint]
+    selected: GridPoint | None
 
     @property
     def at_grid_edge(self) -> bool:
@@ -84,15 +96,15 @@ class Selection:
         return self.selected is self.points[0] or self.selected is self.points[-1]
 
     @property
-    def test_by_seed(self) -> Dict[int, float]:
+    def test_by_seed(self) -> dict[int, float]:
         return {} if self.selected is None else {run.seed: run.test_acc for run in self.selected.runs}
 
     @property
-    def test_acc_mean(self) -> Optional[float]:
+    def test_acc_mean(self) -> float | None:
         return statistics.mean(self.test_by_seed.values()) if self.selected is not None else None
 
     @property
-    def test_acc_sd(self) -> Optional[float]:
+    def test_acc_sd(self) -> float | None:
         return _sd(list(self.test_by_seed.values())) if self.selected is not None else None
 
 
@@ -100,19 +112,19 @@ class Selection:
 class PairedDifference:
     """test(method) - test(baseline) over the seeds both have."""
 
-    seeds: List[int]
-    differences: List[float] = field(default_factory=list)
+    seeds: list[int]
+    differences: list[float] = field(default_factory=list)
 
     @property
     def n(self) -> int:
         return len(self.differences)
 
     @property
-    def mean(self) -> Optional[float]:
+    def mean(self) -> float | None:
         return statistics.mean(self.differences) if self.differences else None
 
     @property
-    def ci95(self) -> tuple[Optional[float], Optional[float]]:
+    def ci95(self) -> tuple[float | None, float | None]:
         """mean ± t(0.975, n - 1) * sd / sqrt(n); undefined below two seeds."""
         if self.n < 2:
             return None, None
@@ -130,12 +142,12 @@ def _sd(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def select(method: str, records: Sequence[RunRecord], alphas: Sequence[Optional[float]]) -> Selection:
+def select(method: str, records: Sequence[RunRecord], alphas: Sequence[float | None]) -> Selection:
     """The grid of ``method`` (its records at each alpha, in grid order) and the point with
     the highest mean validation accuracy among the complete ones; ties go to the smaller alpha.
     Test accuracy plays no part."""
     points = [GridPoint(alpha, [r for r in records if r.method == method and r.alpha == alpha]) for alpha in alphas]
-    best: Optional[GridPoint] = None
+    best: GridPoint | None = None
     for point in points:  # ascending alpha: a later point must be strictly better
         if point.complete and (best is None or point.val_acc_mean > best.val_acc_mean):
             best = point

@@ -17,10 +17,11 @@ their attention modules (AST, ACT) are trained with the model. ``REGULARIZERS`` 
 table the command line, the configuration's validation and defaults, the stage plan, the
 step and the distributed scaling read.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +31,9 @@ from afa_ext import reference
 
 __all__ = ["Regularizer", "REGULARIZERS", "check_channel_weights", "head_l2", "l2sp_term", "source_parameters"]
 
-Shapes = Sequence[Tuple[int, ...]]
+Shapes = Sequence[tuple[int, ...]]
 # (backend, (C, H, W) of each hooked layer, DELTA's channel weights or None) -> the loss module
-LossModuleBuilder = Callable[[str, Shapes, Optional[List[Tensor]]], nn.Module]
+LossModuleBuilder = Callable[[str, Shapes, list[Tensor] | None], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -47,41 +48,52 @@ class Regularizer:
     """
 
     name: str
-    loss_module: Optional[LossModuleBuilder] = None
+    loss_module: LossModuleBuilder | None = None
     alpha: float = 0.0
-    preset_alpha: Optional[int] = None
+    preset_alpha: int | None = None
     batch_sum: bool = False
     needs_channel_weights: bool = False
     reads_source_parameters: bool = False
-    stage_regularizers: Tuple[str, ...] = ()
+    stage_regularizers: tuple[str, ...] = ()
 
     @property
     def default_stages(self) -> int:
         return max(1, len(self.stage_regularizers))
 
-    def default_alpha(self, preset_alphas: Tuple[float, float]) -> float:
+    def default_alpha(self, preset_alphas: tuple[float, float]) -> float:
         """The default alpha, given the architecture's (stage-1, stage-2) AFA alphas."""
         return self.alpha if self.preset_alpha is None else preset_alphas[self.preset_alpha]
 
 
-def _delta_module(backend: str, shapes: Shapes, channel_weights: Optional[List[Tensor]]) -> nn.Module:
+def _delta_module(backend: str, shapes: Shapes, channel_weights: list[Tensor] | None) -> nn.Module:
     if channel_weights is None:
         raise ValueError("the delta regulariser needs DELTA channel weights")
     check_channel_weights(channel_weights, shapes)
     return afa_ext.DeltaAlignment(channel_weights, backend=backend)
 
 
-REGULARIZERS: Dict[str, Regularizer] = {
-    regularizer.name: regularizer for regularizer in (
+REGULARIZERS: dict[str, Regularizer] = {
+    regularizer.name: regularizer
+    for regularizer in (
         Regularizer("none"),
         Regularizer("l2sp", alpha=0.01, reads_source_parameters=True),
-        Regularizer("fea_map", lambda backend, shapes, weights: afa_ext.FeatureMapAlignment(backend=backend),
-                    alpha=0.01, batch_sum=True),
+        Regularizer(
+            "fea_map",
+            lambda backend, shapes, weights: afa_ext.FeatureMapAlignment(backend=backend),
+            alpha=0.01,
+            batch_sum=True,
+        ),
         Regularizer("delta", _delta_module, alpha=0.01, batch_sum=True, needs_channel_weights=True),
-        Regularizer("ast", lambda backend, shapes, weights: afa_ext.AttentiveSpatialAlignment(
-            backend=backend, feature_shapes=shapes), preset_alpha=0),
-        Regularizer("act", lambda backend, shapes, weights: afa_ext.AttentiveChannelAlignment(
-            backend=backend, feature_shapes=shapes), preset_alpha=1),
+        Regularizer(
+            "ast",
+            lambda backend, shapes, weights: afa_ext.AttentiveSpatialAlignment(backend=backend, feature_shapes=shapes),
+            preset_alpha=0,
+        ),
+        Regularizer(
+            "act",
+            lambda backend, shapes, weights: afa_ext.AttentiveChannelAlignment(backend=backend, feature_shapes=shapes),
+            preset_alpha=1,
+        ),
         Regularizer("afa", stage_regularizers=("ast", "act")),
     )
 }
@@ -93,8 +105,10 @@ def check_channel_weights(channel_weights: Sequence[Tensor], feature_shapes: Sha
         raise ValueError(f"expected DELTA channel weights for {len(feature_shapes)} layers, got {len(channel_weights)}")
     for index, (weights, shape) in enumerate(zip(channel_weights, feature_shapes)):
         if tuple(weights.shape) != (shape[0],):
-            raise ValueError(f"layer {index} has {shape[0]} channels, so its DELTA channel weights must have shape "
-                             f"({shape[0]},), got {tuple(weights.shape)}")
+            raise ValueError(
+                f"layer {index} has {shape[0]} channels, so its DELTA channel weights must have shape "
+                f"({shape[0]},), got {tuple(weights.shape)}"
+            )
 
 
 def head_l2(model: nn.Module, head: str) -> Tensor:
@@ -102,12 +116,12 @@ def head_l2(model: nn.Module, head: str) -> Tensor:
     return 0.5 * sum(torch.sum(p.float() ** 2) for p in model.get_submodule(head).parameters())
 
 
-def source_parameters(source: nn.Module, head: str) -> Dict[str, Tensor]:
+def source_parameters(source: nn.Module, head: str) -> dict[str, Tensor]:
     """The source model's non-head parameters, detached copies: what L2-SP pulls towards."""
     prefix = head + "."
     return {name: p.detach().clone() for name, p in source.named_parameters() if not name.startswith(prefix)}
 
 
-def l2sp_term(model: nn.Module, source_values: Dict[str, Tensor], head: str) -> Tensor:
+def l2sp_term(model: nn.Module, source_values: dict[str, Tensor], head: str) -> Tensor:
     """0.5 * sum over non-head parameters of ||w - w_source||^2."""
     return reference.l2sp_loss(model, source_values, exclude=(head + ".",))

@@ -1,8 +1,8 @@
 """The state of a run that a checkpoint holds, besides the modules' and optimizer's own states."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 from torch import Tensor
 
@@ -15,8 +15,8 @@ class BestModel:
 
     val_acc: float = -1.0
     epoch: int = -1
-    model: Optional[dict] = None
-    term: Optional[dict] = None
+    model: dict | None = None
+    term: dict | None = None
 
 
 @dataclass
@@ -74,8 +74,8 @@ class RunState:
     step: int = 0
     sums: EpochSums = field(default_factory=EpochSums)
     best: BestModel = field(default_factory=BestModel)
-    stage_results: List[StageResult] = field(default_factory=list)
-    records: List[EpochRecord] = field(default_factory=list)
+    stage_results: list[StageResult] = field(default_factory=list)
+    records: list[EpochRecord] = field(default_factory=list)
     elapsed: float = 0.0
-    channel_weights: Optional[List[Tensor]] = None
-    delta_info: Dict = field(default_factory=dict)
+    channel_weights: list[Tensor] | None = None
+    delta_info: dict = field(default_factory=dict)

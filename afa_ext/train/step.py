@@ -5,10 +5,11 @@ feature term (with its attention modules), so that both get their gradients aver
 ``step_losses`` scales each term so that, averaged over W ranks, the gradient is the
 one-process gradient of the global batch (distributed.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ __all__ = ["StepModule", "StepLosses", "step_losses"]
 class StepModule(nn.Module):
     """target model + feature term: forward(images, source_features) -> (logits, R)."""
 
-    def __init__(self, model: nn.Module, forward_model: Callable, hooks, term: Optional[nn.Module]):
+    def __init__(self, model: nn.Module, forward_model: Callable, hooks, term: nn.Module | None):
         super().__init__()
         self.model = model
         self.term = term
@@ -30,7 +31,7 @@ class StepModule(nn.Module):
         object.__setattr__(self, "_forward_model", forward_model)  # the model, or its torch.compile
         self._hooks = hooks
 
-    def forward(self, images: Tensor, source_features: List[Tensor]):
+    def forward(self, images: Tensor, source_features: list[Tensor]):
         logits = self._forward_model(images)
         if self.term is None:
             return logits, None
@@ -50,9 +51,21 @@ class StepLosses:
     correct: Tensor
 
 
-def step_losses(logits: Tensor, labels: Tensor, feature_term: Optional[Tensor], *, regularizer: Regularizer,
-                alpha: float, beta: float, model: nn.Module, head: str, source_values: Optional[Dict[str, Tensor]],
-                mean_scale: float, sum_scale: float, world: int) -> StepLosses:
+def step_losses(
+    logits: Tensor,
+    labels: Tensor,
+    feature_term: Tensor | None,
+    *,
+    regularizer: Regularizer,
+    alpha: float,
+    beta: float,
+    model: nn.Module,
+    head: str,
+    source_values: dict[str, Tensor] | None,
+    mean_scale: float,
+    sum_scale: float,
+    world: int,
+) -> StepLosses:
     """CE + alpha * R + beta * 0.5 * ||W_head||^2, each term scaled for this rank.
 
     R is ``feature_term`` (the loss module's value), or L2-SP's distance to ``source_values``.

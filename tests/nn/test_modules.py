@@ -4,6 +4,7 @@ The model re-implements the attention modules and the four losses (the formulas 
 docstring of afa_ext/functional.py) with float64 tensor ops, using only the modules'
 parameter values; it never calls afa_ext.
 """
+
 import pytest
 import torch
 
@@ -26,6 +27,7 @@ ATTENTIVE = [AttentiveSpatialAlignment, AttentiveChannelAlignment]
 
 
 # ---------------------------------------------------------------- the float64 model
+
 
 def flat64(x):
     return x.double().reshape(x.shape[0], x.shape[1], -1)
@@ -97,6 +99,7 @@ def attentive64(kind, target, source, params):
 
 # ---------------------------------------------------------------- helpers
 
+
 def features(dtype=torch.float32, shapes=SHAPES, batch=BATCH):
     targets = [torch.randn(batch, *shape).to(dtype).requires_grad_() for shape in shapes]
     sources = [torch.randn(batch, *shape).to(dtype).requires_grad_() for shape in shapes]
@@ -122,6 +125,7 @@ def seed():
 
 
 # ---------------------------------------------------------------- attention modules
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_spatial_attention_matches_model(shape):
@@ -186,6 +190,7 @@ def test_attention_half_features(cls):
 
 
 # ---------------------------------------------------------------- loss modules
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feature_map_alignment(backend):
@@ -283,12 +288,15 @@ def test_shape_errors(kind):
         kind(feature_shapes=[])
 
 
-@pytest.mark.parametrize("make", [
-    FeatureMapAlignment,
-    lambda: DeltaAlignment([torch.full((shape[0],), 1.0 / shape[0]) for shape in SHAPES]),
-    AttentiveSpatialAlignment,
-    AttentiveChannelAlignment,
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        FeatureMapAlignment,
+        lambda: DeltaAlignment([torch.full((shape[0],), 1.0 / shape[0]) for shape in SHAPES]),
+        AttentiveSpatialAlignment,
+        AttentiveChannelAlignment,
+    ],
+)
 def test_bad_layer_lists(make):
     module = make()
     targets, sources = features()
@@ -305,7 +313,9 @@ def test_bad_layer_lists(make):
 
 
 def test_delta_weight_errors():
-    with pytest.raises(TypeError, match=r"channel_weights\[0\] to be a float tensor of shape \(C,\), got a torch.int64"):
+    with pytest.raises(
+        TypeError, match=r"channel_weights\[0\] to be a float tensor of shape \(C,\), got a torch.int64"
+    ):
         DeltaAlignment([torch.ones(3, dtype=torch.long)])
     with pytest.raises(ValueError, match=r"channel_weights\[1\] .* got shape \(2, 3\)"):
         DeltaAlignment([torch.ones(3), torch.ones(2, 3)])
@@ -348,9 +358,7 @@ def test_half_features(name, backend):
     else:
         kind = AttentiveSpatialAlignment if name == "spatial" else AttentiveChannelAlignment
         module = kind(backend=backend, feature_shapes=SHAPES)
-        expected = sum(
-            attentive64(kind, t, s, params64(a)) for t, s, a in zip(targets, sources, module.attention)
-        )
+        expected = sum(attentive64(kind, t, s, params64(a)) for t, s, a in zip(targets, sources, module.attention))
     loss = module(targets, sources)
     assert loss.dtype == torch.float32
     assert_close(loss, expected, rtol=1e-2)

@@ -1,4 +1,5 @@
 """``auto`` between the GPU backends: the measured faster one, remembered per key."""
+
 from __future__ import annotations
 
 import time
@@ -13,6 +14,7 @@ def _sleeper(seconds, calls):
     def run():
         calls.append(seconds)
         time.sleep(seconds)
+
     return run
 
 
@@ -55,7 +57,8 @@ def test_layers_key_tells_layouts_apart():
 def test_every_rank_takes_rank_zeros_measured_choice(tmp_path):
     """Under torch.distributed, rank 0 measures and every rank gets its winner: here the
     timings favour a different candidate on each rank, and rank 1 never runs its own."""
-    results = run_two_ranks("""
+    results = run_two_ranks(
+        """
         import time
         from afa_ext.ops import auto_choice
         calls = []
@@ -73,7 +76,9 @@ def test_every_rank_takes_rank_zeros_measured_choice(tmp_path):
                   auto_choice.choose_fastest(("test", "ranks", 2), b_faster_on_rank_0, lambda: None),
                   auto_choice.choose_fastest(("test", "ranks", 1), b_faster_on_rank_0, lambda: None),
                   len(calls)]
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     runs_per_key = 2 * (auto_choice.REPEATS + 1)
     assert results[0] == ["a", "b", "a", 2 * runs_per_key]
     assert results[1] == ["a", "b", "a", 0]
@@ -89,7 +94,9 @@ def test_the_choice_while_tracing_runs_no_collective(monkeypatch):
     candidates = {"first": _sleeper(0.0, calls), "second": _sleeper(0.0, calls)}
 
     def pick(x):
-        return x + (1 if auto_choice.choose_fastest(("test", "traced", "local"), candidates, lambda: None) == "first" else 2)
+        return x + (
+            1 if auto_choice.choose_fastest(("test", "traced", "local"), candidates, lambda: None) == "first" else 2
+        )
 
     assert torch.compile(pick, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
     assert calls == []

@@ -1,4 +1,5 @@
 """What this installation reports about its backends and build."""
+
 from __future__ import annotations
 
 import os

@@ -7,6 +7,7 @@ layout through the vector and the strided paths, the reductions, multi-layer lau
 more layers than one launch holds, 64-bit offsets. What it cannot test (timing, memory
 coalescing, the inline-PTX store, streams) is left to test_cuda_kernels.py on a GPU.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -17,16 +18,24 @@ import torch
 
 import float64_model
 from loss_cases import DTYPES, LAYOUT_IDS, LAYOUT_PAIRS, SHAPES, make_features, relative_error
-from op_checks import (UNFITTING_IDS, UNFITTING_LAYERS, backward_tolerance, check_op_pair, forward_tolerance, grad_for,
-                       stored_in_order)
+from op_checks import (
+    UNFITTING_IDS,
+    UNFITTING_LAYERS,
+    backward_tolerance,
+    check_op_pair,
+    forward_tolerance,
+    grad_for,
+    stored_in_order,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 GROUPINGS = ("channel", "spatial")
 # Four ResNet-like layers (C x4, side /2 per stage), scaled down.
 RESNET_LIKE = [(3, 8, 24, 24), (3, 16, 12, 12), (3, 32, 6, 6), (3, 64, 3, 3)]
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="no C++ compiler to build the emulation")
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the emulation"
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +79,20 @@ def test_op_values_in_every_layout(ops, grouping, ndim, layouts):
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
-                                     ("cropped", "channels_last")], ids=lambda p: "-".join(p))
+@pytest.mark.parametrize(
+    "layouts",
+    [("contiguous", "contiguous"), ("channels_last", "channels_last"), ("cropped", "channels_last")],
+    ids=lambda p: "-".join(p),
+)
 def test_op_values_in_every_dtype(ops, grouping, dtype, layouts):
     target, source = _features((3, 16, 6, 8), dtype, layouts, seed=2)
     check_op_pair(ops, grouping, target, source, torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 1), (1, 40, 7, 7), (3, 1, 50), (2, 5, 3, 3, 3),
-                                   (2, 8, 3000), (1, 300, 2)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1), (2, 3, 1), (1, 40, 7, 7), (3, 1, 50), (2, 5, 3, 3, 3), (2, 8, 3000), (1, 300, 2)], ids=str
+)
 def test_op_odd_shapes(ops, grouping, shape):
     target, source = _features(shape, torch.float32, seed=4)
     check_op_pair(ops, grouping, target, source, torch.Generator().manual_seed(5))
@@ -99,8 +112,10 @@ def test_multi_layer_ops_match_the_model(ops, grouping, dtype, count):
     """All layers at once, including more than one launch holds (8) and an empty one."""
     shapes = (RESNET_LIKE * 3)[:count]
     shapes[1] = (3, 16, 0, 12)
-    pairs = [_features(shape, dtype, ("channels_last", "contiguous") if i % 2 else ("contiguous",) * 2, seed=i)
-             for i, shape in enumerate(shapes)]
+    pairs = [
+        _features(shape, dtype, ("channels_last", "contiguous") if i % 2 else ("contiguous",) * 2, seed=i)
+        for i, shape in enumerate(shapes)
+    ]
     targets, sources = [t for t, _ in pairs], [s for _, s in pairs]
     partials = getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources)
     for partial, target, source in zip(partials, targets, sources):
@@ -115,8 +130,9 @@ def test_multi_layer_ops_match_the_model(ops, grouping, dtype, count):
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
-@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "cropped")],
-                         ids=lambda p: "-".join(p))
+@pytest.mark.parametrize(
+    "layouts", [("contiguous", "contiguous"), ("channels_last", "cropped")], ids=lambda p: "-".join(p)
+)
 def test_backward_is_bitwise_the_cpu_kernels(ops, grouping, layouts):
     """Both compute dt = 2 g (t - s) with the shared maths of csrc/common/sqdist_math.h."""
     target, source = _features((3, 16, 6, 8), torch.bfloat16, layouts, seed=9)
@@ -171,7 +187,7 @@ def test_backward_into_a_gradient_apart_from_the_inputs(ops, grouping):
     _check_gradient(grouping, transposed, grad, target, source)
 
     storage = torch.randn(2 * target.numel())
-    adjacent_target, after_target = storage[: target.numel()].view(target.shape), storage[target.numel():]
+    adjacent_target, after_target = storage[: target.numel()].view(target.shape), storage[target.numel() :]
     adjacent_target.copy_(target)
     gradient = after_target.view(target.shape)
     _backward_into(ops, op, [grad], [adjacent_target], [source], [gradient])
@@ -182,9 +198,9 @@ def _overlapping_view(tensor, shift):
     """A view of ``tensor``'s shape starting ``shift`` elements into a storage shared with it."""
     storage = torch.randn(tensor.numel() + abs(shift))
     first, second = (0, shift) if shift >= 0 else (-shift, 0)
-    view = storage[first: first + tensor.numel()].view(tensor.shape)
+    view = storage[first : first + tensor.numel()].view(tensor.shape)
     view.copy_(tensor)
-    return view, storage[second: second + tensor.numel()].view(tensor.shape)
+    return view, storage[second : second + tensor.numel()].view(tensor.shape)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
@@ -269,7 +285,8 @@ def test_multi_layer_copied_layers_keep_the_fakes_gradient_layout(ops, grouping)
     partials = getattr(ops, f"grouped_{grouping}_sqdist")(targets, sources)
     for partial, target, source in zip(partials, targets, sources):
         assert relative_error(partial, float64_model.partial_sums(grouping, target, source)) <= forward_tolerance(
-            torch.float32)
+            torch.float32
+        )
     gradients = getattr(ops, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources)
     for dt, grad, target, source in zip(gradients, grads, targets, sources):
         _check_fallback_gradient(grouping, dt, grad, target, source)
@@ -278,8 +295,10 @@ def test_multi_layer_copied_layers_keep_the_fakes_gradient_layout(ops, grouping)
 def test_backward_into_rejects_a_gradient_unlike_the_target(ops):
     target, source = _features((2, 3, 4, 5), torch.float32, seed=32)
     grad = grad_for("channel", target, torch.Generator().manual_seed(33))
-    for gradient, error in [(torch.empty(2, 3, 5, 4), "expected the gradient of layer 0 to be of shape"),
-                            (torch.empty_like(target, dtype=torch.float64), "to be of shape .*, Float on cpu"),
-                            (torch.empty(2, 3, 4, 1).expand(2, 3, 4, 5), "stores some elements at one address")]:
+    for gradient, error in [
+        (torch.empty(2, 3, 5, 4), "expected the gradient of layer 0 to be of shape"),
+        (torch.empty_like(target, dtype=torch.float64), "to be of shape .*, Float on cpu"),
+        (torch.empty(2, 3, 4, 1).expand(2, 3, 4, 5), "stores some elements at one address"),
+    ]:
         with pytest.raises(RuntimeError, match=rf"afa_ext::channel_sqdist_backward: .*{error}"):
             _backward_into(ops, "channel_sqdist_backward", [grad], [target], [source], [gradient])

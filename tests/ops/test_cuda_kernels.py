@@ -5,6 +5,7 @@ gradgradcheck, determinism, opcheck and errors on CUDA tensors.
 All but the first test need a CUDA device; the first checks, on any machine, that a build
 with CUDA kernels registered them for every op.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,12 @@ from op_checks import backward_tolerance as _backward_tolerance
 from op_checks import UNFITTING_IDS, UNFITTING_LAYERS, check_op_pair, grad_for, stored_in_order
 from op_checks import forward_tolerance as _forward_tolerance
 
-OP_NAMES = [f"{prefix}{grouping}_sqdist{backward}" for prefix in ("", "grouped_")
-            for grouping in ("channel", "spatial") for backward in ("", "_backward")]
+OP_NAMES = [
+    f"{prefix}{grouping}_sqdist{backward}"
+    for prefix in ("", "grouped_")
+    for grouping in ("channel", "spatial")
+    for backward in ("", "_backward")
+]
 GROUPINGS = ("channel", "spatial")
 HAS_CUDA_KERNELS = torch.cuda.is_available() and "cuda" in afa_ext.available_backends()
 needs_cuda = pytest.mark.skipif(
@@ -92,16 +97,16 @@ def test_op_values_in_every_layout_and_dtype(grouping, ndim, layouts, dtype):
 
 
 ODD_SHAPES = [
-    (2, 8, 7, 7),      # P = 49: rows of 196 bytes (float), not 16-byte aligned
-    (2, 16, 14, 14),   # P = 196: aligned for float, not for half
+    (2, 8, 7, 7),  # P = 49: rows of 196 bytes (float), not 16-byte aligned
+    (2, 16, 14, 14),  # P = 196: aligned for float, not for half
     (2, 16, 28, 28),
-    (2, 4, 1, 1),      # 1x1 spatial
-    (2, 1, 5, 6),      # C = 1
-    (1, 3, 4, 4),      # B = 1
-    (3, 5, 5, 5),      # nothing aligned
+    (2, 4, 1, 1),  # 1x1 spatial
+    (2, 1, 5, 6),  # C = 1
+    (1, 3, 4, 4),  # B = 1
+    (3, 5, 5, 5),  # nothing aligned
     (2, 12, 6, 4),
-    (2, 3, 7000),      # long rows: a row's threads span warps
-    (1, 400, 50),      # long columns: many slices of the reduced rows
+    (2, 3, 7000),  # long rows: a row's threads span warps
+    (1, 400, 50),  # long columns: many slices of the reduced rows
     (1, 2, 3, 20000),  # a row cut into several backward tiles
     (1, 1, 1, 1),
     (2, 3, 1, 1, 1),
@@ -121,15 +126,21 @@ def test_op_odd_shapes(grouping, shape, layout, dtype):
 @needs_cuda
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("index", [(Ellipsis, slice(0, 13)), (slice(None), slice(0, 11)),
-                                   (slice(None), slice(0, 9), slice(None), slice(0, 3))],
-                         ids=["last-13-of-16", "channels-11-of-16", "both"])
+@pytest.mark.parametrize(
+    "index",
+    [(Ellipsis, slice(0, 13)), (slice(None), slice(0, 11)), (slice(None), slice(0, 9), slice(None), slice(0, 3))],
+    ids=["last-13-of-16", "channels-11-of-16", "both"],
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_op_aligned_rows_with_a_tail(grouping, memory_format, index, dtype):
     """Slices whose rows start 16-byte aligned but end mid-chunk: 16-byte loads, then a tail."""
     generator = torch.Generator().manual_seed(7)
-    bases = [torch.randn(3, 16, 5, 16, generator=generator, dtype=torch.float64).to("cuda", dtype)
-             .contiguous(memory_format=memory_format) for _ in range(2)]
+    bases = [
+        torch.randn(3, 16, 5, 16, generator=generator, dtype=torch.float64)
+        .to("cuda", dtype)
+        .contiguous(memory_format=memory_format)
+        for _ in range(2)
+    ]
     _check_op_pair(grouping, bases[0][index], bases[1][index])
 
 
@@ -234,10 +245,8 @@ def test_64_bit_offsets():
     target = storage.as_strided((1, 2, positions), (0, far, 1))
     source = torch.zeros(1, 2, positions, dtype=torch.bfloat16, device="cuda")
     dense = torch.stack([near_values, far_values]).unsqueeze(0).double()
-    torch.testing.assert_close(OPS.channel_sqdist(target, source).cpu().double(), (dense**2).sum(2),
-                               rtol=1e-5, atol=0)
-    torch.testing.assert_close(OPS.spatial_sqdist(target, source).cpu().double(), (dense**2).sum(1),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(OPS.channel_sqdist(target, source).cpu().double(), (dense**2).sum(2), rtol=1e-5, atol=0)
+    torch.testing.assert_close(OPS.spatial_sqdist(target, source).cpu().double(), (dense**2).sum(1), rtol=1e-5, atol=0)
     grad = torch.tensor([[0.5, 2.0]], device="cuda")
     dt = OPS.channel_sqdist_backward(grad, target, source)
     expected = (2 * grad.cpu()[:, :, None].double() * dense).bfloat16()
@@ -254,8 +263,12 @@ def _layers(shapes, dtype, layouts, seed=0):
     return [t for t, _ in pairs], [s for _, s in pairs]
 
 
-MIXED_LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "channels_last"), ("cropped", "channels_last"),
-                 ("batch_sliced", "contiguous")]
+MIXED_LAYOUTS = [
+    ("contiguous", "contiguous"),
+    ("channels_last", "channels_last"),
+    ("cropped", "channels_last"),
+    ("batch_sliced", "contiguous"),
+]
 
 
 @needs_cuda
@@ -270,11 +283,15 @@ def test_multi_layer_ops_match_the_model_and_the_single_ops(grouping, dtype):
     grads = [_grad_for(grouping, target, seed) for seed, target in enumerate(targets)]
     gradients = getattr(OPS, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources)
     for partial, dt, grad, target, source in zip(partials, gradients, grads, targets, sources):
-        assert relative_error(partial.cpu(), float64_model.partial_sums(grouping, target, source)) <= _forward_tolerance(dtype)
+        assert relative_error(
+            partial.cpu(), float64_model.partial_sums(grouping, target, source)
+        ) <= _forward_tolerance(dtype)
         assert torch.equal(partial, getattr(OPS, f"{grouping}_sqdist")(target, source))
         assert dt.shape == target.shape and dt.dtype == dtype
         assert dt.stride() == torch.empty_like(target).stride()
-        assert relative_error(dt.cpu(), float64_model.partial_sums_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
+        assert relative_error(
+            dt.cpu(), float64_model.partial_sums_backward(grouping, grad, target, source)
+        ) <= _backward_tolerance(dtype)
         assert torch.equal(dt, getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, source))
 
 
@@ -312,8 +329,11 @@ def test_gradcheck_single_op(check, grouping, shape, layout):
 @pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck], ids=["grad", "gradgrad"])
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_gradcheck_multi_layer_op(check, grouping):
-    targets, sources = _layers([(2, 3, 3, 2), (1, 4, 5), (1, 2, 3, 2, 2)], torch.float64,
-                               [("contiguous", "contiguous"), ("cropped", "cropped"), ("channels_last", "contiguous")])
+    targets, sources = _layers(
+        [(2, 3, 3, 2), (1, 4, 5), (1, 2, 3, 2, 2)],
+        torch.float64,
+        [("contiguous", "contiguous"), ("cropped", "cropped"), ("channels_last", "contiguous")],
+    )
     op = getattr(OPS, f"grouped_{grouping}_sqdist")
 
     def partial_sums(*layer_targets):
@@ -326,8 +346,8 @@ def test_gradcheck_multi_layer_op(check, grouping):
 
 
 DETERMINISM_CASES = [
-    ((2, 3, 70000), "contiguous"),     # rows reduced across the warps of a block
-    ((1, 4000, 50), "contiguous"),     # columns reduced across slices in shared memory
+    ((2, 3, 70000), "contiguous"),  # rows reduced across the warps of a block
+    ((1, 4000, 50), "contiguous"),  # columns reduced across slices in shared memory
     ((4, 64, 30, 30), "channels_last"),
     ((3, 16, 9, 20, 20), "cropped"),
 ]
@@ -340,17 +360,19 @@ DETERMINISM_CASES = [
 def test_two_runs_are_bitwise_equal(grouping, shape, layout, dtype):
     target, source = _features(shape, dtype, (layout, layout), seed=31)
     grad = _grad_for(grouping, target)
-    runs = [(getattr(OPS, f"{grouping}_sqdist")(target, source),
-             getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, source),
-             getattr(OPS, f"grouped_{grouping}_sqdist")([target, source], [source, target])[1])
-            for _ in range(2)]
+    runs = [
+        (
+            getattr(OPS, f"{grouping}_sqdist")(target, source),
+            getattr(OPS, f"{grouping}_sqdist_backward")(grad, target, source),
+            getattr(OPS, f"grouped_{grouping}_sqdist")([target, source], [source, target])[1],
+        )
+        for _ in range(2)
+    ]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
 
 # --------------------------------------------------------------------------- opcheck
-
-
 
 
 @needs_cuda
@@ -360,14 +382,18 @@ def test_opcheck(grouping, shape, dtype, layout):
     target, source = _features(shape, dtype, (layout, layout), seed=23)
     grad = _grad_for(grouping, target)
     torch.library.opcheck(getattr(OPS, f"{grouping}_sqdist"), (target.requires_grad_(True), source))
-    torch.library.opcheck(getattr(OPS, f"{grouping}_sqdist_backward"),
-                          (grad.requires_grad_(True), target.detach().requires_grad_(True), source))
+    torch.library.opcheck(
+        getattr(OPS, f"{grouping}_sqdist_backward"),
+        (grad.requires_grad_(True), target.detach().requires_grad_(True), source),
+    )
     other_target, other_source = _features((2, 5, 3), dtype, seed=24)
     targets = [target.detach().requires_grad_(True), other_target.requires_grad_(True)]
     torch.library.opcheck(getattr(OPS, f"grouped_{grouping}_sqdist"), (targets, [source, other_source]))
     grads = [grad.detach(), _grad_for(grouping, other_target)]
-    torch.library.opcheck(getattr(OPS, f"grouped_{grouping}_sqdist_backward"),
-                          (grads, [t.detach() for t in targets], [source, other_source]))
+    torch.library.opcheck(
+        getattr(OPS, f"grouped_{grouping}_sqdist_backward"),
+        (grads, [t.detach() for t in targets], [source, other_source]),
+    )
 
 
 # --------------------------------------------------------------------------- errors
@@ -381,9 +407,13 @@ def test_cpu_tensor_mixed_with_cuda_tensor_raises(grouping):
     name = f"afa_ext::{grouping}_sqdist"
     target, source = _features((2, 3, 4, 5), torch.float32)
     grad = _grad_for(grouping, target)
-    with pytest.raises(RuntimeError, match=f"{name}: expected target and source on one CUDA device, got cuda:0 and cpu"):
+    with pytest.raises(
+        RuntimeError, match=f"{name}: expected target and source on one CUDA device, got cuda:0 and cpu"
+    ):
         op(target, source.cpu())
-    with pytest.raises(RuntimeError, match=f"{name}: expected target and source on one CUDA device, got cpu and cuda:0"):
+    with pytest.raises(
+        RuntimeError, match=f"{name}: expected target and source on one CUDA device, got cpu and cuda:0"
+    ):
         op(target.cpu(), source)
     with pytest.raises(RuntimeError, match=f"{name}_backward: expected grad on cuda:0, got cpu"):
         backward(grad.cpu(), target, source)

@@ -1,5 +1,6 @@
 """The CPU backward's cache of large gradient blocks: reuse gives right values, and
 afa_ext.empty_cache() hands the blocks back."""
+
 import pytest
 import torch
 

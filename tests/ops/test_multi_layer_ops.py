@@ -1,5 +1,6 @@
 """The multi-layer ops of the C++ library (afa_ext::grouped_*) on the CPU, and the losses'
 lists of layers: equal to the single ops layer by layer, autograd, opcheck, errors."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """The compiled ops afa_ext::channel_sqdist / spatial_sqdist and their _backward: values
 against the float64 model, torch.library.opcheck, thread-count determinism and
 torch.compile(fullgraph=True) through the functional losses. Skipped without afa_ext._C."""
+
 from __future__ import annotations
 
 import pytest
@@ -123,7 +124,6 @@ def test_op_device_mismatch_raises(kind):
 # --------------------------------------------------------------------------- opcheck
 
 
-
 @pytest.mark.parametrize("kind", OPS)
 @pytest.mark.parametrize("shape,dtype,layout", OPCHECK_CASES, ids=OPCHECK_IDS)
 def test_opcheck_forward(kind, shape, dtype, layout):
@@ -146,8 +146,8 @@ def test_opcheck_backward(kind, shape, dtype, layout):
 # --------------------------------------------------------------------------- threads
 
 THREAD_CASES = [
-    ((2, 3, 70000), "contiguous"),     # long P: a reduction that could be split
-    ((1, 4000, 50), "contiguous"),     # long C
+    ((2, 3, 70000), "contiguous"),  # long P: a reduction that could be split
+    ((1, 4000, 50), "contiguous"),  # long C
     ((4, 64, 30, 30), "channels_last"),
     ((3, 16, 9, 20, 20), "cropped"),
 ]
@@ -176,8 +176,8 @@ def test_ops_bitwise_equal_across_thread_counts(kind, shape, layout, dtype):
 # --------------------------------------------------------------------------- compile
 
 COMPILE_CASES = [
-    (LOSSES[2], (3, 8, 5, 7), torch.float32, "channels_last"),   # ACT
-    (LOSSES[4], (2, 6, 9, 5), torch.bfloat16, "cropped"),        # AST, attention (B, 1, H, W)
+    (LOSSES[2], (3, 8, 5, 7), torch.float32, "channels_last"),  # ACT
+    (LOSSES[4], (2, 6, 9, 5), torch.bfloat16, "cropped"),  # AST, attention (B, 1, H, W)
 ]
 
 

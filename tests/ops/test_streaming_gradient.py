@@ -4,6 +4,7 @@ otherwise. Both paths must give the float64 model's gradient, and the same bits:
 gradient of each batch entry depends on that entry alone, so the gradient of the whole
 batch (streamed) must equal, bit for bit, the gradients of the entries computed one at a
 time (each below 2 MiB: plain stores)."""
+
 import pytest
 import torch
 
@@ -19,9 +20,9 @@ ops = torch.ops.afa_ext
 # 8 entries of 2^17 elements: a 4 MiB float32 gradient (2 MiB in bfloat16, still streamed
 # where its rows allow).
 SHAPES = {
-    "rows_fill_lines": (8, 64, 32, 64),   # rows of 2048 elements: streamed
-    "rows_of_49": (8, 2688, 7, 7),        # 7x7 maps: rows end mid-line, plain stores
-    "rows_of_196": (8, 672, 14, 14),      # 784-byte rows, 16 bytes past a line: plain stores
+    "rows_fill_lines": (8, 64, 32, 64),  # rows of 2048 elements: streamed
+    "rows_of_49": (8, 2688, 7, 7),  # 7x7 maps: rows end mid-line, plain stores
+    "rows_of_196": (8, 672, 14, 14),  # 784-byte rows, 16 bytes past a line: plain stores
 }
 DTYPES = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float64: (1e-12, 1e-12)}
 
@@ -51,7 +52,7 @@ def test_a_large_gradient_matches_the_model_and_its_entries_bit_for_bit(grouping
     rtol, atol = DTYPES[dtype]
     expected = partial_sums_backward(grouping, grad, target, source)
     torch.testing.assert_close(whole.double(), expected, rtol=rtol, atol=atol)
-    entries = torch.cat([backward(grad[n:n + 1], target[n:n + 1], source[n:n + 1]) for n in range(shape[0])])
+    entries = torch.cat([backward(grad[n : n + 1], target[n : n + 1], source[n : n + 1]) for n in range(shape[0])])
     assert torch.equal(whole, entries)
 
 
@@ -60,8 +61,9 @@ def test_a_large_channels_last_gradient_matches_the_model(grouping):
     target, source = features((8, 64, 32, 64), torch.float32, seed=3, layout="channels_last")
     grad = upstream(grouping, target, seed=4)
     whole = getattr(ops, f"{grouping}_sqdist_backward")(grad, target, source)
-    torch.testing.assert_close(whole.double(), partial_sums_backward(grouping, grad, target, source),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        whole.double(), partial_sums_backward(grouping, grad, target, source), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("grouping", ["channel", "spatial"])
@@ -72,7 +74,8 @@ def test_the_four_layer_backward_streams_the_layers_that_allow_it(grouping):
     grads = [upstream(grouping, t, seed=20 + k) for k, t in enumerate(targets)]
     results = getattr(ops, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources)
     for grad, target, source, result in zip(grads, targets, sources, results):
-        torch.testing.assert_close(result.double(), partial_sums_backward(grouping, grad, target, source),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            result.double(), partial_sums_backward(grouping, grad, target, source), rtol=1e-6, atol=1e-6
+        )
         single = getattr(ops, f"{grouping}_sqdist_backward")(grad, target, source)
         assert torch.equal(result, single)

@@ -1,5 +1,6 @@
 """Fixtures shared by the trainer's tests: one cache folder per session, holding the
 digits source model (pretrained once)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ image-folder run end to end.
 Most cases call ``afa_ext.train.cli.main`` in-process (it returns the exit status); the
 folder guard and the end-to-end run go through a real ``python -m afa_ext.train``.
 """
+
 import json
 import os
 import subprocess
@@ -25,8 +26,6 @@ TINY = ["--data", "digits", "--epochs", "1", "--batch-size", "10", "--shots", "4
 CLASSES = ("cat", "dog", "owl")
 
 
-
-
 def call_main(argv, capsys):
     """cli.main in-process: (exit status, stdout, stderr); argparse's errors exit."""
     try:
@@ -38,8 +37,14 @@ def call_main(argv, capsys):
 
 
 def run_module(argv, cache_dir, timeout=300):
-    return subprocess.run([sys.executable, "-m", "afa_ext.train", *map(str, argv)], cwd=REPO,
-                          env=subprocess_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "afa_ext.train", *map(str, argv)],
+        cwd=REPO,
+        env=subprocess_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_png(path, seed, size=24):
@@ -66,8 +71,11 @@ def resnet18_weights(tmp_path_factory) -> Path:
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_one_line_error(code, err, out_dir):
@@ -108,22 +116,26 @@ def _bad_input(name, tmp_path, weights):
     if name == "negative-alpha":
         return ["--alpha", "-0.5"], ["--alpha", "-0.5"]
     if name == "missing-data":
-        return ["--data", tmp_path / "nowhere", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], \
-            [str(tmp_path / "nowhere")]
+        return ["--data", tmp_path / "nowhere", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], [
+            str(tmp_path / "nowhere")
+        ]
     if name == "no-train-split":
         make_folder(tmp_path / "data", splits=(("test", 2),))
-        return ["--data", tmp_path / "data", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], \
-            [str(tmp_path / "data" / "train")]
+        return ["--data", tmp_path / "data", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], [
+            str(tmp_path / "data" / "train")
+        ]
     if name == "empty-class":
         make_folder(tmp_path / "data", splits=(("train", 3),), classes=("cat", "dog"))
         (tmp_path / "data" / "train" / "owl").mkdir()
-        return ["--data", tmp_path / "data", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], \
-            [str(tmp_path / "data" / "train" / "owl")]
+        return ["--data", tmp_path / "data", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], [
+            str(tmp_path / "data" / "train" / "owl")
+        ]
     if name == "unreadable-image":
         make_folder(tmp_path / "data", splits=(("train", 3),))
         (tmp_path / "data" / "train" / "dog" / "broken.png").write_bytes(b"this is not a png")
-        return ["--data", tmp_path / "data", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], \
-            ["broken.png"]
+        return ["--data", tmp_path / "data", "--arch", "resnet18", "--weights", "none", "--image-size", "32"], [
+            "broken.png"
+        ]
     if name == "unknown-arch":
         return ["--arch", "resnet181"], ["resnet181"]
     if name == "unknown-layer":
@@ -149,11 +161,25 @@ def _bad_input(name, tmp_path, weights):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", [
-    "negative-alpha", "missing-data", "no-train-split", "empty-class", "unreadable-image", "unknown-arch",
-    "unknown-layer", "weights-of-another-arch", "config-unknown-key", "resume-without-run", "afa-in-one-stage",
-    "unreadable-weights-file", "unreadable-delta-weights", "torchvision-arch-on-gray-digits",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "negative-alpha",
+        "missing-data",
+        "no-train-split",
+        "empty-class",
+        "unreadable-image",
+        "unknown-arch",
+        "unknown-layer",
+        "weights-of-another-arch",
+        "config-unknown-key",
+        "resume-without-run",
+        "afa-in-one-stage",
+        "unreadable-weights-file",
+        "unreadable-delta-weights",
+        "torchvision-arch-on-gray-digits",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_before_anything_is_written(name, tmp_path, capsys, resnet18_weights):
     extra, expected = _bad_input(name, tmp_path, resnet18_weights)
     out = tmp_path / "out"
@@ -175,8 +201,9 @@ def test_unknown_regulariser_is_an_argparse_error(tmp_path, capsys):
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_checkpoint_before(tmp_path, capsys, cache_dir):
     out = tmp_path / "out"
-    code, _, err = call_main([*TINY, "--epochs", "3", "--reg", "fea_map", "--alpha", "1e6", "--lr", "10",
-                              "--out", out], capsys)
+    code, _, err = call_main(
+        [*TINY, "--epochs", "3", "--reg", "fea_map", "--alpha", "1e6", "--lr", "10", "--out", out], capsys
+    )
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("afa-train: error: stage 1 (fea_map) epoch ") and "not finite" in lines[0]
@@ -201,12 +228,15 @@ def test_device_cuda_without_a_gpu_is_reported_as_one_line(tmp_path, capsys):
     assert "--device" in message
 
 
-@pytest.mark.parametrize("line, flag", [
-    ("arch = 5", "--arch"),
-    ('channels_last = "false"', "--channels-last"),
-    ('layers = "features.1"', "--layers"),
-    ("delta_weights = 3", "--delta-weights"),
-])
+@pytest.mark.parametrize(
+    "line, flag",
+    [
+        ("arch = 5", "--arch"),
+        ('channels_last = "false"', "--channels-last"),
+        ('layers = "features.1"', "--layers"),
+        ("delta_weights = 3", "--delta-weights"),
+    ],
+)
 def test_config_file_values_of_the_wrong_type_are_refused(line, flag, tmp_path, capsys):
     (tmp_path / "settings.toml").write_text(f'reg = "fea_map"\n{line}\n')
     out = tmp_path / "out"
@@ -220,11 +250,25 @@ def test_config_file_values_of_the_wrong_type_are_refused(line, flag, tmp_path, 
 
 def test_config_file_settings_apply_and_flags_override_them(tmp_path, capsys, cache_dir):
     settings = tmp_path / "settings.toml"
-    settings.write_text("\n".join([
-        'data = "digits"', 'reg = "fea_map"', "alpha = 0.02", "beta = 0.03", "shots = 4", "epochs = 1",
-        "batch_size = 10", "seed = 2", 'device = "cpu"', 'layers = ["features.1", "features.2"]',
-        f"cache_dir = {json.dumps(cache_dir)}", "lr = 0.005",
-    ]) + "\n")
+    settings.write_text(
+        "\n".join(
+            [
+                'data = "digits"',
+                'reg = "fea_map"',
+                "alpha = 0.02",
+                "beta = 0.03",
+                "shots = 4",
+                "epochs = 1",
+                "batch_size = 10",
+                "seed = 2",
+                'device = "cpu"',
+                'layers = ["features.1", "features.2"]',
+                f"cache_dir = {json.dumps(cache_dir)}",
+                "lr = 0.005",
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out"
     code, _, err = call_main(["--config", settings, "--alpha", "0.04", "--seed", "1", "--out", out], capsys)
     assert code == 0, err
@@ -242,7 +286,8 @@ def test_config_file_settings_apply_and_flags_override_them(tmp_path, capsys, ca
     values = dict(zip(header.split(","), row.split(",")))
     assert float(values["lr"]) == pytest.approx(0.005)
     assert float(values["total"]) == pytest.approx(
-        float(values["ce"]) + 0.04 * float(values["feature"]) + 0.03 * float(values["head_l2"]), rel=1e-5)
+        float(values["ce"]) + 0.04 * float(values["feature"]) + 0.03 * float(values["head_l2"]), rel=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- 4. an image folder, end to end
@@ -252,10 +297,35 @@ def test_image_folder_run_end_to_end(tmp_path, resnet18_weights, tmp_path_factor
     data = make_folder(tmp_path / "data")
     out = tmp_path / "out"
     cache = tmp_path_factory.mktemp("folder_cache")  # DELTA's weights land here, through AFA_EXT_CACHE
-    completed = run_module(["--data", data, "--arch", "resnet18", "--weights", resnet18_weights, "--reg", "delta",
-                            "--delta-weights", "taylor", "--epochs", "1", "--batch-size", "6", "--image-size", "32",
-                            "--delta-head-epochs", "1", "--delta-batches", "1", "--device", "cpu", "--out", out],
-                           str(cache))
+    completed = run_module(
+        [
+            "--data",
+            data,
+            "--arch",
+            "resnet18",
+            "--weights",
+            resnet18_weights,
+            "--reg",
+            "delta",
+            "--delta-weights",
+            "taylor",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "6",
+            "--image-size",
+            "32",
+            "--delta-head-epochs",
+            "1",
+            "--delta-batches",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ],
+        str(cache),
+    )
     assert completed.returncode == 0, completed.stderr
 
     result = json.loads((out / "result.json").read_text())
@@ -285,8 +355,14 @@ def test_image_folder_run_end_to_end(tmp_path, resnet18_weights, tmp_path_factor
     with torch.no_grad():
         correct = int((model(images).argmax(dim=1) == labels).sum())
     assert result["test_acc"] == pytest.approx(correct / 6, abs=1e-12)
-    assert sorted(p.name for p in out.iterdir()) == \
-        ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "model.pt", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "config.toml",
+        "curves.png",
+        "metrics.csv",
+        "model.pt",
+        "result.json",
+    ]
 
 
 def test_inception_v3_on_an_image_folder_loads_the_images_at_its_preset_size(tmp_path, capsys):
@@ -294,8 +370,27 @@ def test_inception_v3_on_an_image_folder_loads_the_images_at_its_preset_size(tmp
     attention modules are built for (it was once read at 224 px, and the first step failed)."""
     data = make_folder(tmp_path / "data", splits=(("train", 3),))
     out = tmp_path / "out"
-    code, _, err = call_main(["--data", data, "--arch", "inception_v3", "--weights", "none", "--reg", "ast",
-                              "--epochs", "1", "--batch-size", "6", "--device", "cpu", "--out", out], capsys)
+    code, _, err = call_main(
+        [
+            "--data",
+            data,
+            "--arch",
+            "inception_v3",
+            "--weights",
+            "none",
+            "--reg",
+            "ast",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "6",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert from_dict(load_toml(str(out / "config.toml")), "config.toml").image_size == 299
     result = json.loads((out / "result.json").read_text())

@@ -7,6 +7,7 @@ The killed sweep runs two jobs (worker processes), the others one, in this proce
 run has one thread (OMP_NUM_THREADS=1), so that all do the same arithmetic. They use the
 embedded digits data, a few epochs per run.
 """
+
 import csv
 import os
 import signal
@@ -22,11 +23,28 @@ from afa_ext.train import compare
 
 TIMEOUT = 600
 POLL = 0.005
-SWEEP = ["--data", "digits", "--arch", "digits_cnn", "--methods", "none,fea_map", "--seeds", "0", "1",
-         "--alphas", "fea_map=0.001,1e6"]
+SWEEP = [
+    "--data",
+    "digits",
+    "--arch",
+    "digits_cnn",
+    "--methods",
+    "none,fea_map",
+    "--seeds",
+    "0",
+    "1",
+    "--alphas",
+    "fea_map=0.001,1e6",
+]
 TRAINER = ["--", "--epochs", "6", "--batch-size", "10", "--shots", "4", "--lr", "0.02"]
-RUN_NAMES = ["none-seed0", "none-seed1", "fea_map-alpha0.001-seed0", "fea_map-alpha0.001-seed1",
-             "fea_map-alpha1e+06-seed0", "fea_map-alpha1e+06-seed1"]
+RUN_NAMES = [
+    "none-seed0",
+    "none-seed1",
+    "fea_map-alpha0.001-seed0",
+    "fea_map-alpha0.001-seed1",
+    "fea_map-alpha1e+06-seed0",
+    "fea_map-alpha1e+06-seed1",
+]
 
 
 class Sweep:
@@ -38,12 +56,13 @@ class Sweep:
         self.stderr_path = out.parent / f"{out.name}.{tag}.stderr"
         command = [sys.executable, "-m", "afa_ext.train.compare", *SWEEP, "--out", str(out), *extra, *TRAINER]
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=REPO,
-                                            env=subprocess_env(cache))
+            self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=REPO, env=subprocess_env(cache))
 
     def describe(self) -> str:
-        return (f"{' '.join(self.process.args)}\n--- stdout\n{self.stdout_path.read_text()[-4000:]}\n--- stderr\n"
-                f"{self.stderr_path.read_text()[-4000:]}")
+        return (
+            f"{' '.join(self.process.args)}\n--- stdout\n{self.stdout_path.read_text()[-4000:]}\n--- stderr\n"
+            f"{self.stderr_path.read_text()[-4000:]}"
+        )
 
     def finish(self) -> "Sweep":
         try:
@@ -122,13 +141,24 @@ def killed(tmp_path_factory, train_cache, reference):
         code = sweep.process.wait()
         time.sleep(1.0)
         survivors = [pid for pid in workers if alive(pid)]
-        finished = {f.name: (f / "result.json").stat().st_mtime_ns
-                    for f in (out / "runs" / name for name in RUN_NAMES) if (f / "result.json").is_file()}
-        unfinished = [name for name in RUN_NAMES if name not in finished
-                      and (out / "runs" / name / "checkpoint.pt").is_file()]
+        finished = {
+            f.name: (f / "result.json").stat().st_mtime_ns
+            for f in (out / "runs" / name for name in RUN_NAMES)
+            if (f / "result.json").is_file()
+        }
+        unfinished = [
+            name for name in RUN_NAMES if name not in finished and (out / "runs" / name / "checkpoint.pt").is_file()
+        ]
         resumed = Sweep(out, train_cache, "--resume", tag="resume").finish()
-        yield {"code": code, "workers": workers, "survivors": survivors, "finished": finished,
-               "unfinished": unfinished, "out": out, "resumed": resumed}
+        yield {
+            "code": code,
+            "workers": workers,
+            "survivors": survivors,
+            "finished": finished,
+            "unfinished": unfinished,
+            "out": out,
+            "resumed": resumed,
+        }
     finally:
         sweep.stop()
         if resumed is not None:
@@ -183,9 +213,14 @@ def test_two_shards_then_report_give_the_summary_of_one_sweep(tmp_path, train_ca
     assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == sorted(RUN_NAMES[0::2])
     Sweep(out, train_cache, "--shard", "2/2", tag="shard2").finish()
     del first
-    report = subprocess.run([sys.executable, "-m", "afa_ext.train.compare", "--report", "--out", str(out)],
-                            cwd=REPO, env=subprocess_env(train_cache), capture_output=True, text=True,
-                            timeout=TIMEOUT)
+    report = subprocess.run(
+        [sys.executable, "-m", "afa_ext.train.compare", "--report", "--out", str(out)],
+        cwd=REPO,
+        env=subprocess_env(train_cache),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert report.returncode == 0, report.stderr
     assert (out / "summary.csv").read_bytes() == (reference.finish().out / "summary.csv").read_bytes()
 
@@ -211,22 +246,37 @@ def test_report_names_what_is_missing(tmp_path, train_cache, reference, capsys):
 BASE = ["--data", "digits", "--arch", "digits_cnn", "--seeds", "0", "1"]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--methods", "none,l3sp"], ["l3sp"]),
-    (["--methods", "none,afa:2"], ["afa:2"]),
-    (["--methods", "none,fea_map", "--alphas", "none=0.1"], ["none", "no grid"]),
-    (["--methods", "fea_map", "--alphas", "fea_map=0.01,-0.1"], ["-0.1"]),
-    (["--methods", "fea_map", "--alphas", "fea_map=0.01,abc"], ["abc"]),
-    (["--methods", "fea_map", "--alphas", "delta=0.01"], ["delta", "--methods"]),
-    (["--methods", "none,fea_map", "--baseline", "l2sp"], ["--baseline", "l2sp"]),
-    (["--methods", "none", "--shard", "3/2"], ["--shard", "3/2"]),
-    (["--methods", "none", "--", "--epochs", "0"], ["--epochs", "0"]),
-    (["--methods", "none", "--", "--no-such-flag"], ["--no-such-flag"]),
-    (["--methods", "fea_map", "--", "--alpha", "0.1"], ["--alpha", "--alphas"]),
-    (["--methods", "none", "--", "--shots", "500"], ["shots"]),
-], ids=["unknown-method", "afa-twice-two-stages", "grid-without-alpha", "negative-alpha", "non-numeric-alpha",
-        "grid-of-another-method", "unknown-baseline", "bad-shard", "trainer-rejects-epochs",
-        "trainer-unknown-flag", "trainer-flag-the-sweep-sets", "trainer-data-error"])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--methods", "none,l3sp"], ["l3sp"]),
+        (["--methods", "none,afa:2"], ["afa:2"]),
+        (["--methods", "none,fea_map", "--alphas", "none=0.1"], ["none", "no grid"]),
+        (["--methods", "fea_map", "--alphas", "fea_map=0.01,-0.1"], ["-0.1"]),
+        (["--methods", "fea_map", "--alphas", "fea_map=0.01,abc"], ["abc"]),
+        (["--methods", "fea_map", "--alphas", "delta=0.01"], ["delta", "--methods"]),
+        (["--methods", "none,fea_map", "--baseline", "l2sp"], ["--baseline", "l2sp"]),
+        (["--methods", "none", "--shard", "3/2"], ["--shard", "3/2"]),
+        (["--methods", "none", "--", "--epochs", "0"], ["--epochs", "0"]),
+        (["--methods", "none", "--", "--no-such-flag"], ["--no-such-flag"]),
+        (["--methods", "fea_map", "--", "--alpha", "0.1"], ["--alpha", "--alphas"]),
+        (["--methods", "none", "--", "--shots", "500"], ["shots"]),
+    ],
+    ids=[
+        "unknown-method",
+        "afa-twice-two-stages",
+        "grid-without-alpha",
+        "negative-alpha",
+        "non-numeric-alpha",
+        "grid-of-another-method",
+        "unknown-baseline",
+        "bad-shard",
+        "trainer-rejects-epochs",
+        "trainer-unknown-flag",
+        "trainer-flag-the-sweep-sets",
+        "trainer-data-error",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_before_anything_runs(argv, expected, tmp_path, capsys, cache_dir):
     out = tmp_path / "out"
     argv = list(argv)
@@ -246,8 +296,7 @@ def assert_one_line(code, capsys, out, expected):
 
 def test_an_empty_seed_list_is_one_line_exit_2(tmp_path, capsys):
     out = tmp_path / "out"
-    code = compare.main(["--data", "digits", "--arch", "digits_cnn", "--methods", "none", "--seeds",
-                         "--out", str(out)])
+    code = compare.main(["--data", "digits", "--arch", "digits_cnn", "--methods", "none", "--seeds", "--out", str(out)])
     assert_one_line(code, capsys, out, ["--seeds"])
 
 
@@ -274,7 +323,7 @@ def test_the_demo_is_a_valid_sweep_of_the_six_methods_on_three_point_grids(tmp_p
     from afa_ext.train import demo
 
     argv = demo.compare_arguments([0, 1, 2, 3, 4], str(tmp_path / "demo"), 2, False, cache_dir)
-    own, trainer = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    own, trainer = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     plan = compare.plan_from_arguments(compare.build_parser().parse_args(own), trainer, None)
     assert plan.methods == ["none", "none:2", "l2sp", "fea_map", "delta", "afa"]
     assert plan.baselines == ["none", "none:2"] and len(plan.seeds) == 5

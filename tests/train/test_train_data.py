@@ -1,4 +1,5 @@
 """afa_ext.train.data: seeded splits, per-sample augmentation, global batches, clear data errors."""
+
 import re
 from collections import Counter
 
@@ -94,14 +95,17 @@ def test_order_depends_on_seed_and_epoch_only():
     assert order(1, 2, shuffle=False) == order(9, 4, shuffle=False) == list(range(50))
 
 
-@pytest.mark.parametrize("num_samples, world, sizes", [
-    (10, 1, [4, 4, 2]),   # world 1: nothing trimmed
-    (10, 2, [4, 4, 2]),
-    (11, 2, [4, 4, 2]),   # 3 left over -> 2
-    (10, 4, [4, 4]),      # 2 left over -> 0: dropped
-    (8, 4, [4, 4]),
-    (3, 4, []),
-])
+@pytest.mark.parametrize(
+    "num_samples, world, sizes",
+    [
+        (10, 1, [4, 4, 2]),  # world 1: nothing trimmed
+        (10, 2, [4, 4, 2]),
+        (11, 2, [4, 4, 2]),  # 3 left over -> 2
+        (10, 4, [4, 4]),  # 2 left over -> 0: dropped
+        (8, 4, [4, 4]),
+        (3, 4, []),
+    ],
+)
 def test_partial_last_batch_is_trimmed_to_a_multiple_of_world(num_samples, world, sizes):
     sampler = GlobalBatchSampler(num_samples, 4, seed=0, shuffle=False, rank=world - 1, world=world)
     assert [len(b) for b in sampler.global_batches()] == sizes
@@ -109,13 +113,16 @@ def test_partial_last_batch_is_trimmed_to_a_multiple_of_world(num_samples, world
     assert all(len(share) == size // world for share, size in zip(sampler, sizes))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(global_batch=6, world=4), "multiple of world=4, got 6"),
-    (dict(global_batch=0), "global_batch >= 1, got 0"),
-    (dict(global_batch=4, rank=2, world=2), r"rank in \[0, 2\), got 2"),
-    (dict(global_batch=4, rank=-1, world=2), r"rank in \[0, 2\), got -1"),
-    (dict(global_batch=4, world=0), "world >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(global_batch=6, world=4), "multiple of world=4, got 6"),
+        (dict(global_batch=0), "global_batch >= 1, got 0"),
+        (dict(global_batch=4, rank=2, world=2), r"rank in \[0, 2\), got 2"),
+        (dict(global_batch=4, rank=-1, world=2), r"rank in \[0, 2\), got -1"),
+        (dict(global_batch=4, world=0), "world >= 1, got 0"),
+    ],
+)
 def test_sampler_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GlobalBatchSampler(10, seed=0, shuffle=True, **kwargs)
@@ -139,7 +146,6 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     assert changed >= len(first) // 2
     first.set_epoch(0)
     assert torch.equal(stack(first, indices), reference)
-
 
 
 def test_augmentation_changes_with_the_seed(tmp_path):
@@ -181,8 +187,12 @@ def test_folder_train_sample_is_a_flip_and_crop_of_the_resized_image(tmp_path):
     train = folder_splits(make_folder(tmp_path)).train
     with Image.open(train.items[0]) as image:
         resized = TF.to_tensor(TF.resize(image.convert("RGB"), [18, 18]))
-    candidates = [TF.normalize(TF.crop(view, top, left, 16, 16), IMAGENET_MEAN, IMAGENET_STD)
-                  for view in (resized, TF.hflip(resized)) for top in range(3) for left in range(3)]
+    candidates = [
+        TF.normalize(TF.crop(view, top, left, 16, 16), IMAGENET_MEAN, IMAGENET_STD)
+        for view in (resized, TF.hflip(resized))
+        for top in range(3)
+        for left in range(3)
+    ]
     for epoch in range(4):
         train.set_epoch(epoch)
         assert any(torch.equal(train[0][0], c) for c in candidates)
@@ -194,7 +204,7 @@ def find_shift(shifted, plain, blank, max_shift=2):
     for dy in range(-max_shift, max_shift + 1):
         for dx in range(-max_shift, max_shift + 1):
             padded = torch.nn.functional.pad(plain, (max_shift,) * 4, value=blank)
-            view = padded[:, max_shift + dy:max_shift + dy + size, max_shift + dx:max_shift + dx + size]
+            view = padded[:, max_shift + dy : max_shift + dy + size, max_shift + dx : max_shift + dx + size]
             if torch.equal(view, shifted):
                 return dy, dx
     return None
@@ -233,8 +243,11 @@ def image_keys(*sources):
 
 def sklearn_keys(digits, offset):
     bunch = load_digits()
-    return Counter((image.astype("uint8").tobytes(), int(t) - offset)
-                   for image, t in zip(bunch.images, bunch.target) if int(t) in digits)
+    return Counter(
+        (image.astype("uint8").tobytes(), int(t) - offset)
+        for image, t in zip(bunch.images, bunch.target)
+        if int(t) in digits
+    )
 
 
 def test_digits_shapes_counts_and_labels():
@@ -291,13 +304,13 @@ def test_digits_rejects_impossible_shots():
 
 def test_folder_validation_split_is_stratified(tmp_path):
     root = make_folder(tmp_path)
-    write_image(root / "train" / "ant" / "0.png", seed=1)   # 1 image: stays in train
+    write_image(root / "train" / "ant" / "0.png", seed=1)  # 1 image: stays in train
     for i in range(2):
         write_image(root / "train" / "bee" / f"{i}.png", seed=2 + i)  # 2 images: 1 to val
     splits = folder_splits(root, val_fraction=0.34)
     assert splits.class_names == ["ant", "bee", "cat", "dog", "owl"]
     assert (splits.num_classes, splits.in_channels) == (5, 3)
-    assert Counter(splits.val.labels) == {1: 1, 2: 2, 3: 2, 4: 2}         # round(6 * 0.34) = 2
+    assert Counter(splits.val.labels) == {1: 1, 2: 2, 3: 2, 4: 2}  # round(6 * 0.34) = 2
     assert Counter(splits.train.labels) == {0: 1, 1: 1, 2: 4, 3: 4, 4: 4}
     assert not set(splits.val.items) & set(splits.train.items)
     assert splits.test_is_val and splits.test.items == splits.val.items

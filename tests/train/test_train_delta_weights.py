@@ -1,5 +1,6 @@
 """afa_ext.train.delta_weights: DELTA's channel weights (head training, removal and Taylor
 scores, softmax(z / 5), the cache and the file formats)."""
+
 import copy
 import hashlib
 import json
@@ -38,8 +39,14 @@ class TinyNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(1, 4, 3, padding=1)
         self.features = nn.Sequential(
-            nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(inplace=True), Residual(5), nn.MaxPool2d(2),
-            nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+            nn.Conv2d(4, 5, 3, padding=1),
+            nn.ReLU(inplace=True),
+            Residual(5),
+            nn.MaxPool2d(2),
+            nn.Conv2d(5, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(6, classes)
 
     def forward(self, x):
@@ -61,8 +68,13 @@ def tiny_model(dtype=torch.float32):
 
 def tiny_batches(dtype=torch.float32, count=3, rows=6, classes=3):
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(rows, 1, 8, 8, generator=generator, dtype=dtype),
-             torch.randint(0, classes, (rows,), generator=generator)) for _ in range(count)]
+    return [
+        (
+            torch.randn(rows, 1, 8, 8, generator=generator, dtype=dtype),
+            torch.randint(0, classes, (rows,), generator=generator),
+        )
+        for _ in range(count)
+    ]
 
 
 def mean_loss(model, batches):
@@ -79,8 +91,10 @@ def digits_setup():
     model = DigitsCNN(num_classes=5)
     layers = ["features.0", "features.1.0"]  # a block's output and a conv inside a block
     generator = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(4, 1, 16, 16, generator=generator), torch.randint(0, 5, (4,), generator=generator))
-               for _ in range(2)]
+    batches = [
+        (torch.randn(4, 1, 16, 16, generator=generator), torch.randint(0, 5, (4,), generator=generator))
+        for _ in range(2)
+    ]
     return model, layers, batches
 
 
@@ -104,6 +118,7 @@ def removal_scores_naive(model, layer_names, batches):
             count = layer_output_shapes(model, [name], batches[0][0])[0][0]
             score = torch.zeros(count, dtype=torch.float64)
             for channel in range(count):
+
                 def zero_channel(module, inputs, output, channel=channel):
                     output = output.clone()
                     output[:, channel] = 0
@@ -179,6 +194,7 @@ def test_taylor_scores_are_minus_feature_times_gradient_of_the_mean_loss():
             def hook(module, inputs, output):
                 outputs[name] = output
                 return output.clone()  # ReLU(inplace=True) follows features.0
+
             return hook
 
         handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in TINY_LAYERS]
@@ -202,14 +218,20 @@ def test_taylor_score_is_the_slope_of_the_loss_when_the_channel_is_scaled_down()
             output = output.clone()
             output[:, channel] *= scale
             return output
+
         handle = layer.register_forward_hook(hook)
         try:
             return mean_loss(model, batches)
         finally:
             handle.remove()
 
-    slopes = torch.tensor([(loss_with_channel_scaled(j, 1 + step) - loss_with_channel_scaled(j, 1 - step)) / (2 * step)
-                           for j in range(5)], dtype=torch.float64)
+    slopes = torch.tensor(
+        [
+            (loss_with_channel_scaled(j, 1 + step) - loss_with_channel_scaled(j, 1 - step)) / (2 * step)
+            for j in range(5)
+        ],
+        dtype=torch.float64,
+    )
     taylor = dw.taylor_scores(model, ["features.2.conv"], batches)[0]
     assert slopes.abs().max() > 1e-4
     torch.testing.assert_close(taylor, -slopes, rtol=1e-4, atol=1e-9)
@@ -280,8 +302,9 @@ def test_compute_channel_weights_caches_and_leaves_the_model_alone(tmp_path):
     state = copy.deepcopy(model.state_dict())
     settings = dict(head_epochs=2, head_lr=0.05, score_batches=2, cache_dir=tmp_path)
     key_parts = {"seed": 0, "sizes": (8, 8)}
-    weights, info = dw.compute_channel_weights(model, "head", TINY_LAYERS, batches, method="removal",
-                                               key_parts=key_parts, **settings)
+    weights, info = dw.compute_channel_weights(
+        model, "head", TINY_LAYERS, batches, method="removal", key_parts=key_parts, **settings
+    )
     assert info["cached"] is False and info["method"] == "removal" and info["seconds"] >= 0
     assert info["path"].startswith(str(tmp_path / "delta_weights_removal_"))
     assert [w.shape[0] for w in weights] == TINY_CHANNELS
@@ -297,8 +320,9 @@ def test_compute_channel_weights_caches_and_leaves_the_model_alone(tmp_path):
     for weight, want in zip(weights, expected):
         torch.testing.assert_close(weight, want)
 
-    again, info_again = dw.compute_channel_weights(model, "head", TINY_LAYERS, batches, method="removal",
-                                                   key_parts=dict(key_parts), **settings)
+    again, info_again = dw.compute_channel_weights(
+        model, "head", TINY_LAYERS, batches, method="removal", key_parts=dict(key_parts), **settings
+    )
     assert info_again["cached"] is True and info_again["path"] == info["path"]
     assert all(torch.equal(first, second) for first, second in zip(weights, again))
     saved = torch.load(info["path"], weights_only=True)
@@ -307,10 +331,12 @@ def test_compute_channel_weights_caches_and_leaves_the_model_alone(tmp_path):
     assert [s.shape[0] for s in saved["scores"]] == TINY_CHANNELS
     assert all(torch.equal(a, b) for a, b in zip(dw.load_channel_weights(info["path"]), weights))
 
-    _, other = dw.compute_channel_weights(model, "head", TINY_LAYERS, batches, method="removal",
-                                          key_parts={"seed": 1, "sizes": (8, 8)}, **settings)
-    _, taylor = dw.compute_channel_weights(model, "head", TINY_LAYERS, batches, method="taylor",
-                                           key_parts=key_parts, **settings)
+    _, other = dw.compute_channel_weights(
+        model, "head", TINY_LAYERS, batches, method="removal", key_parts={"seed": 1, "sizes": (8, 8)}, **settings
+    )
+    _, taylor = dw.compute_channel_weights(
+        model, "head", TINY_LAYERS, batches, method="taylor", key_parts=key_parts, **settings
+    )
     assert len({info["path"], other["path"], taylor["path"]}) == 3
     assert not other["cached"] and not taylor["cached"]
     assert sorted(p.name.startswith("delta_weights_") for p in tmp_path.iterdir()) == [True] * 3
@@ -324,8 +350,11 @@ def test_compute_channel_weights_is_deterministic_for_a_seeded_loader():
     runs = []
     for _ in range(2):
         torch.manual_seed(5)
-        runs.append(dw.compute_channel_weights(model, "head", ["features.2.conv"], loader, method="taylor",
-                                               head_epochs=1, cache_dir=None, key_parts={})[0])
+        runs.append(
+            dw.compute_channel_weights(
+                model, "head", ["features.2.conv"], loader, method="taylor", head_epochs=1, cache_dir=None, key_parts={}
+            )[0]
+        )
     assert torch.equal(runs[0][0], runs[1][0])
 
 
@@ -334,8 +363,9 @@ def test_compute_channel_weights_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="method"):
         dw.compute_channel_weights(model, "head", ["stem"], batches, method="fisher", cache_dir=None, key_parts={})
     with pytest.raises(ValueError, match="key_parts"):
-        dw.compute_channel_weights(model, "head", ["stem"], batches, method="taylor", cache_dir=tmp_path,
-                                   key_parts={"layers": ["x"]})
+        dw.compute_channel_weights(
+            model, "head", ["stem"], batches, method="taylor", cache_dir=tmp_path, key_parts={"layers": ["x"]}
+        )
 
 
 # ---------------------------------------------------------------------------- loading weights
@@ -356,12 +386,15 @@ def test_load_channel_weights_reads_the_published_json_and_our_files(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(dw.load_channel_weights(tmp_path / name), weights))
 
 
-@pytest.mark.parametrize("name, content", [
-    ("missing.pt", None),
-    ("broken.json", "[[0.5, 0.1"),
-    ("words.json", '[["a", "b"]]'),
-    ("garbage.pt", "not a torch file"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("missing.pt", None),
+        ("broken.json", "[[0.5, 0.1"),
+        ("words.json", '[["a", "b"]]'),
+        ("garbage.pt", "not a torch file"),
+    ],
+)
 def test_load_channel_weights_errors(tmp_path, name, content):
     if content is not None:
         (tmp_path / name).write_text(content)

@@ -9,6 +9,7 @@ run, a separate process.
 
 The ranks' shares of GlobalBatchSampler are checked in test_train_data.py.
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,6 @@ OUTPUT_FILES = ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "mo
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
 
 
 def _start(command, folder: Path, name: str, env: dict):
@@ -89,8 +88,24 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path, train_cache
     # float rounding differences of 1e-7 between the two runs grow to 1e-3 in the weights, though
     # both compute the same gradient at the same weights to 1e-6; at 0.002 training is smooth
     # and the two runs stay within 1e-5.
-    flags = ["--data", "digits", *CASES[case], "--epochs", "2", "--batch-size", "10", "--shots", "10",
-             "--lr", "0.002", "--seed", "6", "--sync-bn", "--device", "cpu"]
+    flags = [
+        "--data",
+        "digits",
+        *CASES[case],
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--shots",
+        "10",
+        "--lr",
+        "0.002",
+        "--seed",
+        "6",
+        "--sync-bn",
+        "--device",
+        "cpu",
+    ]
     # Each run its own cache with the source model in it: the DELTA weights are estimated by
     # both runs, not read back from the other one's cache.
     caches = {}
@@ -99,10 +114,31 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path, train_cache
         caches[name].mkdir()
         for source_model in train_cache.glob("digits_cnn_source_*.pt"):
             shutil.copy(source_model, caches[name])
-    one = [sys.executable, "-m", "afa_ext.train", *flags, "--cache-dir", str(caches["D1"]),
-           "--out", str(tmp_path / "D1")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "afa_ext.train", *flags, "--cache-dir", str(caches["D2"]), "--out", str(tmp_path / "D2")]
+    one = [
+        sys.executable,
+        "-m",
+        "afa_ext.train",
+        *flags,
+        "--cache-dir",
+        str(caches["D1"]),
+        "--out",
+        str(tmp_path / "D1"),
+    ]
+    two = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "afa_ext.train",
+        *flags,
+        "--cache-dir",
+        str(caches["D2"]),
+        "--out",
+        str(tmp_path / "D2"),
+    ]
     started = []
     try:
         started.append(_start(two, tmp_path, "D2", subprocess_env(caches["D2"])))
@@ -137,8 +173,11 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path, train_cache
             assert torch.equal(model2[key], model1[key]), key
     # The model moved away from the source model, so the comparison has something to see.
     source = torch.load(next(train_cache.glob("digits_cnn_source_*.pt")), map_location="cpu", weights_only=True)
-    moved = max((model1[k].double() - source[k].double()).abs().max().item()
-                for k in model1 if not k.startswith("fc.") and model1[k].is_floating_point())
+    moved = max(
+        (model1[k].double() - source[k].double()).abs().max().item()
+        for k in model1
+        if not k.startswith("fc.") and model1[k].is_floating_point()
+    )
     assert moved > 1e-3
 
     rows1, rows2 = _metric_rows(d1), _metric_rows(d2)
@@ -163,13 +202,16 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path, train_cache
 # ----------------------------------------------------------------------------- loss scales
 
 
-@pytest.mark.parametrize("world, local, global_batch, expected", [
-    (1, 10, 10, (1.0, 1.0)),
-    (2, 5, 10, (1.0, 2.0)),
-    (4, 3, 12, (1.0, 4.0)),
-    (2, 3, 7, (6 / 7, 2.0)),
-    (2, 4, 7, (8 / 7, 2.0)),
-])
+@pytest.mark.parametrize(
+    "world, local, global_batch, expected",
+    [
+        (1, 10, 10, (1.0, 1.0)),
+        (2, 5, 10, (1.0, 2.0)),
+        (4, 3, 12, (1.0, 4.0)),
+        (2, 3, 7, (6 / 7, 2.0)),
+        (2, 4, 7, (8 / 7, 2.0)),
+    ],
+)
 def test_loss_scales_arithmetic(world, local, global_batch, expected):
     dist = Distributed(rank=world - 1, world=world)
     assert loss_scales(dist, local, global_batch) == pytest.approx(expected, rel=1e-15)
@@ -199,9 +241,20 @@ def test_scaled_rank_losses_average_to_the_one_process_gradient(reg):
         squared = 0.5 * ((hidden - anchor) ** 2).sum()
         feature = squared if reg == "fea_map" else squared / len(x)  # a batch sum, or a batch mean
         mean_scale, sum_scale = loss_scales(dist, len(x), len(images))
-        return step_losses(logits, y, feature, regularizer=REGULARIZERS[reg], alpha=0.3, beta=0.01, model=model,
-                           head="fc", source_values=None, mean_scale=mean_scale, sum_scale=sum_scale,
-                           world=dist.world)
+        return step_losses(
+            logits,
+            y,
+            feature,
+            regularizer=REGULARIZERS[reg],
+            alpha=0.3,
+            beta=0.01,
+            model=model,
+            head="fc",
+            source_values=None,
+            mean_scale=mean_scale,
+            sum_scale=sum_scale,
+            world=dist.world,
+        )
 
     model = _tiny_model(1)
     one = losses(model, images, labels, Distributed())
@@ -223,8 +276,9 @@ def test_scaled_rank_losses_average_to_the_one_process_gradient(reg):
     # a wrong scale is off by a share's fraction (3/7, 4/7) or a factor of the world (2).
     for got, want in zip(averaged, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(reported, torch.stack([one.ce, one.regularizer, one.head]).double(),
-                               rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        reported, torch.stack([one.ce, one.regularizer, one.head]).double(), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_all_reduce_sum_in_one_process_is_the_tensor():
@@ -346,16 +400,21 @@ def test_cross_process_batchnorm_over_two_processes_is_batchnorm_of_the_whole_ba
     reference = _random_batchnorm(nn.BatchNorm2d, 3, 5)
     bounds = [(0, 2), (2, 6)]
     shares = [slice(*b) for b in bounds]
-    torch.save({"x": x, "upstream": upstream, "state": reference.state_dict(), "shares": bounds},
-               tmp_path / "setup.pt")
+    torch.save({"x": x, "upstream": upstream, "state": reference.state_dict(), "shares": bounds}, tmp_path / "setup.pt")
     (tmp_path / "worker.py").write_text(_BATCHNORM_WORKER)
 
     env = subprocess_env(train_cache)
     processes = []
     try:
         for rank in range(2):
-            processes.append(_start([sys.executable, str(tmp_path / "worker.py"), str(rank),
-                                     str(tmp_path / "store"), str(tmp_path)], tmp_path, f"rank{rank}", env))
+            processes.append(
+                _start(
+                    [sys.executable, str(tmp_path / "worker.py"), str(rank), str(tmp_path / "store"), str(tmp_path)],
+                    tmp_path,
+                    f"rank{rank}",
+                    env,
+                )
+            )
         for rank, (process, log) in enumerate(processes):
             _finish(process, log, f"batch-norm worker {rank}")
     finally:
@@ -379,6 +438,7 @@ def test_cross_process_batchnorm_over_two_processes_is_batchnorm_of_the_whole_ba
         evaluated = reference(x)
     torch.testing.assert_close(torch.cat([r["eval"] for r in ranks]), evaluated, **tolerance)
     # Each share alone would normalise differently: the statistics really were shared.
-    alone = nn.functional.batch_norm(x[shares[0]], None, None, reference.weight.detach(), reference.bias.detach(),
-                                     training=True)
+    alone = nn.functional.batch_norm(
+        x[shares[0]], None, None, reference.weight.detach(), reference.bias.detach(), training=True
+    )
     assert (alone - ranks[0]["out"]).abs().max() > 1e-2

@@ -6,6 +6,7 @@ Every run uses the embedded digits data (digits_cnn, 16x16 gray images, 5 classe
 few shots per class, on the CPU, and one cache folder for the whole session, where the
 digits source model is pretrained once.
 """
+
 import copy
 import csv
 import dataclasses
@@ -32,8 +33,7 @@ SHOTS = 4
 BATCH = 10
 # The documented defaults for digits_cnn: 0.01 for l2sp / fea_map / delta, the arch's
 # stage-1 alpha (0.001) for ast and afa's first stage, its stage-2 alpha (0.001) for act.
-DEFAULT_ALPHA = {"none": 0.0, "l2sp": 0.01, "fea_map": 0.01, "delta": 0.01, "ast": 0.001, "act": 0.001,
-                 "afa": 0.001}
+DEFAULT_ALPHA = {"none": 0.0, "l2sp": 0.01, "fea_map": 0.01, "delta": 0.01, "ast": 0.001, "act": 0.001, "afa": 0.001}
 DEFAULT_LR = 0.01
 REGS = ("none", "l2sp", "fea_map", "delta", "ast", "act", "afa")
 
@@ -41,11 +41,18 @@ REGS = ("none", "l2sp", "fea_map", "delta", "ast", "act", "afa")
 # ----------------------------------------------------------------------------- helpers
 
 
-
-
 def tiny_config(out, cache_dir, reg, **settings) -> TrainConfig:
-    values = dict(data="digits", reg=reg, epochs=1, batch_size=BATCH, shots=SHOTS, seed=0, device="cpu",
-                  cache_dir=cache_dir, out=str(out))
+    values = dict(
+        data="digits",
+        reg=reg,
+        epochs=1,
+        batch_size=BATCH,
+        shots=SHOTS,
+        seed=0,
+        device="cpu",
+        cache_dir=cache_dir,
+        out=str(out),
+    )
     values.update(settings)
     return TrainConfig(**values)
 
@@ -131,22 +138,23 @@ def hand_losses(kind, model, source, attention, weights, images, labels, alpha, 
     reg = torch.zeros((), dtype=torch.float64)
     if kind == "l2sp":
         anchors = dict(source.named_parameters())
-        reg = 0.5 * sum(((p - anchors[name]) ** 2).sum() for name, p in model.named_parameters()
-                        if not name.startswith("fc."))
+        reg = 0.5 * sum(
+            ((p - anchors[name]) ** 2).sum() for name, p in model.named_parameters() if not name.startswith("fc.")
+        )
     for layer, (t, s) in enumerate(zip(target_maps, source_maps)):
-        d2 = (t - s) ** 2                                   # (B, C, H, W)
+        d2 = (t - s) ** 2  # (B, C, H, W)
         channels, positions = d2.shape[1], d2.shape[2] * d2.shape[3]
         if kind == "fea_map":
             reg = reg + 0.5 * d2.sum()
         elif kind == "delta":
             reg = reg + 0.5 * (channels * weights[layer][None, :] * d2.sum(dim=(2, 3)) / positions).sum()
         elif kind == "ast":
-            a = attention[layer](s)                         # (B, P)
+            a = attention[layer](s)  # (B, P)
             reg = reg + (0.5 / batch) * ((positions * a) ** 2 * d2.sum(dim=1).flatten(1)).sum()
         elif kind == "act":
-            g = attention[layer](s)                         # (B, C)
+            g = attention[layer](s)  # (B, C)
             reg = reg + (0.5 / batch) * (channels * g * d2.sum(dim=(2, 3))).sum()
-    head = 0.5 * (model.fc.weight ** 2).sum() + 0.5 * (model.fc.bias ** 2).sum()
+    head = 0.5 * (model.fc.weight**2).sum() + 0.5 * (model.fc.bias**2).sum()
     return SimpleNamespace(total=ce + alpha * reg + beta * head, ce=ce, feature=reg, head=head)
 
 
@@ -216,8 +224,9 @@ def test_first_step_loss_and_sgd_update_match_a_hand_computation(case, tmp_path,
     for name, grad in zip(names, grads):
         grad = torch.zeros_like(hand_params[name]) if grad is None else grad
         expected = before[name].double() - stage.lr * grad
-        torch.testing.assert_close(after[name].detach().double(), expected, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            after[name].detach().double(), expected, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
         largest_update = max(largest_update, (after[name].detach() - before[name]).abs().max().item())
     assert largest_update > 1e-3
     if kind in ("ast", "act"):
@@ -239,8 +248,14 @@ def handover(tmp_path_factory, cache_dir):
     stage1 = afa_result["stages"][0]
     ast_config = tiny_config(base / "ast", cache_dir, "ast", epochs=2, alpha=stage1["alpha"], lr=stage1["lr"])
     ast_result = train(ast_config)
-    return SimpleNamespace(afa_config=afa_config, afa_out=base / "afa", afa_result=afa_result,
-                           ast_config=ast_config, ast_out=base / "ast", ast_result=ast_result)
+    return SimpleNamespace(
+        afa_config=afa_config,
+        afa_out=base / "afa",
+        afa_result=afa_result,
+        ast_config=ast_config,
+        ast_out=base / "ast",
+        ast_result=ast_result,
+    )
 
 
 def test_afa_stage_one_is_an_ast_run_whose_best_model_becomes_the_source(handover):
@@ -263,8 +278,12 @@ def test_afa_stage_one_is_an_ast_run_whose_best_model_becomes_the_source(handove
     stages = handover.afa_result["stages"]
     assert len(stages) == 2
     assert stages[0] == handover.ast_result["stages"][0]
-    assert {k: stages[1][k] for k in ("reg", "lr", "alpha", "epochs")} == \
-        {"reg": "act", "lr": 0.002, "alpha": 0.05, "epochs": 2}
+    assert {k: stages[1][k] for k in ("reg", "lr", "alpha", "epochs")} == {
+        "reg": "act",
+        "lr": 0.002,
+        "alpha": 0.05,
+        "epochs": 2,
+    }
     # Stage 2 starts from the best stage-1 model and never hands back a worse one.
     assert stages[1]["best_val_acc"] >= stages[0]["best_val_acc"]
     assert handover.afa_result["best_val_acc"] == stages[1]["best_val_acc"]
@@ -288,7 +307,8 @@ def test_a_regulariser_on_two_stages_restarts_from_its_best_stage_one_model(two_
     stages = runs.two["stages"]
     assert [{k: s[k] for k in ("reg", "lr", "alpha", "epochs")} for s in stages] == [
         {"reg": "fea_map", "lr": 0.02, "alpha": 0.003, "epochs": 2},
-        {"reg": "fea_map", "lr": 0.002, "alpha": 0.003, "epochs": 2}]  # stage-2 alpha: the stage-1 alpha
+        {"reg": "fea_map", "lr": 0.002, "alpha": 0.003, "epochs": 2},
+    ]  # stage-2 alpha: the stage-1 alpha
     assert stages[0] == runs.one["stages"][0]
     two_rows, one_rows = read_metrics(runs.two_out), read_metrics(runs.one_out)
     strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
@@ -320,11 +340,13 @@ def test_curves_plot_the_metrics_of_the_run(handover):
     alphas = [stage["alpha"] for stage in handover.afa_result["stages"]]
     figure = plots.curves_figure(rows, alphas, handover.afa_config.beta)
     losses, accuracy = figure.axes
-    lines = {line.get_label(): list(line.get_ydata()) for line in losses.get_lines() + accuracy.get_lines()
-             if not line.get_label().startswith("_")}
+    lines = {
+        line.get_label(): list(line.get_ydata())
+        for line in losses.get_lines() + accuracy.get_lines()
+        if not line.get_label().startswith("_")
+    }
     assert lines["cross-entropy"] == [row["ce"] for row in rows]
-    assert lines["alpha * regulariser"] == pytest.approx(
-        [alphas[row["stage"] - 1] * row["feature"] for row in rows])
+    assert lines["alpha * regulariser"] == pytest.approx([alphas[row["stage"] - 1] * row["feature"] for row in rows])
     assert lines["total"] == [row["total"] for row in rows]
     assert lines["validation"] == [row["val_acc"] for row in rows]
     assert lines["train"] == [row["train_acc"] for row in rows]
@@ -353,14 +375,28 @@ def test_out_folder_files(handover, which):
     out = getattr(handover, f"{which}_out")
     config = getattr(handover, f"{which}_config")
     result = getattr(handover, f"{which}_result")
-    assert sorted(p.name for p in out.iterdir()) == \
-        ["checkpoint.pt", "config.toml", "curves.png", "metrics.csv", "model.pt", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "config.toml",
+        "curves.png",
+        "metrics.csv",
+        "model.pt",
+        "result.json",
+    ]
 
     # config.toml: the resolved configuration, every default filled in, which loads back into a TrainConfig.
     assert from_dict(load_toml(str(out / "config.toml")), "config.toml") == dataclasses.replace(
-        config, arch="digits_cnn", stages=2 if which == "afa" else 1, image_size=16, layers=DIGITS_LAYERS,
-        weights=digits_source_path(config.cache_dir, 16), lr=DEFAULT_LR, alpha=DEFAULT_ALPHA[which],
-        eval_batch_size=4 * BATCH, workers=0)
+        config,
+        arch="digits_cnn",
+        stages=2 if which == "afa" else 1,
+        image_size=16,
+        layers=DIGITS_LAYERS,
+        weights=digits_source_path(config.cache_dir, 16),
+        lr=DEFAULT_LR,
+        alpha=DEFAULT_ALPHA[which],
+        eval_batch_size=4 * BATCH,
+        workers=0,
+    )
 
     # metrics.csv: one row per stage and epoch; total = ce + alpha * feature + beta * head.
     rows = read_metrics(out)
@@ -377,7 +413,8 @@ def test_out_folder_files(handover, which):
         assert all(math.isfinite(v) for v in values.values())
         assert values["ce"] > 0 and values["feature"] > 0 and values["head_l2"] > 0
         assert values["total"] == pytest.approx(
-            values["ce"] + stage["alpha"] * values["feature"] + config.beta * values["head_l2"], rel=1e-5)
+            values["ce"] + stage["alpha"] * values["feature"] + config.beta * values["head_l2"], rel=1e-5
+        )
         assert round(values["train_acc"] * 2 * BATCH) == pytest.approx(values["train_acc"] * 2 * BATCH, abs=1e-3)
         best = max(best, values["val_acc"])
         assert values["best_val_acc"] == pytest.approx(best, abs=1e-6)

@@ -383,9 +383,7 @@ def test_build_model_inception_from_file_drops_aux_logits(tmp_path):
     source = torchvision.models.inception_v3(num_classes=12, aux_logits=True, init_weights=False)
     saved = source.state_dict()
     model = build_model("inception_v3", 5, _save(saved, tmp_path))
-    _assert_backbone_loaded(
-        model, {k: v for k, v in saved.items() if not k.startswith("AuxLogits.")}
-    )
+    _assert_backbone_loaded(model, {k: v for k, v in saved.items() if not k.startswith("AuxLogits.")})
     assert model.AuxLogits is None and not model.aux_logits  # train-mode forward gives one tensor
     assert model.transform_input  # as torchvision's pretrained inception_v3
     assert model.fc.out_features == 5
@@ -395,9 +393,7 @@ def test_build_model_inception_from_file_drops_aux_logits(tmp_path):
     "source_arch, target_arch, label",
     [("resnet34", "resnet18", "96 unexpected keys"), ("resnet18", "resnet34", "96 missing keys")],
 )
-def test_build_model_rejects_a_file_of_another_architecture(
-    tmp_path, source_arch, target_arch, label
-):
+def test_build_model_rejects_a_file_of_another_architecture(tmp_path, source_arch, target_arch, label):
     saved = torchvision.models.get_model(source_arch).state_dict()
     with pytest.raises(WeightsError) as info:
         build_model(target_arch, 7, _save(saved, tmp_path))

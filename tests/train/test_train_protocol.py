@@ -2,6 +2,7 @@
 (afa_ext.train.report), on run records built by hand: selection on validation only,
 ties, diverged points, the paired difference and its interval against a hand computation.
 """
+
 import csv
 import math
 
@@ -15,22 +16,39 @@ T_975 = {2: 4.302652729911275, 4: 2.7764451051977987}  # Student's t, 0.975 quan
 
 
 def record(method, alpha, seed, val, test, status=FINISHED, steps=100):
-    return RunRecord(method, alpha, seed, status=status, lr=0.01, best_val_acc=val, test_acc=test, epochs_run=10,
-                     steps=steps, wall_time_s=1.0, out=f"runs/{method}-{alpha}-{seed}")
+    return RunRecord(
+        method,
+        alpha,
+        seed,
+        status=status,
+        lr=0.01,
+        best_val_acc=val,
+        test_acc=test,
+        epochs_run=10,
+        steps=steps,
+        wall_time_s=1.0,
+        out=f"runs/{method}-{alpha}-{seed}",
+    )
 
 
 def grid_records(method, by_alpha):
     """``by_alpha[alpha] = (val per seed, test per seed)``."""
-    return [record(method, alpha, seed, val[i], test[i]) for alpha, (val, test) in by_alpha.items()
-            for i, seed in enumerate(SEEDS)]
+    return [
+        record(method, alpha, seed, val[i], test[i])
+        for alpha, (val, test) in by_alpha.items()
+        for i, seed in enumerate(SEEDS)
+    ]
 
 
 def test_selection_reads_validation_only_where_test_would_choose_another_point():
-    records = grid_records("delta", {
-        0.01: ([0.80, 0.82, 0.81], [0.95, 0.96, 0.97]),  # the best test accuracy: never looked at
-        0.1: ([0.90, 0.91, 0.89], [0.70, 0.72, 0.71]),   # the best validation accuracy
-        1.0: ([0.85, 0.86, 0.84], [0.90, 0.90, 0.90]),
-    })
+    records = grid_records(
+        "delta",
+        {
+            0.01: ([0.80, 0.82, 0.81], [0.95, 0.96, 0.97]),  # the best test accuracy: never looked at
+            0.1: ([0.90, 0.91, 0.89], [0.70, 0.72, 0.71]),  # the best validation accuracy
+            1.0: ([0.85, 0.86, 0.84], [0.90, 0.90, 0.90]),
+        },
+    )
     selection = select("delta", records, [0.01, 0.1, 1.0])
     assert selection.selected.alpha == 0.1
     assert selection.selected.val_acc_mean == pytest.approx(0.90)
@@ -49,8 +67,11 @@ def test_a_tie_goes_to_the_smaller_alpha_and_an_edge_is_flagged():
 
 def test_a_point_with_a_diverged_seed_is_never_selected():
     records = grid_records("fea_map", {0.001: ([0.80, 0.80, 0.80], [0.8, 0.8, 0.8])})
-    records += [record("fea_map", 0.01, 0, 0.99, 0.99), record("fea_map", 0.01, 1, 0.99, 0.99),
-                record("fea_map", 0.01, 2, None, None, status=DIVERGED)]
+    records += [
+        record("fea_map", 0.01, 0, 0.99, 0.99),
+        record("fea_map", 0.01, 1, 0.99, 0.99),
+        record("fea_map", 0.01, 2, None, None, status=DIVERGED),
+    ]
     selection = select("fea_map", records, [0.001, 0.01])
     assert selection.selected.alpha == 0.001
     diverged = [r for r in records if r.status == DIVERGED]
@@ -88,17 +109,30 @@ def read_csv(path):
 
 def test_report_files_hold_the_selected_points_and_the_paired_differences(tmp_path):
     records = grid_records("none", {None: ([0.8, 0.8, 0.8], [0.80, 0.82, 0.78])})
-    records += grid_records("afa", {0.001: ([0.85, 0.86, 0.87], [0.90, 0.81, 0.80]),
-                                    0.01: ([0.90, 0.88, 0.90], [0.84, 0.86, 0.85])})
+    records += grid_records(
+        "afa", {0.001: ([0.85, 0.86, 0.87], [0.90, 0.81, 0.80]), 0.01: ([0.90, 0.88, 0.90], [0.84, 0.86, 0.85])}
+    )
     records.append(record("afa", 0.1, 0, None, None, status=DIVERGED))
     records += [record("afa", 0.1, s, 0.99, 0.99) for s in (1, 2)]
-    comparison = report.compare_runs(["none", "afa"], list(SEEDS), {"none": [None], "afa": [0.001, 0.01, 0.1]},
-                                     ["none"], records)
+    comparison = report.compare_runs(
+        ["none", "afa"], list(SEEDS), {"none": [None], "afa": [0.001, 0.01, 0.1]}, ["none"], records
+    )
     markdown = report.write_report(tmp_path, comparison, "hand-made")
     summary = {row["method"]: row for row in read_csv(tmp_path / "summary.csv")}
-    assert list(summary["afa"])[:12] == ["method", "selected_alpha", "val_acc_mean", "test_acc_mean", "test_acc_sd",
-                                         "n_seeds", "steps", "at_grid_edge", "diff_vs_none", "ci95_low_vs_none",
-                                         "ci95_high_vs_none", "wins_vs_none"]
+    assert list(summary["afa"])[:12] == [
+        "method",
+        "selected_alpha",
+        "val_acc_mean",
+        "test_acc_mean",
+        "test_acc_sd",
+        "n_seeds",
+        "steps",
+        "at_grid_edge",
+        "diff_vs_none",
+        "ci95_low_vs_none",
+        "ci95_high_vs_none",
+        "wins_vs_none",
+    ]
     afa = summary["afa"]
     assert float(afa["selected_alpha"]) == 0.01 and afa["at_grid_edge"] == "false"
     assert float(afa["test_acc_mean"]) == pytest.approx(0.85, abs=1e-6)
@@ -111,8 +145,11 @@ def test_report_files_hold_the_selected_points_and_the_paired_differences(tmp_pa
     assert summary["none"]["diff_vs_none"] == ""
     selection = read_csv(tmp_path / "selection.csv")
     assert [(r["method"], r["alpha"], r["selected"], r["diverged"]) for r in selection] == [
-        ("none", "", "true", "0"), ("afa", "0.001", "false", "0"), ("afa", "0.01", "true", "0"),
-        ("afa", "0.1", "false", "1")]
+        ("none", "", "true", "0"),
+        ("afa", "0.001", "false", "0"),
+        ("afa", "0.01", "true", "0"),
+        ("afa", "0.1", "false", "1"),
+    ]
     runs = read_csv(tmp_path / "runs.csv")
     assert list(runs[0]) == list(report.RUN_COLUMNS) and len(runs) == len(records)
     assert "Diverged" in markdown and "afa alpha 0.1 seed 0" in markdown

@@ -10,6 +10,7 @@ Every run uses the embedded digits data (afa: an AST stage, then an ACT stage wh
 modules are drawn from the global RNG when stage 2 starts) and one cache folder for the whole
 session, so the digits source model is pretrained once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -34,8 +35,6 @@ POLL = 0.005
 # ----------------------------------------------------------------------------- helpers
 
 
-
-
 class Trainer:
     """``python -m afa_ext.train ARGS --out OUT`` in the background, its output in files."""
 
@@ -45,11 +44,22 @@ class Trainer:
         name = self.out.name + (f".{tag}" if tag else "") + (".resume" if resume else "")
         self.stdout_path = self.out.parent / f"{name}.stdout"
         self.stderr_path = self.out.parent / f"{name}.stderr"
-        command = [sys.executable, "-m", "afa_ext.train", *self.args, "--cache-dir", str(cache), "--device", "cpu",
-                   "--out", str(self.out)] + (["--resume"] if resume else [])
+        command = [
+            sys.executable,
+            "-m",
+            "afa_ext.train",
+            *self.args,
+            "--cache-dir",
+            str(cache),
+            "--device",
+            "cpu",
+            "--out",
+            str(self.out),
+        ] + (["--resume"] if resume else [])
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=self.out.parent,
-                                            env=subprocess_env(cache))
+            self.process = subprocess.Popen(
+                command, stdout=stdout, stderr=stderr, cwd=self.out.parent, env=subprocess_env(cache)
+            )
 
     @property
     def stdout(self) -> str:
@@ -60,8 +70,7 @@ class Trainer:
         return self.stderr_path.read_text()
 
     def describe(self) -> str:
-        return (f"{' '.join(self.process.args)}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n"
-                f"{self.stderr[-3000:]}")
+        return f"{' '.join(self.process.args)}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
 
     def wait(self, timeout: float = TIMEOUT) -> int:
         try:
@@ -70,7 +79,7 @@ class Trainer:
             self.stop()
             raise AssertionError(f"the run did not end within {timeout} s:\n{self.describe()}") from None
 
-    def finish(self) -> "Trainer":
+    def finish(self) -> Trainer:
         """Wait for the run and insist that it ended well."""
         returncode = self.wait()
         assert returncode == 0, f"exit status {returncode}:\n{self.describe()}"
@@ -140,8 +149,11 @@ def _differences(expected: Path, actual: Path):
         problems.append(f"model.pt keys differ: {list(want)} vs {list(got)}")
     for key in want:
         if key in got and not (want[key].dtype == got[key].dtype and torch.equal(want[key], got[key])):
-            difference = (want[key].double() - got[key].double()).abs().max().item() \
-                if want[key].shape == got[key].shape else "shape"
+            difference = (
+                (want[key].double() - got[key].double()).abs().max().item()
+                if want[key].shape == got[key].shape
+                else "shape"
+            )
             problems.append(f"model.pt[{key}] differs (max |difference| {difference})")
     want_result, got_result = _result(expected), _result(actual)
     for key in ("test_acc", "best_val_acc", "stages", "epochs_run"):
@@ -150,9 +162,12 @@ def _differences(expected: Path, actual: Path):
     strip = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     want_rows, got_rows = strip(_metric_rows(expected)), strip(_metric_rows(actual))
     if want_rows != got_rows:
-        problems.append("metrics.csv (but seconds) differs:\n  uninterrupted " +
-                        "\n  uninterrupted ".join(map(str, want_rows)) + "\n  resumed " +
-                        "\n  resumed ".join(map(str, got_rows)))
+        problems.append(
+            "metrics.csv (but seconds) differs:\n  uninterrupted "
+            + "\n  uninterrupted ".join(map(str, want_rows))
+            + "\n  resumed "
+            + "\n  resumed ".join(map(str, got_rows))
+        )
     return problems
 
 
@@ -172,8 +187,20 @@ def launched():
 # run training), 2 stages. One command for every run of this file, so one uninterrupted run is
 # the ground truth of all of them.
 EPOCHS = 5
-RUN_ARGS = ["--data", "digits", "--reg", "afa", "--epochs", str(EPOCHS), "--batch-size", "5", "--shots", "10",
-            "--seed", "1"]
+RUN_ARGS = [
+    "--data",
+    "digits",
+    "--reg",
+    "afa",
+    "--epochs",
+    str(EPOCHS),
+    "--batch-size",
+    "5",
+    "--shots",
+    "10",
+    "--seed",
+    "1",
+]
 STEPS_PER_EPOCH = 10
 
 
@@ -213,14 +240,22 @@ def sigkilled_runs(tmp_path_factory, train_cache, uninterrupted_run):
     try:
         for name in moments:
             trainers[name] = Trainer(RUN_ARGS, folder / f"B_{name}", train_cache)
-        _signal_at_moments([(trainers[name], ready, what, random.uniform(0.0, longest), signal.SIGKILL)
-                            for name, (ready, what, longest) in moments.items()])
+        _signal_at_moments(
+            [
+                (trainers[name], ready, what, random.uniform(0.0, longest), signal.SIGKILL)
+                for name, (ready, what, longest) in moments.items()
+            ]
+        )
         for name, trainer in trainers.items():
             returncode = trainer.wait()
             killed_at = _checkpoint_position(trainer.out) if (trainer.out / "checkpoint.pt").is_file() else None
-            report[name] = {"returncode": returncode, "out": trainer.out,
-                            "finished": (trainer.out / "result.json").is_file(),
-                            "checkpoint": killed_at, "log": trainer.describe()}
+            report[name] = {
+                "returncode": returncode,
+                "out": trainer.out,
+                "finished": (trainer.out / "result.json").is_file(),
+                "checkpoint": killed_at,
+                "log": trainer.describe(),
+            }
             if returncode == -signal.SIGKILL:
                 resumed[name] = Trainer(RUN_ARGS, trainer.out, train_cache, resume=True)
         for name, trainer in resumed.items():
@@ -237,7 +272,8 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(moment, sigkilled_runs
     run = sigkilled_runs[moment]
     assert run["returncode"] == -signal.SIGKILL, (
         f"the run was not killed (exit status {run['returncode']}): it ended before the kill; make it "
-        f"longer\n{run['log']}")
+        f"longer\n{run['log']}"
+    )
     assert not run["finished"], f"the kill came after the run had written result.json\n{run['log']}"
     assert run["checkpoint"] is not None, "SIGKILL after the first checkpoint, yet there is no checkpoint.pt"
     stage, epoch, step = run["checkpoint"]
@@ -246,8 +282,9 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(moment, sigkilled_runs
     assert run["resume_returncode"] == 0, run["resume_log"]
     assert "resuming" in run["resume_log"]
     problems = _differences(uninterrupted_run.finish().out, run["out"])
-    assert not problems, (f"killed at checkpoint (stage index, epoch, step) = {run['checkpoint']}, resumed: "
-                          + "\n".join(problems))
+    assert not problems, (
+        f"killed at checkpoint (stage index, epoch, step) = {run['checkpoint']}, resumed: " + "\n".join(problems)
+    )
 
 
 def test_a_finished_run_resumed_trains_no_more(tmp_path, train_cache, uninterrupted_run, launched):
@@ -258,8 +295,11 @@ def test_a_finished_run_resumed_trains_no_more(tmp_path, train_cache, uninterrup
     trainer = Trainer(RUN_ARGS, again, train_cache, resume=True)
     launched.append(trainer)
     trainer.finish()
-    trained = [line for line in trainer.stdout.splitlines()
-               if re.match(r"stage \d/\d \(\w+\) epoch", line) or line.startswith("stage 2: starting")]
+    trained = [
+        line
+        for line in trainer.stdout.splitlines()
+        if re.match(r"stage \d/\d \(\w+\) epoch", line) or line.startswith("stage 2: starting")
+    ]
     assert not trained, trainer.stdout
     assert "resuming" in trainer.stdout, trainer.stdout
     for name in ("metrics.csv", "config.toml"):
@@ -273,13 +313,17 @@ def test_a_finished_run_resumed_trains_no_more(tmp_path, train_cache, uninterrup
         assert _result(again)[key] == _result(original)[key], key
 
 
-@pytest.mark.parametrize("flag, value, setting", [
-    ("--alpha", "0.5", "alpha"),
-    ("--seed", "2", "seed"),
-    ("--batch-size", "20", "batch_size"),
-])
-def test_resume_with_another_setting_is_refused_naming_it(flag, value, setting, tmp_path, train_cache,
-                                                          uninterrupted_run, capsys):
+@pytest.mark.parametrize(
+    "flag, value, setting",
+    [
+        ("--alpha", "0.5", "alpha"),
+        ("--seed", "2", "seed"),
+        ("--batch-size", "20", "batch_size"),
+    ],
+)
+def test_resume_with_another_setting_is_refused_naming_it(
+    flag, value, setting, tmp_path, train_cache, uninterrupted_run, capsys
+):
     from afa_ext.train.cli import main
 
     folder = tmp_path / "A_copy"
@@ -303,6 +347,7 @@ def test_resume_with_another_setting_is_refused_naming_it(flag, value, setting, 
 
 # ----------------------------------------------------------------------------- SIGTERM / Ctrl-C
 
+
 @pytest.fixture(scope="module")
 def signalled_runs(tmp_path_factory, train_cache, uninterrupted_run):
     """Two copies of run A's command stopped by a signal, then resumed.
@@ -319,14 +364,23 @@ def signalled_runs(tmp_path_factory, train_cache, uninterrupted_run):
     try:
         for signum in plan:
             trainers[signum] = Trainer(RUN_ARGS, folder / f"S_{signum.name}", train_cache)
-        _signal_at_moments([(trainers[signum], ready, what, random.uniform(0.0, 0.1), signum)
-                            for signum, (ready, what) in plan.items()])
+        _signal_at_moments(
+            [
+                (trainers[signum], ready, what, random.uniform(0.0, 0.1), signum)
+                for signum, (ready, what) in plan.items()
+            ]
+        )
         for signum, trainer in trainers.items():
             returncode = trainer.wait()
             stopped_at = _checkpoint_position(trainer.out) if (trainer.out / "checkpoint.pt").is_file() else None
-            report[signum] = {"returncode": returncode, "out": trainer.out, "stderr": trainer.stderr,
-                              "finished": (trainer.out / "result.json").is_file(), "checkpoint": stopped_at,
-                              "log": trainer.describe()}
+            report[signum] = {
+                "returncode": returncode,
+                "out": trainer.out,
+                "stderr": trainer.stderr,
+                "finished": (trainer.out / "result.json").is_file(),
+                "checkpoint": stopped_at,
+                "log": trainer.describe(),
+            }
             if returncode == 128 + signum:
                 resumed[signum] = Trainer(RUN_ARGS, trainer.out, train_cache, resume=True)
         for signum, trainer in resumed.items():
@@ -343,7 +397,8 @@ def signalled_runs(tmp_path_factory, train_cache, uninterrupted_run):
 def test_signal_stops_with_a_checkpoint_and_resume_equals_the_uninterrupted_run(signum, signalled_runs):
     run = signalled_runs[signum]
     assert run["returncode"] == 128 + signum, (
-        f"expected exit status {128 + signum} after {signum.name}, got {run['returncode']}\n{run['log']}")
+        f"expected exit status {128 + signum} after {signum.name}, got {run['returncode']}\n{run['log']}"
+    )
     lines = [line for line in run["stderr"].splitlines() if "--resume" in line]
     assert lines and signum.name in lines[-1], f"no line naming --resume and {signum.name}:\n{run['stderr']}"
     assert not run["finished"], run["log"]
@@ -352,15 +407,16 @@ def test_signal_stops_with_a_checkpoint_and_resume_equals_the_uninterrupted_run(
     assert stage in (0, 1) and 0 <= epoch <= EPOCHS and 0 <= step < STEPS_PER_EPOCH, run["checkpoint"]
     assert run["resume_returncode"] == 0, run["resume_log"]
     problems = _differences(signalled_runs["reference"], run["out"])
-    assert not problems, (f"stopped by {signum.name} at checkpoint (stage index, epoch, step) = "
-                          f"{run['checkpoint']}, resumed:\n" + "\n".join(problems))
+    assert not problems, (
+        f"stopped by {signum.name} at checkpoint (stage index, epoch, step) = "
+        f"{run['checkpoint']}, resumed:\n" + "\n".join(problems)
+    )
 
 
 # ----------------------------------------------------------------------------- atomic writes
 
 
-@pytest.mark.parametrize("failing, error", [("replace", OSError), ("replace", KeyboardInterrupt),
-                                            ("fsync", OSError)])
+@pytest.mark.parametrize("failing, error", [("replace", OSError), ("replace", KeyboardInterrupt), ("fsync", OSError)])
 def test_checkpoint_save_is_all_or_nothing(failing, error, tmp_path, monkeypatch):
     from afa_ext.train import checkpoint
 

@@ -29,6 +29,7 @@ multiple of ALIGN: those take a copy of the loop compiled with alignment hints (
 loads), the others a plain copy, chosen per program at run time, so one unaligned layer
 (a 7x7 map) does not cost the others their vector loads.
 """
+
 from __future__ import annotations
 
 import triton
@@ -48,6 +49,7 @@ FIELDS = tl.constexpr(33)
 
 # Alignment hints (tl.multiple_of) must annotate the op that makes a value, in the function
 # that makes it: on a helper's argument they are lost.
+
 
 @triton.jit
 def _feature_pointer(base, layer_row, FIELD: tl.constexpr, ALIGN: tl.constexpr):
@@ -89,14 +91,25 @@ def _k_offsets(layer_row, ks, tensor: tl.constexpr, UNIT: tl.constexpr):
         inner = tl.load(layer_row + REDUCED_SIZES + 1)
         strides = layer_row + REDUCED_STRIDES + 3 * tensor
         rest = ks // inner
-        offsets = (rest // middle) * tl.load(strides) + (rest % middle) * tl.load(strides + 1) + \
-            (ks % inner) * tl.load(strides + 2)
+        offsets = (
+            (rest // middle) * tl.load(strides)
+            + (rest % middle) * tl.load(strides + 1)
+            + (ks % inner) * tl.load(strides + 2)
+        )
     return offsets
 
 
 @triton.jit
-def _tile_offsets(layer_row, group, inner_index, ks, tensor: tl.constexpr, ROWS_FAST: tl.constexpr,
-                  FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr):
+def _tile_offsets(
+    layer_row,
+    group,
+    inner_index,
+    ks,
+    tensor: tl.constexpr,
+    ROWS_FAST: tl.constexpr,
+    FAST_UNIT: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
     """Offsets of the (rows x ks) tile in one tensor, the contiguous axis last."""
     row_offsets = _row_offsets(layer_row, group, inner_index, tensor, ROWS_FAST and FAST_UNIT)
     k_offsets = _k_offsets(layer_row, ks, tensor, (not ROWS_FAST) and FAST_UNIT)
@@ -182,8 +195,19 @@ def _k_block(k_start, BLOCK_K: tl.constexpr, ROWS_FAST: tl.constexpr, ALIGN: tl.
 
 
 @triton.jit
-def _forward_sum(base, layer_row, group, inner_index, k_begin, ACC: tl.constexpr, ROWS_FAST: tl.constexpr,
-                 FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _forward_sum(
+    base,
+    layer_row,
+    group,
+    inner_index,
+    k_begin,
+    ACC: tl.constexpr,
+    ROWS_FAST: tl.constexpr,
+    FAST_UNIT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """sum over this program's slice of K of (t - s)^2, one value per row, in ACC."""
     row_mask, k_end = _bounds(layer_row, inner_index, k_begin, ROWS_FAST, ALIGN)
     target = _feature_pointer(base, layer_row, TARGET, ALIGN)
@@ -197,16 +221,29 @@ def _forward_sum(base, layer_row, group, inner_index, k_begin, ACC: tl.constexpr
         mask = _tile_mask(row_mask, ks < k_end, ROWS_FAST)
         t_offsets = _tile_offsets(layer_row, group, inner_index, ks, 0, ROWS_FAST, FAST_UNIT, ALIGN)
         s_offsets = _tile_offsets(layer_row, group, inner_index, ks, 1, ROWS_FAST, FAST_UNIT, ALIGN)
-        diff = tl.load(target + t_offsets, mask=mask, other=0.0).to(ACC) - \
-            tl.load(source + s_offsets, mask=mask, other=0.0).to(ACC)
+        diff = tl.load(target + t_offsets, mask=mask, other=0.0).to(ACC) - tl.load(
+            source + s_offsets, mask=mask, other=0.0
+        ).to(ACC)
         acc += diff * diff
     return tl.sum(acc, axis=0 if ROWS_FAST else 1)
 
 
 @triton.jit
-def _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                    ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _backward_tiles(
+    base,
+    layer_row,
+    group,
+    inner_index,
+    twice,
+    k_begin,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS_FAST: tl.constexpr,
+    FAST_UNIT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dt = twice * (t - s) over this program's rows and slice of K."""
     row_mask, k_end = _bounds(layer_row, inner_index, k_begin, ROWS_FAST, ALIGN)
     target = _feature_pointer(base, layer_row, TARGET, ALIGN)
@@ -228,22 +265,37 @@ def _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE: 
 
 
 @triton.jit
-def sqdist_forward_kernel(base, table, workspace, counters, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr,
-                          ACC: tl.constexpr, ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def sqdist_forward_kernel(
+    base,
+    table,
+    workspace,
+    counters,
+    NUM_LAYERS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS_FAST: tl.constexpr,
+    FAST_UNIT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """out[r] = sum_k (t[r, k] - s[r, k])^2 for every layer of the table, in ACC."""
     layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin = _program_tile(
-        table, NUM_LAYERS, BLOCK_R)
+        table, NUM_LAYERS, BLOCK_R
+    )
     if ALIGN > 1:
         if tl.load(layer_row + ALIGNED) != 0:
-            partial = _forward_sum(base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, ALIGN,
-                                   BLOCK_R, BLOCK_K)
+            partial = _forward_sum(
+                base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, ALIGN, BLOCK_R, BLOCK_K
+            )
         else:
-            partial = _forward_sum(base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
-                                   BLOCK_R, BLOCK_K)
+            partial = _forward_sum(
+                base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1, BLOCK_R, BLOCK_K
+            )
     else:
-        partial = _forward_sum(base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1,
-                               BLOCK_R, BLOCK_K)
+        partial = _forward_sum(
+            base, layer_row, group, inner_index, k_begin, ACC, ROWS_FAST, FAST_UNIT, 1, BLOCK_R, BLOCK_K
+        )
 
     output = _pointer(layer_row, OUTPUT, ACC)
     if splits == 1:
@@ -265,20 +317,57 @@ def sqdist_forward_kernel(base, table, workspace, counters, NUM_LAYERS: tl.const
 
 
 @triton.jit
-def sqdist_backward_kernel(base, table, NUM_LAYERS: tl.constexpr, DTYPE: tl.constexpr, ACC: tl.constexpr,
-                           ROWS_FAST: tl.constexpr, FAST_UNIT: tl.constexpr, ALIGN: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def sqdist_backward_kernel(
+    base,
+    table,
+    NUM_LAYERS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS_FAST: tl.constexpr,
+    FAST_UNIT: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """dt[r, k] = 2 * g[r] * (t[r, k] - s[r, k]) for every layer of the table."""
     layer_row, row_block, split, splits, group, inner_index, rows, row_mask, k_begin = _program_tile(
-        table, NUM_LAYERS, BLOCK_R)
+        table, NUM_LAYERS, BLOCK_R
+    )
     twice = 2 * tl.load(_pointer(layer_row, GRAD, ACC) + rows, mask=row_mask, other=0.0)
     if ALIGN > 1:
         if tl.load(layer_row + ALIGNED) != 0:
-            _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
-                            ALIGN, BLOCK_R, BLOCK_K)
+            _backward_tiles(
+                base,
+                layer_row,
+                group,
+                inner_index,
+                twice,
+                k_begin,
+                DTYPE,
+                ACC,
+                ROWS_FAST,
+                FAST_UNIT,
+                ALIGN,
+                BLOCK_R,
+                BLOCK_K,
+            )
         else:
-            _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT,
-                            1, BLOCK_R, BLOCK_K)
+            _backward_tiles(
+                base,
+                layer_row,
+                group,
+                inner_index,
+                twice,
+                k_begin,
+                DTYPE,
+                ACC,
+                ROWS_FAST,
+                FAST_UNIT,
+                1,
+                BLOCK_R,
+                BLOCK_K,
+            )
     else:
-        _backward_tiles(base, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT, 1,
-                        BLOCK_R, BLOCK_K)
+        _backward_tiles(
+            base, layer_row, group, inner_index, twice, k_begin, DTYPE, ACC, ROWS_FAST, FAST_UNIT, 1, BLOCK_R, BLOCK_K
+        )

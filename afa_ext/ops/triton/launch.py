@@ -22,6 +22,7 @@ No buffer a kernel reads is shared between streams or launches: layer tables are
 per stream (and not at all while a CUDA graph is captured), and the counters of a split
 forward are zeroed for every launch, so that an aborted launch leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -45,11 +46,15 @@ from ..validation import spatial_positions
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-TRITON_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32,
-                 torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TRITON_DTYPES = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
 LEVELS = 3  # index levels per axis that the kernels decompose
 
-Level = Tuple[int, Tuple[int, ...]]  # (size, stride in each tensor)
+Level = tuple[int, tuple[int, ...]]  # (size, stride in each tensor)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def default_policy(device: torch.device) -> SplitPolicy:
     return SplitPolicy(8, 16)  # the interpreter: small shapes, but still several splits
 
 
-_SM_COUNTS: Dict[int, int] = {}
+_SM_COUNTS: dict[int, int] = {}
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -85,7 +90,7 @@ class BlockConfig:
     num_warps: int
 
 
-def configs(rows_fast: bool) -> List[BlockConfig]:
+def configs(rows_fast: bool) -> list[BlockConfig]:
     """Block sizes with the contiguous axis long; the first one is the default."""
     if INTERPRETED:  # small tiles; two, so that the tuner has a choice to make
         shapes = [(16, 8, 4), (32, 4, 4)] if rows_fast else [(8, 16, 4), (16, 8, 4)]
@@ -98,14 +103,13 @@ def configs(rows_fast: bool) -> List[BlockConfig]:
 
 # The fewest rows a program of any configuration owns, per orientation: the host sizes
 # the split counters and estimates program counts with it before the tuner picks.
-SMALLEST_BLOCK_ROWS = {rows_fast: min(config.block_r for config in configs(rows_fast))
-                       for rows_fast in (False, True)}
+SMALLEST_BLOCK_ROWS = {rows_fast: min(config.block_r for config in configs(rows_fast)) for rows_fast in (False, True)}
 
 
-def _merge_levels(dims: Sequence[Level]) -> Optional[List[Level]]:
+def _merge_levels(dims: Sequence[Level]) -> list[Level] | None:
     """Dims of one axis, outer to inner, with size-1 dims dropped and neighbours merged
     where every tensor steps over them as over one dim; None if more than LEVELS remain."""
-    merged: List[Level] = []
+    merged: list[Level] = []
     for size, strides in dims:
         if size == 1:
             continue
@@ -137,14 +141,14 @@ class LayerPlan:
 
     target: Tensor
     source: Tensor
-    output: Optional[Tensor]
+    output: Tensor | None
     rows: int
     k: int
-    kept_levels: List[Level]
-    reduced_levels: List[Level]
-    destination: Optional[Tensor]
+    kept_levels: list[Level]
+    reduced_levels: list[Level]
+    destination: Tensor | None
 
-    def deliver(self) -> Optional[Tensor]:
+    def deliver(self) -> Tensor | None:
         """The backward's gradient in the caller's layout, copied there from the dense
         output the kernel wrote if the layout was copied."""
         if self.destination is not self.output:
@@ -166,7 +170,7 @@ class LayerPlan:
         return single and all(s == 1 for s in self.reduced_levels[-1][1][:tensors])
 
 
-def rows_and_k(target: Tensor, grouping: str) -> Tuple[int, int]:
+def rows_and_k(target: Tensor, grouping: str) -> tuple[int, int]:
     """(rows, K): (B*C, P) for the channel grouping, (B*P, C) for the spatial one."""
     batch, channels, positions = target.shape[0], target.shape[1], spatial_positions(target)
     if grouping == "channel":
@@ -174,7 +178,7 @@ def rows_and_k(target: Tensor, grouping: str) -> Tuple[int, int]:
     return batch * positions, channels
 
 
-def plan_layer(target: Tensor, source: Tensor, output: Optional[Tensor], grouping: str) -> LayerPlan:
+def plan_layer(target: Tensor, source: Tensor, output: Tensor | None, grouping: str) -> LayerPlan:
     """The layer's index levels. Target and source are copied only if the kept or the
     reduced dims cannot be indexed in LEVELS levels (a sliced 3-d spatial map); the
     backward then writes a dense output, which ``LayerPlan.deliver`` copies into
@@ -203,7 +207,7 @@ def _row_blocks(plan: LayerPlan, block_rows: int) -> int:
     return _groups(plan) * triton.cdiv(plan.kept_levels[-1][0], block_rows)
 
 
-def _splits(plans: Sequence[LayerPlan], rows_fast: bool, policy: SplitPolicy) -> List[Tuple[int, int]]:
+def _splits(plans: Sequence[LayerPlan], rows_fast: bool, policy: SplitPolicy) -> list[tuple[int, int]]:
     """(splits, k_per_split) of each layer: one split unless the rows alone leave the
     device idle; then K is cut evenly into slices of a multiple of 64 elements, each at
     least policy.min_k_per_split long."""
@@ -217,7 +221,7 @@ def _splits(plans: Sequence[LayerPlan], rows_fast: bool, policy: SplitPolicy) ->
     return result
 
 
-def _aligned_layers(plans: Sequence[LayerPlan], splits, rows_fast: bool, fast_unit: bool, itemsize: int) -> List[bool]:
+def _aligned_layers(plans: Sequence[LayerPlan], splits, rows_fast: bool, fast_unit: bool, itemsize: int) -> list[bool]:
     """Per layer: every feature address (and the base, the first layer's target), every
     stride off the fast axis and every length along it is a multiple of 16 bytes, so that
     its tiles can be read 16 bytes at a time."""
@@ -243,18 +247,38 @@ def _vector_width(aligned: Sequence[bool], itemsize: int) -> int:
     return 16 // itemsize if any(aligned) else 1
 
 
-def _table_row(plan: LayerPlan, base: Tensor, output: Tensor, grad: Optional[Tensor],
-               splits: Tuple[int, int], workspace_offset: int, counter_offset: int, aligned: bool) -> List[int]:
+def _table_row(
+    plan: LayerPlan,
+    base: Tensor,
+    output: Tensor,
+    grad: Tensor | None,
+    splits: tuple[int, int],
+    workspace_offset: int,
+    counter_offset: int,
+    aligned: bool,
+) -> list[int]:
     """One layer's row of the table (columns in kernels.py)."""
+
     def offset_from_base(tensor: Tensor) -> int:
         return (tensor.data_ptr() - base.data_ptr()) // base.element_size()
 
     features_out = plan.output is not None  # the backward writes features, the forward sums
-    row = [offset_from_base(plan.target), offset_from_base(plan.source),
-           offset_from_base(output) if features_out else output.data_ptr(),
-           grad.data_ptr() if grad is not None else 0,
-           plan.rows, plan.k, splits[0], splits[1], workspace_offset, counter_offset,
-           plan.kept_levels[1][0], plan.kept_levels[2][0], plan.reduced_levels[1][0], plan.reduced_levels[2][0]]
+    row = [
+        offset_from_base(plan.target),
+        offset_from_base(plan.source),
+        offset_from_base(output) if features_out else output.data_ptr(),
+        grad.data_ptr() if grad is not None else 0,
+        plan.rows,
+        plan.k,
+        splits[0],
+        splits[1],
+        workspace_offset,
+        counter_offset,
+        plan.kept_levels[1][0],
+        plan.kept_levels[2][0],
+        plan.reduced_levels[1][0],
+        plan.reduced_levels[2][0],
+    ]
     for levels in (plan.kept_levels, plan.reduced_levels):
         row += [levels[level][1][tensor] for tensor in range(3) for level in range(LEVELS)]
     row.append(int(aligned))
@@ -272,7 +296,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _host_table(rows: List[List[int]], device: torch.device) -> Tensor:
+def _host_table(rows: list[list[int]], device: torch.device) -> Tensor:
     """The table in host memory, pinned when it is to be copied to a GPU."""
     table = torch.tensor(rows, dtype=torch.int64)
     return table.pin_memory() if device.type == "cuda" else table
@@ -285,15 +309,15 @@ def _copied_to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device, non_blocking=True) if device.type == "cuda" else host
 
 
-_TABLES: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_TABLES: OrderedDict[tuple, Tensor] = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 # Pinned sources of the tables copied during CUDA graph captures: every replay repeats the
 # copy from them, so they are never freed (a few hundred bytes per captured launch).
-_CAPTURED_HOST_TABLES: List[Tensor] = []
+_CAPTURED_HOST_TABLES: list[Tensor] = []
 _TABLES_LOCK = threading.Lock()
 
 
-def _device_table(rows: List[List[int]], device: torch.device) -> Tensor:
+def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
     """The layer table on ``device``, ready for a kernel on the current stream.
 
     Recent tables are kept per stream (training steps usually see the same addresses
@@ -318,7 +342,7 @@ def _device_table(rows: List[List[int]], device: torch.device) -> Tensor:
     return table
 
 
-def _captured_table(rows: List[List[int]], device: torch.device) -> Tensor:
+def _captured_table(rows: list[list[int]], device: torch.device) -> Tensor:
     """A fresh table for a launch captured into a CUDA graph. A cached one could be
     evicted and freed while the graph still replays reads of it; this one lives in the
     graph's memory pool, and its pinned source is kept for the replays' copies."""
@@ -334,7 +358,7 @@ def _shape_class(plans: Sequence[LayerPlan]) -> int:
     return triton.next_power_of_2(elements) * 64 + triton.next_power_of_2(max(p.k for p in plans)).bit_length()
 
 
-def _launch_flags(plans: Sequence[LayerPlan]) -> Tuple[bool, bool]:
+def _launch_flags(plans: Sequence[LayerPlan]) -> tuple[bool, bool]:
     """(ROWS_FAST, FAST_UNIT): the largest layer picks the tile orientation."""
     rows_fast = max(plans, key=lambda plan: plan.rows * plan.k).rows_fast
     return rows_fast, all(plan.fast_axis_is_unit(rows_fast) for plan in plans)
@@ -344,18 +368,18 @@ def _device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-MAX_GRID_PROGRAMS = 2 ** 31 - 1  # a grid's first dimension holds no more (CUDA's gridDim.x)
+MAX_GRID_PROGRAMS = 2**31 - 1  # a grid's first dimension holds no more (CUDA's gridDim.x)
 
 
 @dataclass
 class Launch:
     """One launch for a list of layers: tile orientation, K splits and alignment."""
 
-    plans: List[LayerPlan]
+    plans: list[LayerPlan]
     rows_fast: bool
     fast_unit: bool
-    splits: List[Tuple[int, int]]
-    aligned: List[bool]
+    splits: list[tuple[int, int]]
+    aligned: list[bool]
 
     @property
     def base(self) -> Tensor:
@@ -368,9 +392,14 @@ class Launch:
 
     def constexprs(self, dtype: torch.dtype) -> dict:
         """The kernels' compile-time arguments but the block sizes (the tuner's choice)."""
-        return dict(NUM_LAYERS=len(self.plans), DTYPE=TRITON_DTYPES[dtype], ACC=TRITON_DTYPES[accumulate_dtype(dtype)],
-                    ROWS_FAST=self.rows_fast, FAST_UNIT=self.fast_unit,
-                    ALIGN=_vector_width(self.aligned, self.base.element_size()))
+        return dict(
+            NUM_LAYERS=len(self.plans),
+            DTYPE=TRITON_DTYPES[dtype],
+            ACC=TRITON_DTYPES[accumulate_dtype(dtype)],
+            ROWS_FAST=self.rows_fast,
+            FAST_UNIT=self.fast_unit,
+            ALIGN=_vector_width(self.aligned, self.base.element_size()),
+        )
 
     def tuning_key(self, kernel_name: str, dtype: torch.dtype) -> tuple:
         """What the tuner decides once for: the kernel, the size class, the layer count,
@@ -378,22 +407,24 @@ class Launch:
         return (kernel_name, _shape_class(self.plans), len(self.plans), str(dtype), self.rows_fast, self.fast_unit)
 
 
-def plan_launch(plans: List[LayerPlan]) -> Launch:
+def plan_launch(plans: list[LayerPlan]) -> Launch:
     rows_fast, fast_unit = _launch_flags(plans)
     splits = _splits(plans, rows_fast, default_policy(plans[0].target.device))
     aligned = _aligned_layers(plans, splits, rows_fast, fast_unit, plans[0].target.element_size())
     return Launch(plans, rows_fast, fast_unit, splits, aligned)
 
 
-def launchable_configs(op: str, launch: Launch) -> List[BlockConfig]:
+def launchable_configs(op: str, launch: Launch) -> list[BlockConfig]:
     """The configurations whose grid fits in MAX_GRID_PROGRAMS programs, in list order;
     a RuntimeError naming ``op`` and the numbers if none does."""
     candidates = configs(launch.rows_fast)
     fitting = [config for config in candidates if launch.program_count(config.block_r) <= MAX_GRID_PROGRAMS]
     if not fitting:
         fewest = min(launch.program_count(config.block_r) for config in candidates)
-        raise RuntimeError(f"{op}: the features need {fewest} Triton programs in one launch, more than the "
-                           f"{MAX_GRID_PROGRAMS} a grid's first dimension holds")
+        raise RuntimeError(
+            f"{op}: the features need {fewest} Triton programs in one launch, more than the "
+            f"{MAX_GRID_PROGRAMS} a grid's first dimension holds"
+        )
     return fitting
 
 
@@ -412,18 +443,20 @@ def _measure_milliseconds(config: BlockConfig, run: Callable[[], None]) -> float
         return (time.perf_counter() - start) * 1e3
     return triton.testing.do_bench(run)
 
-_CHOSEN: Dict[tuple, BlockConfig] = {}
+
+_CHOSEN: dict[tuple, BlockConfig] = {}
 _CHOSEN_LOCK = threading.Lock()
 
 
-def _fastest(candidates: List[BlockConfig], run: Callable[[BlockConfig], None]) -> int:
+def _fastest(candidates: list[BlockConfig], run: Callable[[BlockConfig], None]) -> int:
     """The index of the candidate that ``_measure_milliseconds`` measures fastest."""
     times = [_measure_milliseconds(config, functools.partial(run, config)) for config in candidates]
     return times.index(min(times))
 
 
-def _chosen_config(key: tuple, candidates: List[BlockConfig], run: Callable[[BlockConfig], None],
-                   device: torch.device) -> BlockConfig:
+def _chosen_config(
+    key: tuple, candidates: list[BlockConfig], run: Callable[[BlockConfig], None], device: torch.device
+) -> BlockConfig:
     """The configuration to launch with: the first candidate, untimed, unless autotuning;
     then the fastest, timed once per key and taken from rank 0 by every rank. A launch
     being captured into a CUDA graph cannot be timed (timing synchronises): it takes the
@@ -445,12 +478,20 @@ def _chosen_config(key: tuple, candidates: List[BlockConfig], run: Callable[[Blo
 
 def _launch_kernel(kernel, config: BlockConfig, grid_size: int, args: tuple, constexprs: dict) -> None:
     """One launch of ``kernel`` over ``grid_size`` programs with ``config``'s block sizes."""
-    kernel[(grid_size,)](*args, **constexprs, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
-                         num_warps=config.num_warps)
+    kernel[(grid_size,)](
+        *args, **constexprs, BLOCK_R=config.block_r, BLOCK_K=config.block_k, num_warps=config.num_warps
+    )
 
 
-def _launch_tuned(kernel_name: str, kernel, launch: Launch, candidates: List[BlockConfig], dtype: torch.dtype,
-                  args: tuple, prepare: Callable[[], None]) -> None:
+def _launch_tuned(
+    kernel_name: str,
+    kernel,
+    launch: Launch,
+    candidates: list[BlockConfig],
+    dtype: torch.dtype,
+    args: tuple,
+    prepare: Callable[[], None],
+) -> None:
     """Launches ``kernel`` once with the tuner's choice among ``candidates``; ``prepare()``
     runs before every launch, the timed ones included."""
     constexprs = launch.constexprs(dtype)
@@ -467,7 +508,7 @@ def _nothing() -> None:
     pass
 
 
-def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, op: str) -> List[Tensor]:
+def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, op: str) -> list[Tensor]:
     """d = sum over K of (t - s)^2 for every layer, in one launch (inputs already checked;
     ``op`` names the caller in errors)."""
     dtype, device = targets[0].dtype, targets[0].device
@@ -496,13 +537,21 @@ def sqdist_forward(targets: Sequence[Tensor], sources: Sequence[Tensor], groupin
     counters = torch.empty(max(counter_size, 1), dtype=torch.int32, device=device)
     with _device_context(device):
         args = (launch.base, _device_table(table_rows, device), workspace, counters)
-        _launch_tuned("forward", kernels.sqdist_forward_kernel, launch, candidates, dtype, args,
-                      counters.zero_ if counter_size else _nothing)
+        _launch_tuned(
+            "forward",
+            kernels.sqdist_forward_kernel,
+            launch,
+            candidates,
+            dtype,
+            args,
+            counters.zero_ if counter_size else _nothing,
+        )
     return outputs
 
 
-def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources: Sequence[Tensor],
-                    grouping: str, op: str) -> List[Tensor]:
+def sqdist_backward(
+    grads: Sequence[Tensor], targets: Sequence[Tensor], sources: Sequence[Tensor], grouping: str, op: str
+) -> list[Tensor]:
     """dt = 2 * g * (t - s) for every layer, in one launch, each shaped and strided as
     torch.empty_like(t) (inputs already checked; ``op`` names the caller in errors)."""
     dtype, device = targets[0].dtype, targets[0].device
@@ -519,8 +568,10 @@ def sqdist_backward(grads: Sequence[Tensor], targets: Sequence[Tensor], sources:
         return outputs
     launch = plan_launch(plans)
     candidates = launchable_configs(op, launch)
-    table_rows = [_table_row(plan, launch.base, plan.output, grad, split, 0, 0, aligned)
-                  for plan, grad, split, aligned in zip(plans, dense_grads, launch.splits, launch.aligned)]
+    table_rows = [
+        _table_row(plan, launch.base, plan.output, grad, split, 0, 0, aligned)
+        for plan, grad, split, aligned in zip(plans, dense_grads, launch.splits, launch.aligned)
+    ]
     with _device_context(device):
         args = (launch.base, _device_table(table_rows, device))
         _launch_tuned("backward", kernels.sqdist_backward_kernel, launch, candidates, dtype, args, _nothing)

@@ -6,9 +6,9 @@ call is one kernel launch per pass for all the layers it is given. They take CUD
 tensors, or CPU tensors when TRITON_INTERPRET=1 runs Triton's interpreter (slow: for
 testing the kernels' logic on machines without a GPU).
 """
+
 from __future__ import annotations
 
-from typing import List
 
 from torch import Tensor
 
@@ -21,7 +21,7 @@ NAMESPACE = "afa_ext_triton"
 DEVICE_TYPES = backend_devices("triton")  # the mode of launch.py, imported above
 
 
-def _check_device(op: str, tensors: List[Tensor]) -> None:
+def _check_device(op: str, tensors: list[Tensor]) -> None:
     device = tensors[0].device
     if device.type not in DEVICE_TYPES:
         hint = " (TRITON_INTERPRET=1 runs them on CPU tensors)" if device.type == "cpu" else ""
@@ -34,7 +34,7 @@ def _forward_ops(grouping: str):
     """(the multi-layer op, the single-layer op) of the forward."""
     op = f"{NAMESPACE}::grouped_{grouping}_sqdist"
 
-    def layers_op(targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+    def layers_op(targets: list[Tensor], sources: list[Tensor]) -> list[Tensor]:
         check_layer_inputs(op, targets, sources)
         _check_device(op, targets)
         return launch.sqdist_forward(list(targets), list(sources), grouping, op=op)
@@ -49,7 +49,7 @@ def _backward_ops(grouping: str):
     """(the multi-layer op, the single-layer op) of the backward."""
     op = f"{NAMESPACE}::grouped_{grouping}_sqdist_backward"
 
-    def layers_op(grads: List[Tensor], targets: List[Tensor], sources: List[Tensor]) -> List[Tensor]:
+    def layers_op(grads: list[Tensor], targets: list[Tensor], sources: list[Tensor]) -> list[Tensor]:
         check_layer_inputs(op, targets, sources, grads, grouping)
         _check_device(op, targets)
         return launch.sqdist_backward(list(grads), list(targets), list(sources), grouping, op=op)

@@ -4,6 +4,7 @@ The tests that launch kernels need a GPU or TRITON_INTERPRET=1 (Triton's interpr
 CPU tensors, slow, so the shapes are tiny); those of the host logic alone (table caches,
 grid limits on meta tensors) only need triton installed.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -186,8 +187,10 @@ def test_threads_asking_at_once_get_their_own_tables(fake_streams, monkeypatch):
             for round_index in range(rounds):
                 rows = _table_rows(thread_index * rounds + round_index % 5)
                 table = launch._device_table(rows, torch.device("cpu"))
-                if not torch.equal(table, torch.tensor(rows)) or \
-                        fake_streams.copied_on[id(table)] != 100 + thread_index:
+                if (
+                    not torch.equal(table, torch.tensor(rows))
+                    or fake_streams.copied_on[id(table)] != 100 + thread_index
+                ):
                     errors.append((thread_index, round_index))
         except Exception as error:  # noqa: BLE001  (reported by the assertion below)
             errors.append(repr(error))
@@ -225,6 +228,7 @@ def launches(monkeypatch):
 
 def _favouring(favoured, timed):
     """A timer that runs each configuration once and reports ``favoured`` as the fastest."""
+
     def fake_timer(config, run):
         run()
         timed.append(config)
@@ -321,22 +325,24 @@ def test_every_rank_launches_with_rank_zeros_tuned_config(tmp_path):
 def test_a_launch_beyond_the_grid_is_refused_before_it_starts(grouping, monkeypatch):
     """The grid's first dimension holds 2**31 - 1 programs (as the CUDA launch checks);
     meta tensors give the huge shapes for free."""
+
     def no_launch(*args, **kwargs):
         raise AssertionError("launched")
 
     monkeypatch.setattr(launch, "_launch_kernel", no_launch, raising=False)
-    shape = (2 ** 20, 2 ** 20, 4) if grouping == "channel" else (2 ** 20, 4, 2 ** 20)
+    shape = (2**20, 2**20, 4) if grouping == "channel" else (2**20, 4, 2**20)
     target = torch.empty(shape, device="meta")
-    rows = 2 ** 40  # B * C for the channel grouping, B * P for the spatial one
-    biggest_block = max(config.block_r for config in launch.configs(launch.plan_layer(
-        target, target, None, grouping).rows_fast))
+    rows = 2**40  # B * C for the channel grouping, B * P for the spatial one
+    biggest_block = max(
+        config.block_r for config in launch.configs(launch.plan_layer(target, target, None, grouping).rows_fast)
+    )
     fewest_programs = rows // biggest_block
-    limit = 2 ** 31 - 1
+    limit = 2**31 - 1
     assert fewest_programs > limit
     op = f"afa_ext_triton::grouped_{grouping}_sqdist"
     message = rf"{op}: .*{fewest_programs} Triton programs.* {limit}"
     with pytest.raises(RuntimeError, match=message):
         launch.sqdist_forward([target], [target], grouping, op=op)
-    grad = torch.empty(2 ** 20, 2 ** 20, device="meta")  # (B, C) or (B, P)
+    grad = torch.empty(2**20, 2**20, device="meta")  # (B, C) or (B, P)
     with pytest.raises(RuntimeError, match=message.replace("sqdist", "sqdist_backward")):
         launch.sqdist_backward([grad], [target], [target], grouping, op=op + "_backward")

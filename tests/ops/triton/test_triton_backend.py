@@ -4,6 +4,7 @@ On a machine with a CUDA GPU these run on it. Without one, ``make test`` runs th
 a second time with TRITON_INTERPRET=1, which makes ``triton`` available for CPU tensors
 through Triton's interpreter (slow, so the shapes are small); otherwise it is skipped.
 """
+
 from __future__ import annotations
 
 
@@ -72,8 +73,11 @@ def test_op_values_in_every_layout(grouping, ndim, layouts):
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "channels_last"),
-                                     ("cropped", "channels_last")], ids=lambda p: "-".join(p))
+@pytest.mark.parametrize(
+    "layouts",
+    [("contiguous", "contiguous"), ("channels_last", "channels_last"), ("cropped", "channels_last")],
+    ids=lambda p: "-".join(p),
+)
 def test_op_values_in_every_dtype(grouping, dtype, layouts):
     target, source = _features((3, 6, 5, 8), dtype, layouts, seed=3)
     _check_op_pair(grouping, target, source, torch.Generator().manual_seed(4))
@@ -110,12 +114,18 @@ def _permuted_dense_6d(generator):
 
 
 # (grouping, features) that only a copy into a dense layout can index
-UNINDEXABLE_IN_PLACE = [("spatial", _sliced_channels_last_3d), ("spatial", _permuted_dense_6d),
-                        ("channel", _permuted_dense_6d)]
+UNINDEXABLE_IN_PLACE = [
+    ("spatial", _sliced_channels_last_3d),
+    ("spatial", _permuted_dense_6d),
+    ("channel", _permuted_dense_6d),
+]
 
 
-@pytest.mark.parametrize("grouping, make_target", UNINDEXABLE_IN_PLACE,
-                         ids=lambda value: value if isinstance(value, str) else value.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "grouping, make_target",
+    UNINDEXABLE_IN_PLACE,
+    ids=lambda value: value if isinstance(value, str) else value.__name__.strip("_"),
+)
 def test_a_copied_layout_gives_the_gradient_the_fake_kernel_promises(grouping, make_target):
     """The backward of a layout the kernels cannot index in place has the strides of
     torch.empty_like(target) (the fake kernel's), in the single and the multi-layer op."""
@@ -127,8 +137,11 @@ def test_a_copied_layout_gives_the_gradient_the_fake_kernel_promises(grouping, m
     grads = [_grad_for(grouping, t, generator) for t in (target, other_target)]
     single = getattr(OPS, f"{grouping}_sqdist_backward")(grads[0], target, source)
     layers = getattr(OPS, f"grouped_{grouping}_sqdist_backward")(grads, [target, other_target], [source, other_source])
-    for gradient, grad, t, s in [(single, grads[0], target, source), (layers[0], grads[0], target, source),
-                                 (layers[1], grads[1], other_target, other_source)]:
+    for gradient, grad, t, s in [
+        (single, grads[0], target, source),
+        (layers[0], grads[0], target, source),
+        (layers[1], grads[1], other_target, other_source),
+    ]:
         assert gradient.stride() == torch.empty_like(t).stride()
         expected = float64_model.partial_sums_backward(grouping, grad, t, s)
         assert relative_error(gradient.cpu(), expected) <= 2e-6
@@ -144,28 +157,32 @@ def _layers(shapes, dtype, layouts=("contiguous", "contiguous")):
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layouts", [("contiguous", "contiguous"), ("channels_last", "contiguous")],
-                         ids=lambda p: "-".join(p))
+@pytest.mark.parametrize(
+    "layouts", [("contiguous", "contiguous"), ("channels_last", "contiguous")], ids=lambda p: "-".join(p)
+)
 def test_multi_layer_ops_match_the_model_layer_by_layer(grouping, dtype, layouts):
     targets, sources = _layers(RESNET_LIKE, dtype, layouts)
     partials = getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources)
     assert len(partials) == len(targets)
     for partial, target, source in zip(partials, targets, sources):
-        assert relative_error(partial.cpu(), float64_model.partial_sums(grouping, target, source)) <= _forward_tolerance(dtype)
+        assert relative_error(
+            partial.cpu(), float64_model.partial_sums(grouping, target, source)
+        ) <= _forward_tolerance(dtype)
     generator = torch.Generator().manual_seed(8)
     grads = [_grad_for(grouping, target, generator) for target in targets]
     gradients = getattr(OPS, f"grouped_{grouping}_sqdist_backward")(grads, targets, sources)
     for dt, grad, target, source in zip(gradients, grads, targets, sources):
         assert dt.shape == target.shape and dt.dtype == dtype
-        assert relative_error(dt.cpu(), float64_model.partial_sums_backward(grouping, grad, target, source)) <= _backward_tolerance(dtype)
+        assert relative_error(
+            dt.cpu(), float64_model.partial_sums_backward(grouping, grad, target, source)
+        ) <= _backward_tolerance(dtype)
 
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_multi_layer_ops_mix_empty_and_odd_layers(grouping):
     shapes = [(2, 3, 0, 4), (1, 7, 5), (3, 2, 4, 4), (2, 1, 1, 1)]
     targets, sources = _layers(shapes, torch.float32)
-    for partial, target, source in zip(getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources),
-                                       targets, sources):
+    for partial, target, source in zip(getattr(OPS, f"grouped_{grouping}_sqdist")(targets, sources), targets, sources):
         assert relative_error(partial.cpu(), float64_model.partial_sums(grouping, target, source)) <= 2e-5
 
 
@@ -183,7 +200,9 @@ def test_split_forward_is_exact_and_deterministic(grouping, dtype, monkeypatch):
     assert any(splits > 1 for splits, _ in triton_launch._splits(plans, plans[0].rows_fast, many))
     for a, b, target, source in zip(first, again, targets, sources):
         assert torch.equal(a, b)
-        assert relative_error(a.cpu(), float64_model.partial_sums(grouping, target, source)) <= _forward_tolerance(dtype)
+        assert relative_error(a.cpu(), float64_model.partial_sums(grouping, target, source)) <= _forward_tolerance(
+            dtype
+        )
 
 
 def test_multi_layer_ops_refuse_bad_lists():
@@ -214,8 +233,13 @@ def test_losses_match_the_model(case, dtype):
     weights = make_weights(case.weights, tuple(target.shape), dtype, generator)
     weights = None if weights is None else weights.to(DEVICE)
     loss, grad_t, grad_w = run_loss(case, target, source, weights, "triton")
-    expected = float64_model.loss_and_grads(case.model_name, target.detach().cpu(), source.detach().cpu(),
-                                            None if weights is None else weights.detach().cpu(), 1.7)
+    expected = float64_model.loss_and_grads(
+        case.model_name,
+        target.detach().cpu(),
+        source.detach().cpu(),
+        None if weights is None else weights.detach().cpu(),
+        1.7,
+    )
     tolerance = 2e-5 if dtype == torch.float32 else 2e-3
     assert relative_error(loss.cpu(), expected[0]) <= tolerance
     assert relative_error(grad_t.cpu(), expected[1]) <= tolerance
@@ -263,7 +287,7 @@ def test_64_bit_offsets():
     from op_checks import check_ops_read_beyond_2_31
 
     # one bfloat16 ulp: Triton's interpreter rounds float32 to bfloat16 by truncation
-    check_ops_read_beyond_2_31(OPS, backward_rtol=2 ** -7)
+    check_ops_read_beyond_2_31(OPS, backward_rtol=2**-7)
 
 
 # --------------------------------------------------------------------------- host planning

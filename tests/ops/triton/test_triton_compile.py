@@ -5,6 +5,7 @@ kernels compute but not that Triton's compiler accepts them. Here they are compi
 ahead of time for sm_80 and sm_90 with Triton's own ptxas, and the PTX of aligned,
 unit-stride layouts is checked for 16-byte vector loads.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,12 +31,24 @@ def _compile(kernel_name, arch, dtype_name, rows_fast, fast_unit, align, block_r
     dtype = getattr(tl, dtype_name)
     acc = tl.float64 if dtype_name == "float64" else tl.float32
     pointer = {"float32": "*fp32", "float64": "*fp64", "bfloat16": "*bf16", "float16": "*fp16"}
-    constants = dict(NUM_LAYERS=4, DTYPE=dtype, ACC=acc, ROWS_FAST=rows_fast, FAST_UNIT=fast_unit,
-                     ALIGN=align, BLOCK_R=block_r, BLOCK_K=block_k)
+    constants = dict(
+        NUM_LAYERS=4,
+        DTYPE=dtype,
+        ACC=acc,
+        ROWS_FAST=rows_fast,
+        FAST_UNIT=fast_unit,
+        ALIGN=align,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+    )
     if kernel_name == "forward":
         kernel = triton_kernels.sqdist_forward_kernel
-        signature = {"base": pointer[dtype_name], "table": "*i64", "workspace": "*fp64" if acc == tl.float64
-                     else "*fp32", "counters": "*i32"}
+        signature = {
+            "base": pointer[dtype_name],
+            "table": "*i64",
+            "workspace": "*fp64" if acc == tl.float64 else "*fp32",
+            "counters": "*i32",
+        }
     else:
         kernel = triton_kernels.sqdist_backward_kernel
         signature = {"base": pointer[dtype_name], "table": "*i64"}

@@ -22,7 +22,7 @@ from .nn import (
     FeatureMapAlignment,
     SpatialAttention,
 )
-from .ops import BackendUnavailableError, available_backends, build_info, empty_cache
+from .ops import BACKEND_CHOICES, BackendUnavailableError, available_backends, build_info, empty_cache
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "nn",
     "reference",
     "available_backends",
+    "BACKEND_CHOICES",
     "BackendUnavailableError",
     "build_info",
     "empty_cache",

@@ -9,7 +9,7 @@
 - validation.py: the argument checks the public API and the fake kernels share.
 """
 
-from .backends import BackendUnavailableError, available_backends
+from .backends import BACKEND_CHOICES, BackendUnavailableError, available_backends
 from .extension import build_info, empty_cache
 
-__all__ = ["BackendUnavailableError", "available_backends", "build_info", "empty_cache"]
+__all__ = ["BACKEND_CHOICES", "BackendUnavailableError", "available_backends", "build_info", "empty_cache"]

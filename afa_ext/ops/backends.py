@@ -33,6 +33,8 @@ import torch
 from . import extension
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+# What a ``backend=`` argument accepts.
+BACKEND_CHOICES = ("auto",) + BACKEND_NAMES
 # Fastest first: what ``auto`` tries for tensors of each device type.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 # The backends ``auto`` chooses between on CUDA tensors, by measuring (auto_choice.py).
@@ -164,9 +166,8 @@ def gpu_candidates() -> tuple[str, ...]:
 
 def check_backend_name(backend, where: str) -> str:
     """``backend`` when it is "auto" or a known backend name, else a ValueError."""
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
-        known = ", ".join(("auto",) + BACKEND_NAMES)
-        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {known}")
+    if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
+        raise ValueError(f"{where}: unknown backend {backend!r}; expected one of {', '.join(BACKEND_CHOICES)}")
     return backend
 
 

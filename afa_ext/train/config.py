@@ -33,10 +33,12 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import afa_ext
+
 from .regularizers import REGULARIZERS
 
 STAGE_COUNTS = (1, 2)
-BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+BACKENDS = afa_ext.BACKEND_CHOICES
 AMP_DTYPES = ("bf16", "fp16")
 DELTA_ESTIMATES = ("removal", "taylor")
 DEVICES = ("cpu", "cuda")

@@ -324,9 +324,13 @@ class Run:
         )
 
     def _restore(self) -> RunState:
-        saved = checkpoint.load(self.out / CHECKPOINT)
-        if saved.get("version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"--resume: {self.out / CHECKPOINT} was written by another version of the trainer")
+        another_version = f"--resume: {self.out / CHECKPOINT} was written by another version of the trainer"
+        try:
+            saved = checkpoint.load(self.out / CHECKPOINT)
+        except (AttributeError, ModuleNotFoundError) as error:  # a class that this version does not have
+            raise ConfigError(f"{another_version} ({error})") from None
+        if not isinstance(saved, dict) or saved.get("version") != CHECKPOINT_VERSION:
+            raise ConfigError(another_version)
         state: RunState = saved["state"]
         self.channel_weights = state.channel_weights
         self.delta_info = state.delta_info

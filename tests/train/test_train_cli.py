@@ -396,3 +396,26 @@ def test_inception_v3_on_an_image_folder_loads_the_images_at_its_preset_size(tmp
     result = json.loads((out / "result.json").read_text())
     assert result["layers"] == ["Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c"]
     assert result["epochs_run"] == 1 and result["images"]["train"] == 6
+
+
+class _ClassOfAnotherVersion:
+    """Stands for a class the checkpoint of another trainer version pickled and this one lacks."""
+
+
+def test_resuming_a_checkpoint_of_another_trainer_version_is_refused_in_one_line(
+    tmp_path, capsys, cache_dir, monkeypatch
+):
+    out = tmp_path / "out"
+    code, _, err = call_main([*TINY, "--reg", "none", "--out", out], capsys)
+    assert code == 0, err
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    torch.save(dict(saved, version=1), out / "checkpoint.pt")
+    code, _, err = call_main([*TINY, "--reg", "none", "--out", out, "--resume"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "another version of the trainer" in lines[0], err
+
+    torch.save(dict(saved, state=_ClassOfAnotherVersion()), out / "checkpoint.pt")
+    monkeypatch.delattr(sys.modules[__name__], "_ClassOfAnotherVersion")
+    code, _, err = call_main([*TINY, "--reg", "none", "--out", out, "--resume"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "another version of the trainer" in lines[0], err

@@ -14,14 +14,7 @@ imported here.
 """
 
 from . import functional, nn, reference
-from .nn import (
-    AttentiveChannelAlignment,
-    AttentiveSpatialAlignment,
-    ChannelAttention,
-    DeltaAlignment,
-    FeatureMapAlignment,
-    SpatialAttention,
-)
+from .nn import *  # noqa: F403  (the modules nn.__all__ lists, re-exported here)
 from .ops import BACKEND_CHOICES, BackendUnavailableError, available_backends, build_info, empty_cache
 
 __version__ = "0.1.0"

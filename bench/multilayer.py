@@ -6,9 +6,9 @@ and >= 1.2x its torch.compile version, one launch per pass for all layers. For e
 and dtype this times, side by side in one process, round-robin, median of the rounds:
   - eager:            the reference loss of every layer, summed, run eagerly
   - compile:          torch.compile of that sum (compilation excluded)
-  - <backend>:        the functional loss given the lists of all layers (one grouped op)
+  - <backend>:        the functional loss given the lists of all layers (one multi-layer op)
   - <backend>/layer:  the same backend called layer by layer and summed (what the
-                      grouped launch saves)
+                      multi-layer launch saves)
 and reports each as ms, as a multiple of the 5N floor, as speed-ups over eager and
 compile, its peak extra memory, the page faults of one call (CPU: memory the OS maps
 afresh, a fault and a zeroed page per 4 KiB, paid inside the call), and its loss's
@@ -105,7 +105,7 @@ def summed_reference(loss_name: str) -> Callable:
     return total
 
 
-def grouped_backend(loss_name: str, backend: str) -> Callable:
+def multi_layer_backend(loss_name: str, backend: str) -> Callable:
     loss = functools.partial(getattr(functional, loss_name), backend=backend)
     return lambda targets, sources, weights: (
         loss(targets, sources) if weights is None else loss(targets, sources, weights)
@@ -127,7 +127,7 @@ def methods_for(loss_name: str, device: torch.device, with_compile: bool) -> dic
     if with_compile:
         methods[cases.COMPILE] = torch.compile(summed_reference(loss_name), dynamic=False)
     for backend in cases.backends_on(device, include_reference=False):
-        methods[backend] = grouped_backend(loss_name, backend)
+        methods[backend] = multi_layer_backend(loss_name, backend)
         methods[f"{backend}/layer"] = per_layer_backend(loss_name, backend)
     return methods
 

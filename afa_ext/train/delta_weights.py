@@ -203,11 +203,11 @@ def _only_trainable(model: nn.Module, trainable: list[nn.Parameter]) -> Iterator
 def _zero_channels(output: Tensor, channels: Tensor) -> Tensor:
     """``output`` (k*B, C, ...) with channel ``channels[i]`` of copy i (rows i*B..(i+1)*B) zeroed."""
     copies = channels.numel()
-    grouped = output.reshape(copies, output.shape[0] // copies, *output.shape[1:])
+    by_copy = output.reshape(copies, output.shape[0] // copies, *output.shape[1:])
     mask = torch.zeros(copies, 1, output.shape[1], dtype=torch.bool, device=output.device)
     mask[torch.arange(copies, device=output.device), 0, channels.to(output.device)] = True
     mask = mask.reshape(*mask.shape, *([1] * (output.dim() - 2)))
-    return grouped.masked_fill(mask, 0).reshape(output.shape)
+    return by_copy.masked_fill(mask, 0).reshape(output.shape)
 
 
 def _replicate(value, copies: int, rows: int):

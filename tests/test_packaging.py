@@ -7,6 +7,7 @@ sdist, about 70 s on 2 cores.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -19,24 +20,31 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _build_sdist(out: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out), str(REPO)],
-        check=True, capture_output=True, text=True,
-    )
-    (sdist,) = out.glob("afa_ext-*.tar.gz")
-    return sdist
-
-
-def _tracked_files(folder: str) -> list[str]:
+def _tracked_files(folder: str = ".") -> list[str]:
     listed = subprocess.run(["git", "ls-files", folder], cwd=REPO, check=True, capture_output=True, text=True)
     return listed.stdout.split()
+
+
+def _build_sdist(tmp: Path) -> Path:
+    """The sdist of a copy of the tracked files, as a fresh clone has them: the build
+    writes its egg-info and _build_config.py into the tree it builds, not into this one."""
+    tree = tmp / "tree"
+    for path in _tracked_files():
+        if (REPO / path).is_file():
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / path, tree / path)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp / "dist"), str(tree)],
+        check=True, capture_output=True, text=True,
+    )
+    (sdist,) = (tmp / "dist").glob("afa_ext-*.tar.gz")
+    return sdist
 
 
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory) -> Path:
     pytest.importorskip("build")
-    return _build_sdist(tmp_path_factory.mktemp("dist"))
+    return _build_sdist(tmp_path_factory.mktemp("sdist"))
 
 
 def test_sdist_carries_every_source_and_no_build_output(sdist):

@@ -67,16 +67,24 @@ def cuda_build_wanted(cuda_sources: list[str]) -> bool:
         raise SystemExit(f"AFA_EXT_CUDA must be auto, 0 or 1, got {switch!r}")
     if switch == "0":
         return False
-    nvcc = cpp_extension.CUDA_HOME and Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists()
+    # Without CUDA_HOME, torch takes the folder above the nvcc on PATH as the toolkit, which
+    # is wrong for a wrapper script such as /usr/local/bin/nvcc: the toolkit must have both.
+    home = cpp_extension.CUDA_HOME
+    toolkit = home and Path(home, "bin", "nvcc").exists() and Path(home, "include", "cuda_runtime.h").exists()
     missing = []
     if not cuda_sources:
         missing.append("CUDA sources under csrc/cuda/")
-    if not nvcc:
-        missing.append("nvcc (set CUDA_HOME to the CUDA toolkit)")
+    if not toolkit:
+        missing.append(
+            f"a CUDA toolkit at CUDA_HOME={home or ''} with bin/nvcc and include/cuda_runtime.h "
+            "(set CUDA_HOME to the toolkit)"
+        )
     if torch.version.cuda is None:
         missing.append(f"a CUDA build of torch (this is {torch.__version__})")
     if switch == "1" and missing:
         raise SystemExit("AFA_EXT_CUDA=1 but the build lacks: " + "; ".join(missing))
+    if missing:
+        print("afa_ext: building without the CUDA kernels, for lack of: " + "; ".join(missing))
     return not missing
 
 

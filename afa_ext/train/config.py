@@ -35,6 +35,7 @@ from pathlib import Path
 
 import afa_ext
 
+from .data import FOLDER_IMAGE_SIZE
 from .regularizers import REGULARIZERS
 
 STAGE_COUNTS = (1, 2)
@@ -44,8 +45,6 @@ DELTA_ESTIMATES = ("removal", "taylor")
 DEVICES = ("cpu", "cuda")
 DEFAULT_LR = 0.01
 DEFAULT_STAGE2_LR = 0.001
-# Image side of an architecture without a preset (models.ARCH_PRESETS).
-DEFAULT_IMAGE_SIZE = 224
 MAX_DEFAULT_WORKERS = 8
 
 
@@ -331,7 +330,7 @@ def resolve(config: TrainConfig, cuda_available: bool) -> TrainConfig:
     if resolved.stages is None:
         resolved.stages = default_stages(resolved.reg)
     if resolved.image_size is None:
-        resolved.image_size = default_image_size(resolved.arch) or DEFAULT_IMAGE_SIZE
+        resolved.image_size = default_image_size(resolved.arch) or FOLDER_IMAGE_SIZE
     if resolved.layers is None:
         resolved.layers = list(default_layers(resolved.arch))
     if resolved.weights is None:

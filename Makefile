@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
-DEPS := setuptools==84.2.1 wheel==0.48.0 build==1.6.1 torch==2.14.1 torchvision==0.29.1 triton==3.8.0 ninja==1.13.2 pybind11==3.1.0 pytest==9.2.0 \
+DEPS := setuptools==84.2.1 wheel==0.48.0 build==1.6.1 torch==2.14.1 torchvision==0.29.1 triton==3.8.0 ninja==1.13.2 pytest==9.2.0 \
 	pytest-benchmark==5.3.1 tqdm==4.70.1 matplotlib==3.11.2 scikit-learn==1.9.1 scipy==1.17.1
 # The CUDA toolkit, when there is one: the CUDA kernels are compiled even without a GPU.
 export CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))

@@ -3,6 +3,11 @@
 The C++ CPU kernels are always built. The CUDA sources under csrc/cuda/ are compiled
 whenever nvcc and a CUDA build of torch are installed, whether or not a GPU is present.
 
+afa_ext._C uses only the LibTorch stable ABI (torch/csrc/stable, torch/headeronly, built
+for TORCH_TARGET_VERSION) and Python's limited API, so the wheel built here serves every
+torch from TORCH_MIN_VERSION on and every CPython the package supports (the wheel is
+tagged abi3 from WHEEL_PYTHON_TAG), not only the torch and Python it was built with.
+
 Switches (environment variables):
   AFA_EXT_CUDA=auto|0|1    build the CUDA kernels: when possible (default), never, or
                            always (an error if nvcc or a CUDA torch is missing)
@@ -19,7 +24,9 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import shutil
+import tomllib
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -51,6 +58,25 @@ CPU_ISA_NEEDS = {
     "avx2": {"avx2", "fma", "f16c"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
 }
+
+
+def declared_minimum(requirement: str, name: str) -> tuple[int, int]:
+    """(major, minor) of ``name>=X.Y`` in a requirement string of pyproject.toml."""
+    found = re.fullmatch(rf"{name}\s*>=\s*(\d+)\.(\d+)", requirement.strip())
+    if found is None:
+        raise SystemExit(f"pyproject.toml must declare {name} as '{name}>=X.Y', got {requirement!r}")
+    return int(found[1]), int(found[2])
+
+
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+# The oldest torch the built extension serves and the oldest CPython the package supports,
+# as pyproject.toml declares them.
+TORCH_MIN_VERSION = declared_minimum(
+    next(r for r in PROJECT["dependencies"] if r.startswith("torch")), "torch"
+)
+WHEEL_PYTHON_TAG = "cp{}{}".format(*declared_minimum("python" + PROJECT["requires-python"], "python"))
+# (py_limited_api=True below makes torch define Py_LIMITED_API, for CPython 3.10 on.)
+ABI_DEFINES = [f"-DTORCH_TARGET_VERSION=0x{TORCH_MIN_VERSION[0]:02x}{TORCH_MIN_VERSION[1]:02x}000000000000"]
 BUILD_CONFIG = ROOT / "afa_ext" / "_build_config.py"
 # Headers that torch's CUDA headers include but a bare CUDA toolkit may lack.
 MATH_LIBRARY_HEADERS = ("cublas_v2.h", "cusparse.h")
@@ -113,7 +139,10 @@ def cpu_isa() -> str:
 
 def write_build_config(isa: str) -> None:
     """afa_ext/_build_config.py, read before afa_ext._C is loaded (generated, not tracked)."""
-    BUILD_CONFIG.write_text(f'"""Written by setup.py: how afa_ext._C was built."""\n\nCPU_ISA = {isa!r}\n')
+    BUILD_CONFIG.write_text(
+        f'"""Written by setup.py: how afa_ext._C was built."""\n\nCPU_ISA = {isa!r}\n'
+        f"TORCH_MIN_VERSION = {TORCH_MIN_VERSION!r}\n"
+    )
 
 
 def math_library_include_dirs() -> list[str]:
@@ -149,13 +178,14 @@ def make_extension():
     # -Wno-unknown-pragmas: torch's vector headers use "#pragma unroll", which gcc does not know.
     cxx_flags = [
         "-O3",
-        "-fopenmp",
         "-Wall",
         "-Wextra",
         "-Wno-unused-parameter",
         "-Wno-unknown-pragmas",
     ] + CPU_ISA_FLAGS[isa]
-    link_flags = ["-fopenmp"]
+    cxx_flags += ABI_DEFINES
+    # No -fopenmp: the kernels run on torch's own threads (torch::stable::parallel_for).
+    link_flags: list[str] = []
     include_dirs = [str(CSRC)]
     if not cuda_build_wanted(cuda_sources):
         return cpp_extension.CppExtension(
@@ -164,6 +194,7 @@ def make_extension():
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
+            py_limited_api=True,
         )
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     arch_define = "-DAFA_EXT_CUDA_ARCHS=" + archs.replace(";", ",").replace(" ", ",")
@@ -181,9 +212,11 @@ def make_extension():
                 "-Xptxas=-v",
                 "-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter",
                 "-DAFA_EXT_WITH_CUDA",
-            ],
+            ]
+            + ABI_DEFINES,
         },
         extra_link_args=link_flags,
+        py_limited_api=True,
     )
 
 
@@ -194,4 +227,6 @@ setup(
     packages=find_packages(include=["afa_ext", "afa_ext.*"]),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
+    # The wheel is tagged abi3 from requires-python's CPython on (cp311-abi3).
+    options={"bdist_wheel": {"py_limited_api": WHEEL_PYTHON_TAG}},
 )

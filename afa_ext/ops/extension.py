@@ -31,15 +31,34 @@ def _unsupported_cpu_isa() -> str | None:
     return CPU_ISA if not supported.get(CPU_ISA, lambda: True)() else None
 
 
+def _torch_too_old() -> str | None:
+    """Why this torch cannot load afa_ext._C (older than the stable ABI it was built for),
+    else None."""
+    try:
+        from .._build_config import TORCH_MIN_VERSION
+    except ImportError:  # not built, or by a setup.py that wrote no minimum
+        return None
+    running = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if running >= tuple(TORCH_MIN_VERSION):
+        return None
+    oldest = ".".join(map(str, TORCH_MIN_VERSION))
+    return f"afa_ext._C serves torch {oldest} and later (its stable ABI); this is torch {torch.__version__}"
+
+
+def _load_refusal() -> str | None:
+    """Why afa_ext._C must not be loaded here, else None."""
+    missing_isa = _unsupported_cpu_isa()
+    if missing_isa is not None:
+        return (
+            f"afa_ext._C was compiled for {missing_isa} instructions, which this CPU "
+            "lacks; rebuild it here (AFA_EXT_CPU_ISA=default makes a build for any x86-64 CPU)"
+        )
+    return _torch_too_old()
+
+
 _C = None
-_LOAD_ERROR: str | None = None
-_MISSING_ISA = _unsupported_cpu_isa()
-if _MISSING_ISA is not None:
-    _LOAD_ERROR = (
-        f"afa_ext._C was compiled for {_MISSING_ISA} instructions, which this CPU "
-        "lacks; rebuild it here (AFA_EXT_CPU_ISA=default makes a build for any x86-64 CPU)"
-    )
-else:
+_LOAD_ERROR: str | None = _load_refusal()
+if _LOAD_ERROR is None:
     define_ops("afa_ext")
     try:
         from .. import _C  # noqa: F401  (loading it registers the ops' kernels)
@@ -53,7 +72,10 @@ def extension_error() -> str | None:
 
 
 def build_info() -> dict:
-    """How afa_ext._C was built (torch version, CUDA archs, OpenMP), {} when not loaded."""
+    """How afa_ext._C was built, {} when not loaded: the torch it was built against
+    (torch_version), its ABI ("stable": LibTorch's stable ABI) and the oldest torch that ABI
+    serves (torch_min_version), the oldest CPython of its limited API (python_limited_api),
+    CUDA archs and the CPU kernels' vector instructions (cpu_vector_isa)."""
     return dict(_C.build_info()) if _C is not None else {}
 
 

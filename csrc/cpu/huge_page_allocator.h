@@ -15,24 +15,39 @@
 //   the GPU). release_cached_blocks() hands them back.
 // Smaller blocks, which glibc recycles from its heap, come from the default allocator
 // (rounding them up to 2 MiB would waste too much).
+//
+// A block is handed to torch with the stable C shim's torch_from_blob, whose deleter gives
+// it back here. That function came with torch 2.11 and the extension is built for 2.10, so
+// it is declared weak: on torch 2.10 it is absent and every gradient comes from torch's
+// own allocator (same results, without the saved page faults).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
-#include <c10/core/Allocator.h>
+#include <torch/csrc/stable/c/shim.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+extern "C" __attribute__((weak)) AOTITorchError torch_from_blob(
+    void* data, int64_t ndim, const int64_t* sizes_ptr, const int64_t* strides_ptr, int64_t storage_offset,
+    int32_t dtype, int32_t device_type, int32_t device_index, AtenTensorHandle* ret, int32_t layout,
+    const uint8_t* opaque_metadata, int64_t opaque_metadata_size, void (*deleter)(void* data, void* ctx),
+    void* deleter_ctx);
+
 namespace afa_ext {
 
-class HugePageAllocator final : public c10::Allocator {
+class HugePageAllocator final {
  public:
   static constexpr size_t kHugePage = size_t(2) << 20;
   static constexpr size_t kCacheLimit = size_t(1) << 30;
@@ -43,22 +58,30 @@ class HugePageAllocator final : public c10::Allocator {
     return *allocator;
   }
 
-  c10::DataPtr allocate(size_t nbytes) override {
-    const size_t rounded = (std::max<size_t>(nbytes, 1) + kHugePage - 1) / kHugePage * kHugePage;
+  // An uninitialised tensor of the given sizes, strides and dtype on a block of at least
+  // `bytes` bytes, which comes back here when the tensor's storage dies.
+  torch::stable::Tensor empty_strided(const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides,
+                                      torch::headeronly::ScalarType dtype, size_t bytes) {
+    const size_t rounded = (std::max<size_t>(bytes, 1) + kHugePage - 1) / kHugePage * kHugePage;
     void* data = take_cached(rounded);
     if (data == nullptr) {
-      if (posix_memalign(&data, kHugePage, rounded) != 0) {
-        TORCH_CHECK_WITH(OutOfMemoryError, false, "afa_ext: could not allocate ", nbytes, " bytes");
-      }
+      if (posix_memalign(&data, kHugePage, rounded) != 0) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
       madvise(data, rounded, MADV_HUGEPAGE);  // advice only: failure is harmless
 #endif
     }
-    return {data, new Block{data, rounded}, &release, c10::Device(c10::DeviceType::CPU)};
-  }
-
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
+    Block* block = new Block{data, rounded};
+    AtenTensorHandle handle = nullptr;
+    const AOTITorchError status = torch_from_blob(
+        data, static_cast<int64_t>(sizes.size()), sizes.data(), strides.data(), 0,
+        torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype)), aoti_torch_device_type_cpu(), -1,
+        &handle, aoti_torch_layout_strided(), nullptr, 0, &release, block);
+    if (status != AOTI_TORCH_SUCCESS) {
+      give_back(block);
+      delete block;
+      throw std::runtime_error("afa_ext: torch could not wrap a gradient block in a tensor");
+    }
+    return torch::stable::Tensor(handle);
   }
 
   // Frees every cached block; returns the number of bytes handed back.
@@ -123,7 +146,7 @@ class HugePageAllocator final : public c10::Allocator {
     if (!cached) std::free(block->data);
   }
 
-  static void release(void* context) {
+  static void release(void* /*data*/, void* context) {
     Block* block = static_cast<Block*>(context);
     instance().give_back(block);
     delete block;
@@ -134,16 +157,35 @@ class HugePageAllocator final : public c10::Allocator {
   size_t cached_bytes_ = 0;
 };
 
-// An uninitialised CPU tensor like ``like`` (same strides when it is dense, else its
-// suggested memory format), from the HugePageAllocator when it is above 4 MiB.
-inline at::Tensor empty_like_on_huge_pages(const at::Tensor& like) {
-  constexpr size_t kLargestRecycledBlock = size_t(4) << 20;
-  if (static_cast<size_t>(like.numel()) * like.element_size() <= kLargestRecycledBlock) {
-    return at::empty_like(like);
+// Whether `tensor`'s elements fill a block of numel() elements with none stored twice, in
+// some order of its dims (torch's is_non_overlapping_and_dense): then empty_like gives a
+// tensor of its very strides.
+inline bool non_overlapping_and_dense(const torch::stable::Tensor& tensor) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < tensor.dim(); ++d) {
+    if (tensor.size(d) != 1) dims.emplace_back(tensor.stride(d), tensor.size(d));
   }
-  const at::Tensor layout = at::empty_like(like, like.options().device(at::kMeta));
-  return at::detail::empty_strided_generic(layout.sizes(), layout.strides(), &HugePageAllocator::instance(),
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type());
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// An uninitialised CPU tensor laid out as torch::stable::empty_like(like) lays it out, from
+// the HugePageAllocator when it is above 4 MiB, non-overlapping and dense (empty_like then
+// keeps its strides) and torch can hand blocks back (2.11 on); else from empty_like itself.
+inline torch::stable::Tensor empty_like_on_huge_pages(const torch::stable::Tensor& like) {
+  constexpr size_t kLargestRecycledBlock = size_t(4) << 20;
+  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (bytes <= kLargestRecycledBlock || torch_from_blob == nullptr || !non_overlapping_and_dense(like)) {
+    return torch::stable::empty_like(like);
+  }
+  return HugePageAllocator::instance().empty_strided({like.sizes().begin(), like.sizes().end()},
+                                                     {like.strides().begin(), like.strides().end()},
+                                                     like.scalar_type(), bytes);
 }
 
 }  // namespace afa_ext

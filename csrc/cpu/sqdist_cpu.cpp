@@ -5,35 +5,30 @@
 //   backward: dt = 2 * grad[k] * (t - s)
 //
 // One pass over t and s each way; nothing N-sized is held between the passes, and large
-// gradients are streamed past the caches (StreamingStores). Every partial sum is computed
+// gradients are streamed past the caches (vec.h's write_vector). Every partial sum is computed
 // by one thread in an order fixed by the shapes and strides alone, so the results are
 // bitwise-identical from run to run and across thread counts.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/SmallVector.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <algorithm>
-#include <cstring>
+#include <array>
+#include <optional>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
 #include "../common/reduction_plan.h"
+#include "../common/scalar_types.h"
 #include "../common/sqdist_math.h"
-#include "huge_page_allocator.h"
 #include "../sqdist_checks.h"
+#include "huge_page_allocator.h"
+#include "vec.h"
 
 namespace afa_ext {
 namespace {
 
-using at::vec::Vectorized;
+using cpu::Lanes;
+namespace stable = torch::stable;
 
 // Elements per parallel work item, below which splitting further costs more than it saves.
 constexpr int64_t kGrainElements = 32768;
@@ -51,82 +46,12 @@ constexpr int64_t kRowsPerBlock = 256;
 constexpr int kRowsAtOnce = 4;
 // Elements of one row summed in vector registers before a horizontal add (accuracy).
 constexpr int64_t kRowBlock = 4096;
-// Gradients at least this large are written with streaming stores (see StreamingStores).
+// Gradients at least this large are written with streaming stores (vec.h's write_vector).
 constexpr int64_t kStreamBytes = int64_t(2) << 20;
 constexpr int64_t kCacheLine = 64;
 // The running total across blocks and rows: double, so that long reductions of float
 // partial sums lose nothing more than one rounding per block.
 using total_t = double;
-
-// Loads and stores kStep features at once as kParts vectors of the accumulation type.
-template <typename scalar_t>
-struct AccLanes {
-  using acc_t = at::opmath_type<scalar_t>;
-  using AccVec = Vectorized<acc_t>;
-  static constexpr int64_t kStep = Vectorized<scalar_t>::size();
-  static constexpr int kParts = static_cast<int>(kStep / AccVec::size());
-
-  static void load(const scalar_t* p, AccVec* out) {
-    if constexpr (kParts == 1) {
-      out[0] = AccVec::loadu(p);
-    } else {
-      auto halves = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
-      out[0] = std::get<0>(halves);
-      out[1] = std::get<1>(halves);
-    }
-  }
-
-  static void store(scalar_t* p, const AccVec* in) {
-    if constexpr (kParts == 1) {
-      in[0].store(p);
-    } else {
-      at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p);
-    }
-  }
-
-  static acc_t horizontal_sum(const AccVec& v) {
-    __at_align__ acc_t lanes[AccVec::size()];
-    v.store(lanes);
-    acc_t sum = 0;
-    for (int64_t k = 0; k < AccVec::size(); ++k) sum += lanes[k];
-    return sum;
-  }
-};
-
-// Non-temporal stores for a gradient far larger than the caches: a plain store first reads
-// the line it writes (a read for ownership), so writing N bytes costs 2N of memory traffic;
-// a streaming store writes whole lines straight to memory and costs N. Used only where
-// every row of the gradient starts on a cache line and fills whole lines, so no line is
-// written partly by a streaming store. stream() needs a 32-byte-aligned address; fence()
-// orders a thread's streaming stores before the work it hands back.
-template <typename scalar_t>
-struct StreamingStores {
-  using Vec = Vectorized<scalar_t>;
-
-  static void stream(scalar_t* p, const Vec& v) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-    static_assert(sizeof(Vec) == 32, "an AVX2 vector is 32 bytes");
-    __m256i bits;
-    std::memcpy(&bits, &v, sizeof(bits));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
-#elif defined(__SSE2__) && !defined(CPU_CAPABILITY_AVX512)
-    static_assert(sizeof(Vec) % 16 == 0, "a vector is whole 16-byte halves");
-    for (size_t k = 0; k < sizeof(Vec) / 16; ++k) {
-      __m128i bits;
-      std::memcpy(&bits, reinterpret_cast<const char*>(&v) + 16 * k, sizeof(bits));
-      _mm_stream_si128(reinterpret_cast<__m128i*>(p) + k, bits);
-    }
-#else
-    v.store(p);
-#endif
-  }
-
-  static void fence() {
-#if defined(__SSE2__)
-    _mm_sfence();
-#endif
-  }
-};
 
 // Offsets of one position in every tensor walked.
 struct Offsets {
@@ -145,10 +70,10 @@ struct Offsets {
 class RowWalker {
  public:
   RowWalker(const std::vector<PlanDim>& dims, int64_t start) : dims_(dims) {
-    index_.assign(dims.size(), 0);
+    if (dims.size() > kInline) heap_.assign(dims.size(), 0);
     for (size_t d = dims.size(); d-- > 0;) {
-      index_[d] = start % dims[d].size;
-      offsets_.add(dims[d], index_[d]);
+      index(d) = start % dims[d].size;
+      offsets_.add(dims[d], index(d));
       start /= dims[d].size;
     }
   }
@@ -158,15 +83,21 @@ class RowWalker {
   void next() {
     for (size_t d = dims_.size(); d-- > 0;) {
       offsets_.add(dims_[d], 1);
-      if (++index_[d] < dims_[d].size) return;
+      if (++index(d) < dims_[d].size) return;
       offsets_.add(dims_[d], -dims_[d].size);
-      index_[d] = 0;
+      index(d) = 0;
     }
   }
 
  private:
+  // The index of each dim, in inline_ up to kInline dims (one walker is made per work
+  // item, so no heap allocation in the common case), else in heap_.
+  static constexpr size_t kInline = 8;
+  int64_t& index(size_t d) { return dims_.size() <= kInline ? inline_[d] : heap_[d]; }
+
   const std::vector<PlanDim>& dims_;
-  c10::SmallVector<int64_t, 8> index_;  // on the stack: one walker is made per work item
+  std::array<int64_t, kInline> inline_{};
+  std::vector<int64_t> heap_;
   Offsets offsets_;
 };
 
@@ -179,9 +110,9 @@ int64_t product_of_sizes(const std::vector<PlanDim>& dims) {
 }
 
 // sum_i (t[i] - s[i])^2 over a contiguous row, in blocks of kRowBlock for accuracy.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t, typename acc_t = accumulate_t<scalar_t>>
 total_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
-  using L = AccLanes<scalar_t>;
+  using L = Lanes<scalar_t>;
   using AccVec = typename L::AccVec;
   constexpr int64_t kPair = 2 * L::kStep;
   const int64_t vector_end = n - n % kPair;
@@ -189,7 +120,7 @@ total_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
   int64_t i = 0;
   while (i < vector_end) {
     AccVec acc[2 * L::kParts];
-    for (auto& a : acc) a = AccVec(acc_t(0));
+    for (auto& a : acc) a = AccVec::broadcast(acc_t(0));
     const int64_t block_end = std::min(vector_end, i + kRowBlock);
     for (; i < block_end; i += kPair) {
       AccVec tv[L::kParts], sv[L::kParts];
@@ -198,13 +129,13 @@ total_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
         L::load(s + i + half * L::kStep, sv);
         for (int p = 0; p < L::kParts; ++p) {
           const AccVec diff = tv[p] - sv[p];
-          acc[half * L::kParts + p] = at::vec::fmadd(diff, diff, acc[half * L::kParts + p]);
+          acc[half * L::kParts + p] = cpu::fmadd(diff, diff, acc[half * L::kParts + p]);
         }
       }
     }
     AccVec block = acc[0];
     for (int p = 1; p < 2 * L::kParts; ++p) block = block + acc[p];
-    total += L::horizontal_sum(block);
+    total += block.sum();
   }
   acc_t tail = 0;
   for (; i < n; ++i) tail += squared_difference<acc_t>(t[i], s[i]);
@@ -215,7 +146,7 @@ total_t contiguous_row_sqdist(const scalar_t* t, const scalar_t* s, int64_t n) {
 // s[i...] loaded as accumulation vectors; returns where the scalar tail starts.
 template <typename scalar_t, typename Body>
 int64_t for_each_vector_step(const scalar_t* t, const scalar_t* s, int64_t n, const Body& body) {
-  using L = AccLanes<scalar_t>;
+  using L = Lanes<scalar_t>;
   const int64_t vector_end = n - n % L::kStep;
   for (int64_t i = 0; i < vector_end; i += L::kStep) {
     typename L::AccVec tv[L::kParts], sv[L::kParts];
@@ -229,25 +160,25 @@ int64_t for_each_vector_step(const scalar_t* t, const scalar_t* s, int64_t n, co
 // sums[i] += (t_r[i] - s_r[i])^2 for the kRows contiguous rows r = 0, 1, ... in turn: each
 // vector of sums is loaded and stored once per kRows rows instead of once per row. The
 // additions per element happen in the same order as row by row, so the result is the same.
-template <int kRows, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <int kRows, typename scalar_t, typename acc_t = accumulate_t<scalar_t>>
 void accumulate_contiguous_rows(acc_t* sums, const scalar_t* const* t, const scalar_t* const* s, int64_t n) {
-  using L = AccLanes<scalar_t>;
+  using L = Lanes<scalar_t>;
   using AccVec = typename L::AccVec;
   const int64_t vector_end = n - n % L::kStep;
   int64_t i = 0;
   for (; i < vector_end; i += L::kStep) {
     AccVec acc[L::kParts];
-    for (int p = 0; p < L::kParts; ++p) acc[p] = AccVec::loadu(sums + i + p * AccVec::size());
+    for (int p = 0; p < L::kParts; ++p) acc[p] = AccVec::loadu(sums + i + p * AccVec::kSize);
     for (int r = 0; r < kRows; ++r) {
       AccVec tv[L::kParts], sv[L::kParts];
       L::load(t[r] + i, tv);
       L::load(s[r] + i, sv);
       for (int p = 0; p < L::kParts; ++p) {
         const AccVec diff = tv[p] - sv[p];
-        acc[p] = at::vec::fmadd(diff, diff, acc[p]);
+        acc[p] = cpu::fmadd(diff, diff, acc[p]);
       }
     }
-    for (int p = 0; p < L::kParts; ++p) acc[p].store(sums + i + p * AccVec::size());
+    for (int p = 0; p < L::kParts; ++p) acc[p].storeu(sums + i + p * AccVec::kSize);
   }
   for (; i < n; ++i) {
     for (int r = 0; r < kRows; ++r) sums[i] += squared_difference<acc_t>(t[r][i], s[r][i]);
@@ -256,31 +187,23 @@ void accumulate_contiguous_rows(acc_t* sums, const scalar_t* const* t, const sca
 
 // dt[i] = 2 * w_i * (t[i] - s[i]) over a contiguous row, with w_i = weights[i] when the
 // weights run along the row, else weights[0] for the whole row.
-// With kStream the row must start on a cache line and fill whole lines (StreamingStores).
-template <bool kWeightPerElement, bool kStream, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// With kStream the row must start on a cache line and fill whole lines (rows_fill_cache_lines).
+template <bool kWeightPerElement, bool kStream, typename scalar_t, typename acc_t = accumulate_t<scalar_t>>
 void gradient_contiguous_row(scalar_t* dt, const acc_t* weights, const scalar_t* t, const scalar_t* s,
                              int64_t n) {
-  using L = AccLanes<scalar_t>;
+  using L = Lanes<scalar_t>;
   using AccVec = typename L::AccVec;
-  const AccVec row_weight(weights[0] + weights[0]);
+  const AccVec row_weight = AccVec::broadcast(weights[0] + weights[0]);
   int64_t i = for_each_vector_step(t, s, n, [&](int64_t at, AccVec* tv, AccVec* sv) {
     for (int p = 0; p < L::kParts; ++p) {
       AccVec weight = row_weight;
       if constexpr (kWeightPerElement) {
-        weight = AccVec::loadu(weights + at + p * AccVec::size());
+        weight = AccVec::loadu(weights + at + p * AccVec::kSize);
         weight = weight + weight;
       }
       tv[p] = weight * (tv[p] - sv[p]);
     }
-    if constexpr (kStream) {
-      if constexpr (L::kParts == 1) {
-        StreamingStores<scalar_t>::stream(dt + at, Vectorized<scalar_t>(tv[0]));
-      } else {
-        StreamingStores<scalar_t>::stream(dt + at, at::vec::convert_from_float<scalar_t>(tv[0], tv[1]));
-      }
-    } else {
-      L::store(dt + at, tv);
-    }
+    L::template store<kStream>(dt + at, tv);
   });
   for (; i < n; ++i) {
     const acc_t weight = kWeightPerElement ? weights[i] : weights[0];
@@ -299,7 +222,7 @@ struct ForwardItems {
     tiles = 1;
     if (plan.inner.kept) {
       tiles = ceil_div(inner, kMaxTile);
-      const int64_t wanted = kItemsPerThread * at::get_num_threads();
+      const int64_t wanted = kItemsPerThread * static_cast<int64_t>(stable::get_num_threads());
       if (outer * tiles < wanted) tiles = std::max(tiles, std::min(ceil_div(inner, kMinTile), ceil_div(wanted, outer)));
     }
     tile = ceil_div(inner, tiles);
@@ -326,10 +249,10 @@ struct ForwardLayer {
   ForwardItems items;
   const scalar_t* t;
   const scalar_t* s;
-  at::opmath_type<scalar_t>* partial;
+  accumulate_t<scalar_t>* partial;
   int64_t elements;
 
-  ForwardLayer(ReductionPlan plan_, const scalar_t* t_, const scalar_t* s_, at::opmath_type<scalar_t>* partial_,
+  ForwardLayer(ReductionPlan plan_, const scalar_t* t_, const scalar_t* s_, accumulate_t<scalar_t>* partial_,
                int64_t elements_)
       : plan(std::move(plan_)), items(plan), t(t_), s(s_), partial(partial_), elements(elements_) {}
 };
@@ -337,7 +260,7 @@ struct ForwardLayer {
 // The partial sums of work items [begin, end) of one layer.
 template <typename scalar_t>
 void forward_items(const ForwardLayer<scalar_t>& layer, int64_t begin, int64_t end) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accumulate_t<scalar_t>;
   const ReductionPlan& plan = layer.plan;
   const ForwardItems& items = layer.items;
   const PlanDim& inner = plan.inner;
@@ -412,7 +335,7 @@ void forward_items(const ForwardLayer<scalar_t>& layer, int64_t begin, int64_t e
 
 template <typename scalar_t>
 void sqdist_forward_kernel(const ForwardLayer<scalar_t>& layer) {
-  at::parallel_for(0, layer.items.count, layer.items.grain,
+  stable::parallel_for(0, layer.items.count, layer.items.grain,
                    [&](int64_t begin, int64_t end) { forward_items(layer, begin, end); });
 }
 
@@ -423,8 +346,8 @@ template <typename scalar_t>
 void sqdist_forward_layers_kernel(const std::vector<ForwardLayer<scalar_t>>& layers) {
   int64_t elements = 0;
   for (const auto& layer : layers) elements += layer.elements;
-  const int64_t shares = std::clamp<int64_t>(elements / kGrainElements, 1, at::get_num_threads());
-  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+  const int64_t shares = std::clamp<int64_t>(elements / kGrainElements, 1, static_cast<int64_t>(stable::get_num_threads()));
+  stable::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
     for (int64_t share = begin; share < end; ++share) {
       for (const auto& layer : layers) {
         const int64_t count = layer.items.count;
@@ -436,13 +359,13 @@ void sqdist_forward_layers_kernel(const std::vector<ForwardLayer<scalar_t>>& lay
 }
 
 // Whether every row of the inner dim of dt starts on a cache line and fills whole lines and
-// whole vectors: what streaming its gradient asks (StreamingStores).
+// whole vectors: what streaming its gradient asks (vec.h's write_vector).
 template <typename scalar_t>
 bool rows_fill_cache_lines(const std::vector<PlanDim>& outer, const PlanDim& inner, const scalar_t* dt) {
   constexpr int64_t kSize = sizeof(scalar_t);
   const auto on_lines = [](int64_t bytes) { return bytes % kCacheLine == 0; };
   if (reinterpret_cast<uintptr_t>(dt) % kCacheLine != 0 || !on_lines(inner.size * kSize) ||
-      inner.size % Vectorized<scalar_t>::size() != 0) {
+      inner.size % Lanes<scalar_t>::kStep != 0) {
     return false;
   }
   return std::all_of(outer.begin(), outer.end(), [&](const PlanDim& dim) { return on_lines(dim.grad * kSize); });
@@ -450,9 +373,9 @@ bool rows_fill_cache_lines(const std::vector<PlanDim>& outer, const PlanDim& inn
 
 // The backward has nothing to reduce: it walks every row of the inner dim in memory order.
 template <typename scalar_t>
-void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<scalar_t>* grad,
+void sqdist_backward_kernel(const ReductionPlan& plan, const accumulate_t<scalar_t>* grad,
                             const scalar_t* t, const scalar_t* s, scalar_t* dt) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accumulate_t<scalar_t>;
   const PlanDim& inner = plan.inner;
   const bool contiguous = plan.inner_contiguous(true);
   std::vector<PlanDim> outer(plan.kept);
@@ -464,7 +387,7 @@ void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<sca
   const bool stream = contiguous && rows_fill_cache_lines(outer, inner, dt) &&
                       rows * inner.size * int64_t(sizeof(scalar_t)) >= kStreamBytes;
 
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     RowWalker walker(outer, begin);
     for (int64_t row = begin; row < end; ++row, walker.next()) {
       const Offsets& at = walker.offsets();
@@ -488,89 +411,88 @@ void sqdist_backward_kernel(const ReductionPlan& plan, const at::opmath_type<sca
         }
       }
     }
-    if (stream) StreamingStores<scalar_t>::fence();
+    if (stream) cpu::fence();
   });
 }
 
-std::vector<int64_t> as_vector(at::IntArrayRef values) { return {values.begin(), values.end()}; }
-
 // The partial sums' tensor of a layer, (B, C) or (B, P), in the accumulation type.
-at::Tensor empty_partial_sums(const at::Tensor& target, Grouping grouping) {
-  return at::empty(partial_sum_shape(target, grouping), target.options().dtype(accumulate_type_of(target.scalar_type())));
+Tensor empty_partial_sums(const Tensor& target, Grouping grouping) {
+  return stable::empty(partial_sum_shape(target, grouping), accumulate_type_of(target.scalar_type()), std::nullopt,
+                       target.device());
 }
 
-ReductionPlan forward_plan(const at::Tensor& target, const at::Tensor& source, Grouping grouping) {
+ReductionPlan forward_plan(const Tensor& target, const Tensor& source, Grouping grouping) {
   return make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),
                              as_vector(source.strides()), as_vector(target.strides()));
 }
 
 template <typename scalar_t>
-ForwardLayer<scalar_t> forward_layer(const at::Tensor& target, const at::Tensor& source, at::Tensor& partial,
+ForwardLayer<scalar_t> forward_layer(const Tensor& target, const Tensor& source, Tensor& partial,
                                      Grouping grouping) {
   return ForwardLayer<scalar_t>(forward_plan(target, source, grouping), target.const_data_ptr<scalar_t>(),
                                 source.const_data_ptr<scalar_t>(),
-                                partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), target.numel());
+                                partial.mutable_data_ptr<accumulate_t<scalar_t>>(), target.numel());
 }
 
-at::Tensor sqdist_forward_cpu(const at::Tensor& target, const at::Tensor& source, Grouping grouping) {
+Tensor sqdist_forward_cpu(const Tensor& target, const Tensor& source, Grouping grouping) {
   const char* op = grouping == Grouping::kChannel ? "channel_sqdist" : "spatial_sqdist";
-  check_feature_pair(op, target, source, at::kCPU);
-  at::Tensor partial = empty_partial_sums(target, grouping);
-  if (target.numel() == 0) return partial.zero_();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "afa_ext_sqdist_cpu", [&] {
+  check_feature_pair(op, target, source, DeviceType::CPU);
+  Tensor partial = empty_partial_sums(target, grouping);
+  if (target.numel() == 0) return stable::zero_(partial);
+  AFA_DISPATCH_FEATURE_TYPES(target.scalar_type(), "afa_ext_sqdist_cpu", [&] {
     sqdist_forward_kernel(forward_layer<scalar_t>(target, source, partial, grouping));
   });
   return partial;
 }
 
-at::Tensor sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor& target, const at::Tensor& source,
+Tensor sqdist_backward_cpu(const Tensor& grad, const Tensor& target, const Tensor& source,
                                Grouping grouping) {
   const char* op = grouping == Grouping::kChannel ? "channel_sqdist_backward" : "spatial_sqdist_backward";
-  check_feature_pair(op, target, source, at::kCPU);
-  const at::Tensor weights = checked_partial_grad(op, grad, target, grouping);
-  at::Tensor dt = empty_like_on_huge_pages(target);
+  check_feature_pair(op, target, source, DeviceType::CPU);
+  const Tensor weights = checked_partial_grad(op, grad, target, grouping);
+  Tensor dt = empty_like_on_huge_pages(target);
   if (target.numel() == 0) return dt;
   const ReductionPlan plan =
       make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),
                           as_vector(source.strides()), as_vector(dt.strides()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, target.scalar_type(), "afa_ext_sqdist_cpu", [&] {
-    sqdist_backward_kernel<scalar_t>(plan, weights.const_data_ptr<at::opmath_type<scalar_t>>(),
+  AFA_DISPATCH_FEATURE_TYPES(target.scalar_type(), "afa_ext_sqdist_cpu", [&] {
+    sqdist_backward_kernel<scalar_t>(plan, weights.const_data_ptr<accumulate_t<scalar_t>>(),
                                      target.const_data_ptr<scalar_t>(), source.const_data_ptr<scalar_t>(),
                                      dt.mutable_data_ptr<scalar_t>());
   });
   return dt;
 }
 
-at::Tensor channel_sqdist_cpu(const at::Tensor& target, const at::Tensor& source) {
+Tensor channel_sqdist_cpu(const Tensor& target, const Tensor& source) {
   return sqdist_forward_cpu(target, source, Grouping::kChannel);
 }
 
-at::Tensor spatial_sqdist_cpu(const at::Tensor& target, const at::Tensor& source) {
+Tensor spatial_sqdist_cpu(const Tensor& target, const Tensor& source) {
   return sqdist_forward_cpu(target, source, Grouping::kSpatial);
 }
 
-at::Tensor channel_sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor& target,
-                                       const at::Tensor& source) {
+Tensor channel_sqdist_backward_cpu(const Tensor& grad, const Tensor& target,
+                                       const Tensor& source) {
   return sqdist_backward_cpu(grad, target, source, Grouping::kChannel);
 }
 
-at::Tensor spatial_sqdist_backward_cpu(const at::Tensor& grad, const at::Tensor& target,
-                                       const at::Tensor& source) {
+Tensor spatial_sqdist_backward_cpu(const Tensor& grad, const Tensor& target,
+                                       const Tensor& source) {
   return sqdist_backward_cpu(grad, target, source, Grouping::kSpatial);
 }
 
 // The multi-layer forward on the CPU: one parallel region for all layers (see
 // sqdist_forward_layers_kernel).
-std::vector<at::Tensor> sqdist_layers_cpu(at::TensorList targets, at::TensorList sources, Grouping grouping) {
+std::vector<Tensor> sqdist_layers_cpu(const TensorList& targets, const TensorList& sources, Grouping grouping) {
   const char* op = grouping == Grouping::kChannel ? "grouped_channel_sqdist" : "grouped_spatial_sqdist";
   check_layer_lists(op, targets, sources);
-  std::vector<at::Tensor> partials;
+  std::vector<Tensor> partials;
   for (size_t layer = 0; layer < targets.size(); ++layer) {
-    check_feature_pair(op, targets[layer], sources[layer], at::kCPU);
+    check_feature_pair(op, targets[layer], sources[layer], DeviceType::CPU);
     partials.push_back(empty_partial_sums(targets[layer], grouping));
-    if (targets[layer].numel() == 0) partials.back().zero_();
+    if (targets[layer].numel() == 0) stable::zero_(partials.back());
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, targets[0].scalar_type(), "afa_ext_sqdist_cpu", [&] {
+  AFA_DISPATCH_FEATURE_TYPES(targets[0].scalar_type(), "afa_ext_sqdist_cpu", [&] {
     std::vector<ForwardLayer<scalar_t>> layers;
     for (size_t layer = 0; layer < targets.size(); ++layer) {
       if (targets[layer].numel() == 0) continue;
@@ -581,49 +503,49 @@ std::vector<at::Tensor> sqdist_layers_cpu(at::TensorList targets, at::TensorList
   return partials;
 }
 
-std::vector<at::Tensor> sqdist_backward_layers_cpu(at::TensorList grads, at::TensorList targets,
-                                                    at::TensorList sources, Grouping grouping) {
+std::vector<Tensor> sqdist_backward_layers_cpu(const TensorList& grads, const TensorList& targets,
+                                                    const TensorList& sources, Grouping grouping) {
   check_layer_lists(grouping == Grouping::kChannel ? "grouped_channel_sqdist_backward"
                                                    : "grouped_spatial_sqdist_backward",
-                    targets, sources, grads);
+                    targets, sources, &grads);
   // Last layer first: the forward read the layers in order, so the last ones' features are
   // the likeliest still to be in the cache when the backward reads them again.
-  std::vector<at::Tensor> gradients(targets.size());
+  std::vector<Tensor> gradients(targets.size());
   for (size_t layer = targets.size(); layer-- > 0;) {
     gradients[layer] = sqdist_backward_cpu(grads[layer], targets[layer], sources[layer], grouping);
   }
   return gradients;
 }
 
-std::vector<at::Tensor> grouped_channel_sqdist_cpu(at::TensorList targets, at::TensorList sources) {
+std::vector<Tensor> grouped_channel_sqdist_cpu(const TensorList& targets, const TensorList& sources) {
   return sqdist_layers_cpu(targets, sources, Grouping::kChannel);
 }
 
-std::vector<at::Tensor> grouped_spatial_sqdist_cpu(at::TensorList targets, at::TensorList sources) {
+std::vector<Tensor> grouped_spatial_sqdist_cpu(const TensorList& targets, const TensorList& sources) {
   return sqdist_layers_cpu(targets, sources, Grouping::kSpatial);
 }
 
-std::vector<at::Tensor> grouped_channel_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
-                                                            at::TensorList sources) {
+std::vector<Tensor> grouped_channel_sqdist_backward_cpu(const TensorList& grads, const TensorList& targets,
+                                                            const TensorList& sources) {
   return sqdist_backward_layers_cpu(grads, targets, sources, Grouping::kChannel);
 }
 
-std::vector<at::Tensor> grouped_spatial_sqdist_backward_cpu(at::TensorList grads, at::TensorList targets,
-                                                            at::TensorList sources) {
+std::vector<Tensor> grouped_spatial_sqdist_backward_cpu(const TensorList& grads, const TensorList& targets,
+                                                            const TensorList& sources) {
   return sqdist_backward_layers_cpu(grads, targets, sources, Grouping::kSpatial);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(afa_ext, CPU, m) {
-  m.impl("channel_sqdist", &channel_sqdist_cpu);
-  m.impl("spatial_sqdist", &spatial_sqdist_cpu);
-  m.impl("channel_sqdist_backward", &channel_sqdist_backward_cpu);
-  m.impl("spatial_sqdist_backward", &spatial_sqdist_backward_cpu);
-  m.impl("grouped_channel_sqdist", &grouped_channel_sqdist_cpu);
-  m.impl("grouped_spatial_sqdist", &grouped_spatial_sqdist_cpu);
-  m.impl("grouped_channel_sqdist_backward", &grouped_channel_sqdist_backward_cpu);
-  m.impl("grouped_spatial_sqdist_backward", &grouped_spatial_sqdist_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(afa_ext, CPU, m) {
+  m.impl("channel_sqdist", TORCH_BOX(&channel_sqdist_cpu));
+  m.impl("spatial_sqdist", TORCH_BOX(&spatial_sqdist_cpu));
+  m.impl("channel_sqdist_backward", TORCH_BOX(&channel_sqdist_backward_cpu));
+  m.impl("spatial_sqdist_backward", TORCH_BOX(&spatial_sqdist_backward_cpu));
+  m.impl("grouped_channel_sqdist", TORCH_BOX(&grouped_channel_sqdist_cpu));
+  m.impl("grouped_spatial_sqdist", TORCH_BOX(&grouped_spatial_sqdist_cpu));
+  m.impl("grouped_channel_sqdist_backward", TORCH_BOX(&grouped_channel_sqdist_backward_cpu));
+  m.impl("grouped_spatial_sqdist_backward", TORCH_BOX(&grouped_spatial_sqdist_backward_cpu));
 }
 
 }  // namespace afa_ext

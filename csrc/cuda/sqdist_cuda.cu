@@ -9,11 +9,19 @@
 // Single and multi-layer ops share one path: each layer becomes a LayerDesc built from the
 // ReductionPlan of its strides (channels_last, sliced and transposed features are read in
 // place), and all layers of a pass run in one launch on the current stream.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+//
+// Only the LibTorch stable ABI (torch/csrc/stable, torch/headeronly) and the CUDA runtime:
+// the current stream comes from the AOTInductor C shim, declared for builds with USE_CUDA.
+#ifndef USE_CUDA
+#define USE_CUDA  // declares the CUDA functions of torch's C shims (the current stream)
+#endif
+
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/macros.h>
+#include <torch/csrc/stable/tensor.h>
 
 #include <vector>
 
@@ -26,71 +34,82 @@ namespace {
 
 // The CUDA runtime of sqdist_host.h: every launch on the current stream, each checked.
 struct CudaRuntime {
-  static constexpr at::DeviceType kDevice = at::kCUDA;
-  using DeviceGuard = c10::cuda::CUDAGuard;
+  static constexpr DeviceType kDevice = DeviceType::CUDA;
+  using DeviceGuard = torch::stable::accelerator::DeviceGuard;
+
+  // The current stream of the current device (set by the DeviceGuard to the features').
+  static cudaStream_t current_stream() {
+    const int32_t device = torch::stable::accelerator::getCurrentDeviceIndex();
+    void* stream = nullptr;
+    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device, &stream));
+    return static_cast<cudaStream_t>(stream);
+  }
 
   template <typename scalar_t>
   static void launch(void (*kernel)(const MultiLayerLaunch<scalar_t>), const std::vector<LayerDesc<scalar_t>>& layers,
                      const std::vector<int64_t>& blocks) {
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const cudaStream_t stream = current_stream();
     for (const PlannedLaunch<scalar_t>& launch : plan_launches(layers, blocks)) {
       kernel<<<launch.blocks, kThreads, 0, stream>>>(launch.params);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const cudaError_t error = cudaGetLastError();
+      AFA_CHECK(error == cudaSuccess, "CUDA error: ", cudaGetErrorString(error));
     }
   }
 };
 
-at::Tensor channel_sqdist_cuda(const at::Tensor& target, const at::Tensor& source) {
-  return sqdist_forward_layers<CudaRuntime>(target, source, Grouping::kChannel)[0];
+Tensor channel_sqdist_cuda(const Tensor& target, const Tensor& source) {
+  return sqdist_forward_layers<CudaRuntime>({target}, {source}, Grouping::kChannel)[0];
 }
 
-at::Tensor spatial_sqdist_cuda(const at::Tensor& target, const at::Tensor& source) {
-  return sqdist_forward_layers<CudaRuntime>(target, source, Grouping::kSpatial)[0];
+Tensor spatial_sqdist_cuda(const Tensor& target, const Tensor& source) {
+  return sqdist_forward_layers<CudaRuntime>({target}, {source}, Grouping::kSpatial)[0];
 }
 
-at::Tensor channel_sqdist_backward_cuda(const at::Tensor& grad, const at::Tensor& target, const at::Tensor& source) {
-  return sqdist_backward_layers<CudaRuntime>("channel_sqdist_backward", grad, target, source, Grouping::kChannel)[0];
+Tensor channel_sqdist_backward_cuda(const Tensor& grad, const Tensor& target, const Tensor& source) {
+  return sqdist_backward_layers<CudaRuntime>("channel_sqdist_backward", {grad}, {target}, {source},
+                                             Grouping::kChannel)[0];
 }
 
-at::Tensor spatial_sqdist_backward_cuda(const at::Tensor& grad, const at::Tensor& target, const at::Tensor& source) {
-  return sqdist_backward_layers<CudaRuntime>("spatial_sqdist_backward", grad, target, source, Grouping::kSpatial)[0];
+Tensor spatial_sqdist_backward_cuda(const Tensor& grad, const Tensor& target, const Tensor& source) {
+  return sqdist_backward_layers<CudaRuntime>("spatial_sqdist_backward", {grad}, {target}, {source},
+                                             Grouping::kSpatial)[0];
 }
 
-std::vector<at::Tensor> grouped_channel_sqdist_cuda(at::TensorList targets, at::TensorList sources) {
+TensorList grouped_channel_sqdist_cuda(const TensorList& targets, const TensorList& sources) {
   check_layer_lists("grouped_channel_sqdist", targets, sources);
   return sqdist_forward_layers<CudaRuntime>(targets, sources, Grouping::kChannel);
 }
 
-std::vector<at::Tensor> grouped_spatial_sqdist_cuda(at::TensorList targets, at::TensorList sources) {
+TensorList grouped_spatial_sqdist_cuda(const TensorList& targets, const TensorList& sources) {
   check_layer_lists("grouped_spatial_sqdist", targets, sources);
   return sqdist_forward_layers<CudaRuntime>(targets, sources, Grouping::kSpatial);
 }
 
-std::vector<at::Tensor> grouped_channel_sqdist_backward_cuda(at::TensorList grads, at::TensorList targets,
-                                                             at::TensorList sources) {
+TensorList grouped_channel_sqdist_backward_cuda(const TensorList& grads, const TensorList& targets,
+                                                const TensorList& sources) {
   constexpr const char* op = "grouped_channel_sqdist_backward";
-  check_layer_lists(op, targets, sources, grads);
+  check_layer_lists(op, targets, sources, &grads);
   return sqdist_backward_layers<CudaRuntime>(op, grads, targets, sources, Grouping::kChannel);
 }
 
-std::vector<at::Tensor> grouped_spatial_sqdist_backward_cuda(at::TensorList grads, at::TensorList targets,
-                                                             at::TensorList sources) {
+TensorList grouped_spatial_sqdist_backward_cuda(const TensorList& grads, const TensorList& targets,
+                                                const TensorList& sources) {
   constexpr const char* op = "grouped_spatial_sqdist_backward";
-  check_layer_lists(op, targets, sources, grads);
+  check_layer_lists(op, targets, sources, &grads);
   return sqdist_backward_layers<CudaRuntime>(op, grads, targets, sources, Grouping::kSpatial);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(afa_ext, CUDA, m) {
-  m.impl("channel_sqdist", &channel_sqdist_cuda);
-  m.impl("spatial_sqdist", &spatial_sqdist_cuda);
-  m.impl("channel_sqdist_backward", &channel_sqdist_backward_cuda);
-  m.impl("spatial_sqdist_backward", &spatial_sqdist_backward_cuda);
-  m.impl("grouped_channel_sqdist", &grouped_channel_sqdist_cuda);
-  m.impl("grouped_spatial_sqdist", &grouped_spatial_sqdist_cuda);
-  m.impl("grouped_channel_sqdist_backward", &grouped_channel_sqdist_backward_cuda);
-  m.impl("grouped_spatial_sqdist_backward", &grouped_spatial_sqdist_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(afa_ext, CUDA, m) {
+  m.impl("channel_sqdist", TORCH_BOX(&channel_sqdist_cuda));
+  m.impl("spatial_sqdist", TORCH_BOX(&spatial_sqdist_cuda));
+  m.impl("channel_sqdist_backward", TORCH_BOX(&channel_sqdist_backward_cuda));
+  m.impl("spatial_sqdist_backward", TORCH_BOX(&spatial_sqdist_backward_cuda));
+  m.impl("grouped_channel_sqdist", TORCH_BOX(&grouped_channel_sqdist_cuda));
+  m.impl("grouped_spatial_sqdist", TORCH_BOX(&grouped_spatial_sqdist_cuda));
+  m.impl("grouped_channel_sqdist_backward", TORCH_BOX(&grouped_channel_sqdist_backward_cuda));
+  m.impl("grouped_spatial_sqdist_backward", TORCH_BOX(&grouped_spatial_sqdist_backward_cuda));
 }
 
 }  // namespace cuda

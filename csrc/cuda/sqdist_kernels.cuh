@@ -12,10 +12,9 @@
 // in an order fixed by the layer's shape and strides: no atomics, bitwise-reproducible.
 #pragma once
 
-#include <ATen/OpMathType.h>
-
 #include <cstdint>
 
+#include "../common/scalar_types.h"
 #include "../common/sqdist_math.h"
 
 namespace afa_ext {
@@ -32,9 +31,10 @@ constexpr int kVectorBytes = 16;
 constexpr int kForwardBlocksPerSM = 3;
 constexpr int kBackwardBlocksPerSM = 5;
 
-// Features per 16-byte load: 8 halves, 4 floats, 2 doubles.
+// Features per 16-byte load: 8 halves, 4 floats, 2 doubles. Host and device (without
+// relying on nvcc's --expt-relaxed-constexpr).
 template <typename scalar_t>
-constexpr int vector_width() {
+AFA_HOST_DEVICE constexpr int vector_width() {
   return kVectorBytes / static_cast<int>(sizeof(scalar_t));
 }
 
@@ -56,7 +56,7 @@ struct OuterDims {
 
 template <typename scalar_t>
 struct LayerDesc {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accumulate_t<scalar_t>;
   const scalar_t* target;
   const scalar_t* source;
   acc_t* partial;          // forward output: d (B, C) or e (B, P)
@@ -165,7 +165,7 @@ __device__ __forceinline__ int64_t min(int64_t a, int64_t b) { return a < b ? a 
 // Iterations of a thread's streaming loop unrolled, so that a few loads are in flight:
 // two 16-byte chunks, or four elements on the strided path.
 template <int V>
-constexpr int unroll_factor() {
+__host__ __device__ constexpr int unroll_factor() {
   return V > 1 ? 2 : 4;
 }
 
@@ -406,7 +406,7 @@ __device__ __forceinline__ void write_gradient_chunk(const GradientRow<scalar_t,
 // `lanes` threads write one tile of a row, whole chunks first, then the row's tail.
 template <int V, typename scalar_t>
 __device__ void sqdist_backward_rows(const LayerDesc<scalar_t>& layer, int64_t block) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accumulate_t<scalar_t>;
   const int lanes = layer.lanes;
   const int lane = static_cast<int>(threadIdx.x) & (lanes - 1);
   const int64_t row_index = (block / layer.tiles) * (kThreads / lanes) + static_cast<int>(threadIdx.x) / lanes;
@@ -449,7 +449,7 @@ __device__ __forceinline__ int layer_of_block(const MultiLayerLaunch<scalar_t>& 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM)
     sqdist_forward_layers_kernel(const __grid_constant__ MultiLayerLaunch<scalar_t> launch) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = accumulate_t<scalar_t>;
   constexpr int V = vector_width<scalar_t>();
   // Used once by the block's one reduction: the row and column walks do not synchronise
   // after reading it.

@@ -1,9 +1,7 @@
 // Host side of the CUDA squared-distance kernels: a layer's LayerDesc from the
 // ReductionPlan of its strides, the launch shape of each pass, and the split of a list of
-// layers into launches. Plain C++ on ATen (no CUDA runtime calls).
+// layers into launches. Plain C++ on the stable ABI's Tensor (no CUDA runtime calls).
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -11,6 +9,7 @@
 #include <vector>
 
 #include "../common/reduction_plan.h"
+#include "../sqdist_checks.h"
 #include "sqdist_kernels.cuh"
 
 namespace afa_ext {
@@ -33,9 +32,8 @@ inline int64_t power_of_two_at_least(int64_t n) {
   return power;
 }
 
-inline ReductionPlan plan_of(Grouping grouping, const at::Tensor& target, const at::Tensor& source,
-                             const at::Tensor& grad_target) {
-  auto as_vector = [](at::IntArrayRef values) { return std::vector<int64_t>(values.begin(), values.end()); };
+inline ReductionPlan plan_of(Grouping grouping, const Tensor& target, const Tensor& source,
+                             const Tensor& grad_target) {
   return make_reduction_plan(grouping, as_vector(target.sizes()), as_vector(target.strides()),
                              as_vector(source.strides()), as_vector(grad_target.strides()));
 }
@@ -82,8 +80,8 @@ inline bool vectorisable(const ReductionPlan& plan, int64_t width, const void* t
 // The layer's pointers and dims; the launch shape is set by shape_forward/shape_backward.
 // grad_target is null in the forward.
 template <typename scalar_t>
-LayerDesc<scalar_t> describe_layer(const ReductionPlan& plan, const at::Tensor& target, const at::Tensor& source,
-                                   const at::Tensor* grad_target) {
+LayerDesc<scalar_t> describe_layer(const ReductionPlan& plan, const Tensor& target, const Tensor& source,
+                                   const Tensor* grad_target) {
   LayerDesc<scalar_t> layer{};
   layer.target = target.const_data_ptr<scalar_t>();
   layer.source = source.const_data_ptr<scalar_t>();
@@ -158,8 +156,8 @@ std::vector<PlannedLaunch<scalar_t>> plan_launches(const std::vector<LayerDesc<s
       launch.params.layer[i] = layers[first + i];
       launch.params.first_block[i] = static_cast<int32_t>(total);
       total += blocks[first + i];
-      TORCH_CHECK(total <= std::numeric_limits<int32_t>::max(), "afa_ext: the features need ", total,
-                  " CUDA blocks in one launch, more than the grid allows");
+      AFA_CHECK(total <= std::numeric_limits<int32_t>::max(), "afa_ext: the features need ", total,
+                " CUDA blocks in one launch, more than the grid allows");
     }
     launch.params.first_block[count] = static_cast<int32_t>(total);
     launch.blocks = static_cast<unsigned int>(total);

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from afa_ext import functional
 from afa_ext.ops import auto_choice, backends, extension
 from afa_ext.ops.backends import BackendUnavailableError, resolve_backend
 from loss_cases import HAS_CPU, needs_cpu
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_available_backends_on_this_machine():
@@ -94,14 +98,21 @@ def test_a_compiled_auto_loss_reads_the_last_eager_availability(monkeypatch):
     assert lookups, "an eager call looks availability up"
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
 @needs_cpu
-def test_build_info_reports_torch_version():
+def test_build_info_names_the_stable_abi_and_the_torch_versions_it_serves():
     info = afa_ext.build_info()
-    assert isinstance(info, dict) and info
-    versions = [str(value) for key, value in info.items() if "torch" in str(key).lower()]
-    assert versions, f"no torch version in build_info() {info}"
-    major_minor = ".".join(torch.__version__.split(".")[:2])
-    assert any(v.startswith(major_minor) for v in versions), f"{versions} vs torch {torch.__version__}"
+    assert info["abi"] == "stable"
+    # Built against some torch at or after the oldest it serves, which is pyproject.toml's
+    # floor, and this torch is one of those it serves.
+    floor = next(r for r in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"] if r.startswith("torch"))
+    assert floor == f"torch>={info['torch_min_version']}"
+    assert _version_tuple(info["torch_min_version"]) <= _version_tuple(info["torch_version"])
+    assert _version_tuple(info["torch_min_version"]) <= _version_tuple(torch.__version__)
+    assert _version_tuple(info["python_limited_api"]) <= sys.version_info[:2]
 
 
 @pytest.mark.skipif(HAS_CPU, reason="afa_ext._C is built")
@@ -127,6 +138,21 @@ def test_a_cpu_without_the_build_instruction_set_is_refused(monkeypatch):
     assert _ops._unsupported_cpu_isa() == CPU_ISA
     monkeypatch.undo()
     assert _ops._unsupported_cpu_isa() is None
+
+
+@pytest.mark.skipif("cpu" not in afa_ext.available_backends(), reason="afa_ext._C not built")
+def test_a_torch_older_than_the_stable_abi_of_the_build_is_refused(monkeypatch):
+    from afa_ext._build_config import TORCH_MIN_VERSION
+    from afa_ext.ops import extension as _ops
+
+    major, minor = TORCH_MIN_VERSION
+    assert f"{major}.{minor}" == afa_ext.build_info()["torch_min_version"]
+    monkeypatch.setattr(torch, "__version__", f"{major}.{minor - 1}.3+cpu")
+    assert _ops._load_refusal() == (
+        f"afa_ext._C serves torch {major}.{minor} and later (its stable ABI); this is torch {major}.{minor - 1}.3+cpu"
+    )
+    monkeypatch.setattr(torch, "__version__", f"{major}.{minor}.0")
+    assert _ops._load_refusal() is None
 
 
 def test_import_without_the_extension_keeps_the_reference_backend():

@@ -50,7 +50,16 @@ def ops():
         name="afa_ext_cuda_emulation",
         sources=[str(REPO / "tests" / "ops" / "cuda_emulation" / "emulated_cuda_ops.cpp")],
         extra_include_paths=[str(REPO / "csrc")],
-        extra_cflags=["-O2", "-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"],
+        # The stable ABI of torch 2.10, as afa_ext._C (setup.py's TORCH_TARGET_VERSION).
+        extra_cflags=[
+            "-O2",
+            "-std=c++20",
+            "-Wall",
+            "-Wextra",
+            "-Wno-unused-parameter",
+            "-Wno-unknown-pragmas",
+            "-DTORCH_TARGET_VERSION=0x020a000000000000",
+        ],
         is_python_module=False,
     )
     return torch.ops.afa_ext_cuda_emulated

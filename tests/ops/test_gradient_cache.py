@@ -42,3 +42,30 @@ def test_cached_gradient_survives_as_a_leaf_grad():
     afa_ext.empty_cache()  # frees only dead blocks, never the live target.grad
     torch.testing.assert_close(target.grad, kept, rtol=0, atol=0)
     torch.testing.assert_close(target.grad, target.detach() - source, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
+def test_a_large_gradient_is_laid_out_as_empty_like_the_target(layout):
+    """Above 4 MiB the gradient of a dense target comes from the cached blocks with the
+    target's own strides; a sliced one from torch's allocator. Either way it is laid out
+    as torch.empty_like(target) (the layout the fake kernel promises)."""
+    afa_ext.empty_cache()
+    generator = torch.Generator().manual_seed(5)
+    base = torch.randn(MIDDLE_SHAPE[0], MIDDLE_SHAPE[1], MIDDLE_SHAPE[2], MIDDLE_SHAPE[3] + 8, generator=generator)
+    target = {
+        "contiguous": base[..., :-8].contiguous(),
+        "channels_last": base[..., :-8].contiguous(memory_format=torch.channels_last),
+        "transposed": base[..., :-8].transpose(2, 3).contiguous().transpose(2, 3),
+        "sliced": base[..., :-8],
+    }[layout]
+    source = torch.randn(target.shape, generator=generator)
+    grad = torch.rand(target.shape[:2], generator=generator)
+    dt = torch.ops.afa_ext.channel_sqdist_backward(grad, target, source)
+    assert dt.stride() == torch.empty_like(target).stride()
+    torch.testing.assert_close(dt, expected_gradient(grad, target, source), rtol=1e-6, atol=1e-6)
+    del dt  # a cached block goes back to the cache
+    freed = afa_ext.empty_cache()
+    if layout == "sliced":
+        assert freed == 0
+    else:
+        assert freed >= target.numel() * target.element_size()

@@ -6,9 +6,17 @@
 // threads of a warp around a shared exchange slot. It is slow and knows nothing of memory
 // coalescing: it checks what the kernels compute (indexing, vector and scalar paths, the
 // reductions, the multi-layer launches), not how fast. The ops are registered as
-// afa_ext_cuda_emulated::<op> for CPU tensors (tests/ops/test_cuda_emulated.py).
-#include <ATen/ATen.h>
-#include <torch/library.h>
+// afa_ext_cuda_emulated::<op> for CPU tensors (tests/ops/test_cuda_emulated.py), through
+// the LibTorch stable ABI like afa_ext._C.
+//
+// The torch headers come first, before __CUDACC__ and the CUDA keywords are defined
+// below: the header-only Half and BFloat16 would otherwise take their CUDA paths.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include "common/scalar_types.h"
+#include "sqdist_checks.h"
 
 #include <barrier>
 #include <cstring>
@@ -97,9 +105,9 @@ void run_blocks(void (*kernel)(const Params), const Params& params, int64_t bloc
 }
 
 struct EmulatedRuntime {
-  static constexpr at::DeviceType kDevice = at::kCPU;
+  static constexpr DeviceType kDevice = DeviceType::CPU;
   struct DeviceGuard {
-    explicit DeviceGuard(at::Device) {}
+    explicit DeviceGuard(int32_t /*device_index*/) {}
   };
 
   template <typename scalar_t>
@@ -111,12 +119,12 @@ struct EmulatedRuntime {
   }
 };
 
-std::vector<at::Tensor> forward(at::TensorList targets, at::TensorList sources, Grouping grouping) {
+TensorList forward(const TensorList& targets, const TensorList& sources, Grouping grouping) {
   return sqdist_forward_layers<EmulatedRuntime>(targets, sources, grouping);
 }
 
-std::vector<at::Tensor> backward(const char* op, at::TensorList grads, at::TensorList targets,
-                                 at::TensorList sources, Grouping grouping) {
+TensorList backward(const char* op, const TensorList& grads, const TensorList& targets, const TensorList& sources,
+                    Grouping grouping) {
   return sqdist_backward_layers<EmulatedRuntime>(op, grads, targets, sources, grouping);
 }
 
@@ -124,63 +132,83 @@ Grouping grouping_of_op(const std::string& op) {
   return op.find("channel") != std::string::npos ? Grouping::kChannel : Grouping::kSpatial;
 }
 
-// The backward op `op` (one of the four) writing into `gradients` instead of fresh tensors.
-void backward_into(const std::string& op, at::TensorList grads, at::TensorList targets, at::TensorList sources,
-                   at::TensorList gradients) {
-  if (op.rfind("grouped_", 0) == 0) check_layer_lists(op.c_str(), targets, sources, grads);
+// The kernels registered for the eight standard ops.
+
+Tensor channel_sqdist(const Tensor& target, const Tensor& source) {
+  return forward({target}, {source}, Grouping::kChannel)[0];
+}
+
+Tensor spatial_sqdist(const Tensor& target, const Tensor& source) {
+  return forward({target}, {source}, Grouping::kSpatial)[0];
+}
+
+Tensor channel_sqdist_backward(const Tensor& grad, const Tensor& target, const Tensor& source) {
+  return backward("channel_sqdist_backward", {grad}, {target}, {source}, Grouping::kChannel)[0];
+}
+
+Tensor spatial_sqdist_backward(const Tensor& grad, const Tensor& target, const Tensor& source) {
+  return backward("spatial_sqdist_backward", {grad}, {target}, {source}, Grouping::kSpatial)[0];
+}
+
+TensorList grouped_channel_sqdist(const TensorList& targets, const TensorList& sources) {
+  check_layer_lists("grouped_channel_sqdist", targets, sources);
+  return forward(targets, sources, Grouping::kChannel);
+}
+
+TensorList grouped_spatial_sqdist(const TensorList& targets, const TensorList& sources) {
+  check_layer_lists("grouped_spatial_sqdist", targets, sources);
+  return forward(targets, sources, Grouping::kSpatial);
+}
+
+TensorList grouped_channel_sqdist_backward(const TensorList& grads, const TensorList& targets,
+                                           const TensorList& sources) {
+  check_layer_lists("grouped_channel_sqdist_backward", targets, sources, &grads);
+  return backward("grouped_channel_sqdist_backward", grads, targets, sources, Grouping::kChannel);
+}
+
+TensorList grouped_spatial_sqdist_backward(const TensorList& grads, const TensorList& targets,
+                                           const TensorList& sources) {
+  check_layer_lists("grouped_spatial_sqdist_backward", targets, sources, &grads);
+  return backward("grouped_spatial_sqdist_backward", grads, targets, sources, Grouping::kSpatial);
+}
+
+// The backward op `op` (one of the four) writing into `gradients` instead of fresh tensors:
+// the list's handles are the caller's tensors (schema Tensor(a!)[]).
+void backward_into(const std::string& op, const TensorList& grads, const TensorList& targets,
+                   const TensorList& sources, const TensorList& gradients) {
+  if (op.rfind("grouped_", 0) == 0) check_layer_lists(op.c_str(), targets, sources, &grads);
   sqdist_backward_layers_into<EmulatedRuntime>(op.c_str(), grads, targets, sources, grouping_of_op(op),
                                                gradients);
 }
 
 // Whether the features of one layer are walked in place, or copied dense first because
 // their plan has more outer dims than a LayerDesc holds.
-bool plan_fits_descriptor(const std::string& grouping, const at::Tensor& target, const at::Tensor& source) {
-  return fits_descriptor(plan_of(grouping_of_op(grouping), target, source, at::empty_like(target)));
+bool plan_fits_descriptor(const std::string& grouping, const Tensor& target, const Tensor& source) {
+  return fits_descriptor(plan_of(grouping_of_op(grouping), target, source, torch::stable::empty_like(target)));
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace afa_ext
 
-using afa_ext::Grouping;
 namespace cuda = afa_ext::cuda;
 
 // Test-only ops; the eight standard ones are declared from Python (afa_ext.ops.schemas).
-TORCH_LIBRARY_FRAGMENT(afa_ext_cuda_emulated, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(afa_ext_cuda_emulated, m) {
   m.def("sqdist_backward_into(str op, Tensor[] grads, Tensor[] targets, Tensor[] sources, "
         "Tensor(a!)[] gradients) -> ()");
   m.def("plan_fits_descriptor(str grouping, Tensor target, Tensor source) -> bool");
 }
 
-TORCH_LIBRARY_IMPL(afa_ext_cuda_emulated, CPU, m) {
-  m.impl("channel_sqdist", [](const at::Tensor& t, const at::Tensor& s) {
-    return cuda::forward(t, s, Grouping::kChannel)[0];
-  });
-  m.impl("spatial_sqdist", [](const at::Tensor& t, const at::Tensor& s) {
-    return cuda::forward(t, s, Grouping::kSpatial)[0];
-  });
-  m.impl("channel_sqdist_backward", [](const at::Tensor& g, const at::Tensor& t, const at::Tensor& s) {
-    return cuda::backward("channel_sqdist_backward", g, t, s, Grouping::kChannel)[0];
-  });
-  m.impl("spatial_sqdist_backward", [](const at::Tensor& g, const at::Tensor& t, const at::Tensor& s) {
-    return cuda::backward("spatial_sqdist_backward", g, t, s, Grouping::kSpatial)[0];
-  });
-  m.impl("grouped_channel_sqdist", [](at::TensorList t, at::TensorList s) {
-    afa_ext::check_layer_lists("grouped_channel_sqdist", t, s);
-    return cuda::forward(t, s, Grouping::kChannel);
-  });
-  m.impl("grouped_spatial_sqdist", [](at::TensorList t, at::TensorList s) {
-    afa_ext::check_layer_lists("grouped_spatial_sqdist", t, s);
-    return cuda::forward(t, s, Grouping::kSpatial);
-  });
-  m.impl("grouped_channel_sqdist_backward", [](at::TensorList g, at::TensorList t, at::TensorList s) {
-    afa_ext::check_layer_lists("grouped_channel_sqdist_backward", t, s, g);
-    return cuda::backward("grouped_channel_sqdist_backward", g, t, s, Grouping::kChannel);
-  });
-  m.impl("grouped_spatial_sqdist_backward", [](at::TensorList g, at::TensorList t, at::TensorList s) {
-    afa_ext::check_layer_lists("grouped_spatial_sqdist_backward", t, s, g);
-    return cuda::backward("grouped_spatial_sqdist_backward", g, t, s, Grouping::kSpatial);
-  });
-  m.impl("sqdist_backward_into", &cuda::backward_into);
-  m.impl("plan_fits_descriptor", &cuda::plan_fits_descriptor);
+STABLE_TORCH_LIBRARY_IMPL(afa_ext_cuda_emulated, CPU, m) {
+  m.impl("channel_sqdist", TORCH_BOX(&cuda::channel_sqdist));
+  m.impl("spatial_sqdist", TORCH_BOX(&cuda::spatial_sqdist));
+  m.impl("channel_sqdist_backward", TORCH_BOX(&cuda::channel_sqdist_backward));
+  m.impl("spatial_sqdist_backward", TORCH_BOX(&cuda::spatial_sqdist_backward));
+  m.impl("grouped_channel_sqdist", TORCH_BOX(&cuda::grouped_channel_sqdist));
+  m.impl("grouped_spatial_sqdist", TORCH_BOX(&cuda::grouped_spatial_sqdist));
+  m.impl("grouped_channel_sqdist_backward", TORCH_BOX(&cuda::grouped_channel_sqdist_backward));
+  m.impl("grouped_spatial_sqdist_backward", TORCH_BOX(&cuda::grouped_spatial_sqdist_backward));
+  m.impl("sqdist_backward_into", TORCH_BOX(&cuda::backward_into));
+  m.impl("plan_fits_descriptor", TORCH_BOX(&cuda::plan_fits_descriptor));
 }

@@ -11,7 +11,7 @@
 #                                           # to split the work over calls with a time limit)
 #   OUT=/somewhere bash bench/gpu_check.sh  # another report folder
 #
-# No internet is needed: the build uses the torch, triton, setuptools, pybind11 and ninja
+# No internet is needed: the build uses the torch, triton, setuptools and ninja
 # already installed. Every stage runs even if an earlier one failed; the exit status is
 # that of the first failing stage.
 set -uo pipefail

@@ -39,8 +39,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def ops():
-    """torch.ops.afa_ext_cuda_emulated, built on first use (cached by torch between runs)."""
+def ops(tmp_path_factory):
+    """torch.ops.afa_ext_cuda_emulated, built on first use into this session's temporary
+    folder (a few seconds): torch's shared cache folder would be kept across torch versions,
+    and a run killed while building there leaves a lock that every later run waits on."""
     from torch.utils import cpp_extension
 
     from afa_ext.ops.schemas import define_ops
@@ -61,6 +63,7 @@ def ops():
             "-DTORCH_TARGET_VERSION=0x020a000000000000",
         ],
         is_python_module=False,
+        build_directory=str(tmp_path_factory.mktemp("cuda_emulation")),
     )
     return torch.ops.afa_ext_cuda_emulated
 

@@ -69,9 +69,10 @@ SMOKE = textwrap.dedent(
     import torch
     import afa_ext
     from afa_ext import functional, reference
+    from afa_ext.ops.extension import extension_error
 
     assert afa_ext.__file__.startswith(sys.prefix), afa_ext.__file__
-    assert "cpu" in afa_ext.available_backends(), afa_ext.ops.extension_error()
+    assert "cpu" in afa_ext.available_backends(), extension_error()
     torch.manual_seed(0)
     target = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
     source = torch.randn(3, 5, 6, 7, dtype=torch.float64)

@@ -2,7 +2,7 @@
 
 test_sdist_installs_and_computes_the_loss is marked ``packaging`` and deselected from
 ``make test`` (`make test-packaging` runs it): it compiles the CPU kernels from the
-sdist, about 70 s on 2 cores.
+sdist; the file takes about 30 s on 2 cores.
 """
 
 from __future__ import annotations
